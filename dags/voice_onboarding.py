@@ -1,0 +1,93 @@
+"""voice_onboarding: recordings → QC → features (→ train → evaluate → register, next issue).
+
+Thin wiring over ``voice_lib.onboarding``; heavy imports happen inside the tasks, not at parse time.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, task
+
+VOICE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
+
+
+def _settings(params: dict):
+    from voice_lib.config import get_settings
+
+    settings = get_settings()
+    qc = settings.qc.model_copy(update={"min_speech_seconds": float(params["min_speech_seconds"])})
+    return settings.model_copy(update={"qc": qc})
+
+
+@dag(
+    dag_id="voice_onboarding",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=4,
+    tags=["voiceops", "onboarding"],
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True},
+    params={
+        "voice_id": Param("demo-voice", type="string", pattern=VOICE_ID_PATTERN, minLength=2, maxLength=63,
+                          description="Lowercase letters, digits and dashes; becomes MLflow model voice-<voice_id>."),
+        "data_uri": Param("", type="string", minLength=1,
+                          description="Folder, .zip, audio file, or s3://bucket/prefix holding the recordings."),
+        "language": Param("en", type="string", enum=["en", "zh", "auto"]),
+        "min_speech_seconds": Param(60, type="number", minimum=1, maximum=3600,
+                                    description="Reject the dataset with less usable speech than this."),
+        "shards": Param(2, type="integer", minimum=1, maximum=64, description="Parallel QC/feature shards."),
+    },
+    render_template_as_native_obj=True,
+)
+def voice_onboarding():
+    @task(multiple_outputs=True)
+    def ingest(params=None) -> dict:
+        from voice_lib.onboarding import ingest as run
+
+        dataset = run(params["voice_id"], params["data_uri"], _settings(params), shards=int(params["shards"]))
+        return {"dataset": dataset, "shard_ids": list(range(len(dataset["shards"])))}
+
+    @task(max_active_tis_per_dagrun=4)
+    def qc_shard(dataset: dict, shard_index: int, params=None) -> dict:
+        from voice_lib.onboarding import qc_shard as run
+
+        return run(dataset, shard_index, _settings(params), params["language"])
+
+    @task
+    def qc_report(dataset: dict, shard_results: list, params=None) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from voice_lib.onboarding import QCRejected, qc_report as run
+
+        try:
+            return run(dataset, _settings(params), params["language"])
+        except QCRejected as exc:
+            raise AirflowFailException(str(exc)) from exc  # bad data: retrying cannot help
+
+    @task
+    def feature_shard_ids(params=None) -> list[int]:
+        return list(range(int(params["shards"])))
+
+    @task(max_active_tis_per_dagrun=4)
+    def features_shard(dataset: dict, qc: dict, shard_index: int, params=None) -> dict:
+        from voice_lib.onboarding import features_shard as run
+
+        return run(dataset, qc, shard_index, int(params["shards"]), _settings(params), params["language"])
+
+    @task
+    def features_manifest(dataset: dict, qc: dict, shard_results: list, params=None) -> dict:
+        from voice_lib.onboarding import features_manifest as run
+
+        return run(dataset, qc, _settings(params))
+
+    staged = ingest()
+    shard_results = qc_shard.partial(dataset=staged["dataset"]).expand(shard_index=staged["shard_ids"])
+    qc = qc_report(staged["dataset"], shard_results)
+    feats = features_shard.partial(dataset=staged["dataset"], qc=qc).expand(shard_index=feature_shard_ids())
+    features_manifest(staged["dataset"], qc, feats)
+
+
+voice_onboarding()

@@ -1,0 +1,226 @@
+"""``voiceops``: the command line for the embedded stack, data checks and onboarding."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from voice_lib.config import Settings, get_settings, validate_voice_id
+
+app = typer.Typer(help="VoiceOps: few-shot voice cloning, onboarded by Airflow, released through MLflow.", no_args_is_help=True)
+console = Console(stderr=True)
+EXIT_PASSED, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)], force=True,
+    )
+    logging.getLogger("voice_lib").setLevel(logging.INFO)
+
+
+def _usage_error(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(EXIT_USAGE)
+
+
+def _settings_with(min_speech_seconds: float | None = None) -> Settings:
+    settings = get_settings()
+    if min_speech_seconds is not None:
+        settings = settings.model_copy(update={"qc": settings.qc.model_copy(update={"min_speech_seconds": min_speech_seconds})})
+    return settings
+
+
+# --- stack ----------------------------------------------------------------------------------------
+
+@app.command()
+def up(services: str = typer.Option("mlflow,airflow", help="Comma-separated: mlflow, airflow.")) -> None:
+    """Start the embedded stack (MLflow server and Airflow standalone) natively."""
+    from voice_lib import stack
+
+    stack.up(get_settings(), services=tuple(s.strip() for s in services.split(",") if s.strip()))
+    status()
+
+
+@app.command()
+def down() -> None:
+    """Stop the embedded stack."""
+    from voice_lib import stack
+
+    stopped = stack.down(get_settings())
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@app.command()
+def status() -> None:
+    """Print each service's URL and health."""
+    from voice_lib import stack
+
+    table = Table("service", "url", "pid", "state", "detail")
+    for s in stack.status(get_settings()):
+        state = "[green]healthy[/green]" if s.healthy else ("[yellow]starting/unhealthy[/yellow]" if s.running else "[red]stopped[/red]")
+        table.add_row(s.name, s.url, str(s.pid or ""), state, s.detail or "")
+    Console().print(table)
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+@app.command()
+def corpus(
+    out: Path = typer.Argument(..., help="Folder to write the corpus into."),
+    voices: Optional[str] = typer.Option(None, help="Comma-separated speaker ids (default: every installed voice)."),
+    sentences: int = typer.Option(20, min=1, help="Sentences per voice."),
+    language: str = typer.Option("en", help="en or zh."),
+    seed: int = 0,
+) -> None:
+    """Generate a multi-speaker synthetic corpus with transcripts from offline TTS engines."""
+    from voice_lib.corpus import CorpusError, generate_corpus
+
+    try:
+        manifest = generate_corpus(out, voices.split(",") if voices else None, sentences, language=language,
+                                   sample_rate=get_settings().sample_rate, seed=seed)
+    except CorpusError as exc:
+        raise _usage_error(str(exc)) from exc
+    console.print(f"corpus written to {out} ({len(manifest.speakers)} speakers)")
+
+
+def _default_voice_id(data: str) -> str:
+    stem = re.sub(r"[^a-z0-9-]+", "-", Path(data.rstrip("/")).stem.lower()).strip("-")
+    return (stem or "voice")[:63] if len(stem) >= 2 else "qc-check"
+
+
+@app.command()
+def qc(
+    data: str = typer.Argument(..., help="Folder, .zip, audio file or s3://bucket/prefix."),
+    language: str = typer.Option("en", help="en, zh or auto."),
+    min_speech_seconds: Optional[float] = typer.Option(None, help="Minimum usable speech (default from settings: 60)."),
+    voice_id: Optional[str] = typer.Option(None, help="Where results are stored (default: from DATA's name)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full JSON report on stdout."),
+    mlflow: Optional[bool] = typer.Option(None, "--mlflow/--no-mlflow", help="Log the report to MLflow (default: if reachable)."),
+    shards: int = typer.Option(1, min=1, hidden=True),
+) -> None:
+    """Check a dataset. Exit 0 when it passes, 1 when rejected, 2 on a usage error."""
+    from voice_lib import onboarding
+    from voice_lib.ingest import IngestError
+
+    _setup_logging(not as_json)
+    if language not in ("en", "zh", "auto"):
+        raise _usage_error(f"--language {language!r}: use en, zh or auto.")
+    if not data.startswith("s3://") and not Path(data).expanduser().exists():
+        raise _usage_error(f"{data}: no such file or folder.")
+    voice_id = voice_id or _default_voice_id(data)
+    try:
+        validate_voice_id(voice_id)
+    except ValueError as exc:
+        raise _usage_error(f"--voice-id: {exc}") from exc
+    settings = _settings_with(min_speech_seconds)
+    log_mlflow = _mlflow_reachable(settings) if mlflow is None else mlflow
+    try:
+        dataset = onboarding.ingest(voice_id, data, settings, shards=shards)
+        for i in range(len(dataset["shards"])):
+            onboarding.qc_shard(dataset, i, settings, language)
+        summary = onboarding.qc_report(dataset, settings, language, log_to_mlflow=log_mlflow)
+        passed = True
+    except IngestError as exc:
+        _print_verdict({"passed": False, "reasons": [str(exc)], "speech_seconds": 0.0, "clips": []}, as_json)
+        raise typer.Exit(EXIT_REJECTED) from exc
+    except onboarding.QCRejected:
+        passed = False
+    store_report = _load_report(dataset, settings, language)
+    _print_verdict(store_report, as_json)
+    raise typer.Exit(EXIT_PASSED if passed else EXIT_REJECTED)
+
+
+def _mlflow_reachable(settings: Settings) -> bool:
+    import httpx
+
+    try:
+        ok = httpx.get(f"{settings.mlflow_tracking_uri.rstrip('/')}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        ok = False
+    if not ok:
+        console.print(f"[yellow]MLflow at {settings.mlflow_tracking_uri} is not reachable: the report is stored locally only "
+                      "(start the stack with `voiceops up`).[/yellow]")
+    return ok
+
+
+def _load_report(dataset: dict, settings: Settings, language: str) -> dict:
+    from voice_lib.onboarding import qc_prefix
+    from voice_lib.storage import artifact_store
+
+    store = artifact_store(settings)
+    return json.loads(store.read_bytes(f"{qc_prefix(dataset['voice_id'], dataset['data_sha256'], settings, language)}/report.json"))
+
+
+def _print_verdict(report: dict, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+        return
+    out = Console()
+    clips = report.get("clips", [])
+    accepted = sum(c["status"] == "accepted" for c in clips)
+    verdict = "[green]PASSED[/green]" if report["passed"] else "[red]REJECTED[/red]"
+    out.print(f"{verdict}: {report['speech_seconds']:.1f} s of usable speech, {accepted}/{len(clips)} clips accepted")
+    for reason in report.get("reasons", []):
+        out.print(f"  [red]✗[/red] {reason}")
+    for warning in report.get("warnings", []):
+        out.print(f"  [yellow]![/yellow] {warning}")
+    rejected = [c for c in clips if c["status"] == "rejected"]
+    if rejected:
+        table = Table("clip", "snr dB", "speaker sim", "why rejected", title="rejected clips")
+        for c in rejected[:20]:
+            sim = c.get("speaker_similarity")
+            table.add_row(f"{c['file']} [{c['start']:.1f}-{c['end']:.1f}]", f"{c['snr_db']:.1f}", "" if sim is None else f"{sim:.2f}", "; ".join(c["reasons"]))
+        out.print(table)
+    if report.get("report_html"):
+        out.print(f"report: {report['report_html']}")
+    if report.get("mlflow_run_url"):
+        out.print(f"MLflow run: {report['mlflow_run_url']}")
+
+
+# --- training -------------------------------------------------------------------------------------
+
+@app.command()
+def onboard(
+    data: str = typer.Argument(..., help="Folder, .zip, audio file or s3://bucket/prefix."),
+    voice_id: str = typer.Option(..., "--voice-id", help="Lowercase letters, digits and dashes."),
+    language: str = typer.Option("en"),
+    min_speech_seconds: float = typer.Option(60.0),
+    shards: int = typer.Option(2, min=1),
+    airflow_url: Optional[str] = typer.Option(None, help="Trigger on a running Airflow through its REST API and follow the run."),
+) -> None:
+    """Run the voice_onboarding DAG: in-process (`airflow dags test`) by default, or on a running Airflow."""
+    from voice_lib import airflow_client
+
+    try:
+        validate_voice_id(voice_id)
+    except ValueError as exc:
+        raise _usage_error(f"--voice-id: {exc}") from exc
+    if not data.startswith("s3://"):
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise _usage_error(f"{data}: no such file or folder.")
+        data = str(path.resolve())
+    conf = {"voice_id": voice_id, "data_uri": data, "language": language, "min_speech_seconds": min_speech_seconds, "shards": shards}
+    settings = get_settings()
+    if airflow_url:
+        state = airflow_client.trigger_and_follow(settings.model_copy(update={"airflow_url": airflow_url}), "voice_onboarding", conf, console)
+    else:
+        state = airflow_client.dags_test(settings, "voice_onboarding", conf, console)
+    console.print(f"voice_onboarding finished: [{'green' if state == 'success' else 'red'}]{state}[/]")
+    raise typer.Exit(0 if state == "success" else 1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,126 @@
+"""The one place VoiceOps reads configuration.
+
+Every setting can be overridden by an environment variable with the ``VOICEOPS_`` prefix
+(nested groups use ``__``: ``VOICEOPS_QC__MIN_SPEECH_SECONDS=45``) or by a ``.env`` file.
+Code receives a ``Settings`` object; nothing else reads ``os.environ`` for configuration.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+VOICE_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+# The checkout (or editable install) root: voice_lib/../ holds dags/ and plugins/.
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class QCSettings(BaseModel):
+    """Thresholds of the data quality check. Defaults suit 1-5 minutes of one speaker."""
+
+    min_speech_seconds: float = 60.0
+    min_clip_seconds: float = 0.6
+    max_clip_seconds: float = 15.0
+    target_lufs: float = -23.0
+    min_snr_db: float = 15.0
+    # Below this, a clip is too noisy to keep even after denoising.
+    reject_snr_db: float = 5.0
+    clipping_fraction: float = 0.001
+    # GE2E cosine to the voice's median embedding; different speakers score 0.40-0.68 here.
+    min_speaker_similarity: float = 0.70
+    # If more than this share of speech is flagged as another speaker, the set is rejected as mixed.
+    max_foreign_speech_fraction: float = 0.2
+    min_phones_per_second: float = 4.0
+    max_phones_per_second: float = 25.0
+    duplicate_similarity: float = 0.995
+
+
+class LimitSettings(BaseModel):
+    """Guards against hostile or accidental uploads."""
+
+    max_upload_bytes: int = 512 * 1024**2
+    max_file_bytes: int = 200 * 1024**2
+    max_files: int = 5000
+    max_zip_ratio: float = 200.0
+    max_total_audio_seconds: float = 3600.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VOICEOPS_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    home: Path = Field(default=Path(".voiceops"), description="SQLite files, local artifacts, logs, pids.")
+    storage_uri: str = Field(default="", description="file:// or s3:// root for datasets and artifacts. Default: <home>/store.")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, moto). None means AWS.")
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+
+    mlflow_tracking_uri: str = Field(default="http://127.0.0.1:5000", description="MLflow server URL.")
+    mlflow_host: str = "127.0.0.1"
+    mlflow_port: int = 5000
+    mlflow_backend_store_uri: str = Field(default="", description="Default: sqlite:///<home>/mlflow.db")
+    mlflow_artifacts_destination: str = Field(default="", description="Default: <home>/mlartifacts")
+
+    airflow_url: str = "http://127.0.0.1:8080"
+    airflow_host: str = "127.0.0.1"
+    airflow_port: int = 8080
+    airflow_username: str = "admin"
+    airflow_password: SecretStr | None = None
+    airflow_parallelism: int = Field(default=4, description="Task slots of the local Airflow (LocalExecutor workers).")
+    dags_folder: Path = Field(default=_REPO_ROOT / "dags", description="Dags served by the local Airflow.")
+    plugins_folder: Path = Field(default=_REPO_ROOT / "plugins", description="Plugins of the local Airflow.")
+
+    sample_rate: int = 16000
+    language: str = "en"
+    qc: QCSettings = QCSettings()
+    limits: LimitSettings = LimitSettings()
+
+    @field_validator("home", "dags_folder", "plugins_folder")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def resolved_storage_uri(self) -> str:
+        return self.storage_uri or (self.home / "store").as_uri()
+
+    @property
+    def resolved_mlflow_backend_store_uri(self) -> str:
+        return self.mlflow_backend_store_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def resolved_mlflow_artifacts_destination(self) -> str:
+        return self.mlflow_artifacts_destination or str(self.home / "mlartifacts")
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once. Tests build their own ``Settings(...)`` instead."""
+    return Settings()
+
+
+def validate_voice_id(voice_id: str) -> str:
+    """Return voice_id if it is a safe registry/storage name, else raise ValueError saying how to fix it."""
+    if not isinstance(voice_id, str) or not VOICE_ID_PATTERN.fullmatch(voice_id):
+        raise ValueError(
+            f"voice_id {voice_id!r} is invalid: use 2-63 characters of lowercase letters, digits and dashes, "
+            "starting with a letter or digit (for example 'alice-en')."
+        )
+    return voice_id
