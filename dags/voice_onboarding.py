@@ -43,12 +43,15 @@ def _settings(params: dict):
     render_template_as_native_obj=True,
 )
 def voice_onboarding():
-    @task(multiple_outputs=True)
+    @task
     def ingest(params=None) -> dict:
         from voice_lib.onboarding import ingest as run
 
-        dataset = run(params["voice_id"], params["data_uri"], _settings(params), shards=int(params["shards"]))
-        return {"dataset": dataset, "shard_ids": list(range(len(dataset["shards"])))}
+        return run(params["voice_id"], params["data_uri"], _settings(params), shards=int(params["shards"]))
+
+    @task
+    def shard_ids(dataset: dict) -> list[int]:
+        return list(range(len(dataset["shards"])))
 
     @task(max_active_tis_per_dagrun=4)
     def qc_shard(dataset: dict, shard_index: int, params=None) -> dict:
@@ -67,15 +70,11 @@ def voice_onboarding():
         except QCRejected as exc:
             raise AirflowFailException(str(exc)) from exc  # bad data: retrying cannot help
 
-    @task
-    def feature_shard_ids(params=None) -> list[int]:
-        return list(range(int(params["shards"])))
-
     @task(max_active_tis_per_dagrun=4)
     def features_shard(dataset: dict, qc: dict, shard_index: int, params=None) -> dict:
         from voice_lib.onboarding import features_shard as run
 
-        return run(dataset, qc, shard_index, int(params["shards"]), _settings(params), params["language"])
+        return run(dataset, qc, shard_index, len(dataset["shards"]), _settings(params), params["language"])
 
     @task
     def features_manifest(dataset: dict, qc: dict, shard_results: list, params=None) -> dict:
@@ -83,11 +82,12 @@ def voice_onboarding():
 
         return run(dataset, qc, _settings(params))
 
-    staged = ingest()
-    shard_results = qc_shard.partial(dataset=staged["dataset"]).expand(shard_index=staged["shard_ids"])
-    qc = qc_report(staged["dataset"], shard_results)
-    feats = features_shard.partial(dataset=staged["dataset"], qc=qc).expand(shard_index=feature_shard_ids())
-    features_manifest(staged["dataset"], qc, feats)
+    dataset = ingest()
+    shards = shard_ids(dataset)
+    shard_results = qc_shard.partial(dataset=dataset).expand(shard_index=shards)
+    qc = qc_report(dataset, shard_results)
+    feats = features_shard.partial(dataset=dataset, qc=qc).expand(shard_index=shards)
+    features_manifest(dataset, qc, feats)
 
 
 voice_onboarding()

@@ -155,8 +155,9 @@ def frame_power_db(audio: np.ndarray, sample_rate: int, frame_ms: float = 20.0) 
 def estimate_snr_db(audio: np.ndarray, sample_rate: int, speech_mask: np.ndarray | None = None) -> float:
     """SNR from speech vs non-speech frame power.
 
-    ``speech_mask`` is a per-sample boolean from VAD. Without enough non-speech frames, the quietest
-    10% of frames stand in for the noise floor. Capped at 60 dB (digital silence has no noise to measure).
+    ``speech_mask`` is a per-sample boolean from VAD. VAD edges are loose by a few hundred ms, so the
+    noise floor is a low percentile (20th) of the non-speech frames, not their mean; with fewer than
+    10 non-speech frames the quietest 10% of all frames stand in. Capped at 60 dB (digital silence).
     """
     hop = int(sample_rate * 0.02)
     power = 10 ** (frame_power_db(audio, sample_rate) / 10)
@@ -167,9 +168,7 @@ def estimate_snr_db(audio: np.ndarray, sample_rate: int, speech_mask: np.ndarray
         speech, noise = power, np.array([])
     if len(speech) == 0:
         return 0.0
-    if len(noise) < 5:
-        noise = np.sort(power)[: max(1, len(power) // 10)]
-    noise_power = float(np.mean(noise))
+    noise_power = float(np.percentile(noise, 20) if len(noise) >= 10 else np.percentile(power, 10))
     signal_power = max(float(np.mean(speech)) - noise_power, 1e-12)
     if noise_power < 1e-10:
         return 60.0

@@ -217,6 +217,11 @@ def onboard(
     if airflow_url:
         state = airflow_client.trigger_and_follow(settings.model_copy(update={"airflow_url": airflow_url}), "voice_onboarding", conf, console)
     else:
+        from voice_lib import stack
+
+        # Onboarding logs reports and models to MLflow: make sure the local server is up (no-op if it is).
+        if settings.mlflow_tracking_uri.rstrip("/") == stack.service_url(settings, "mlflow"):
+            stack.up(settings, services=("mlflow",))
         state = airflow_client.dags_test(settings, "voice_onboarding", conf, console)
     console.print(f"voice_onboarding finished: [{'green' if state == 'success' else 'red'}]{state}[/]")
     raise typer.Exit(0 if state == "success" else 1)

@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 VOICE_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
@@ -88,6 +88,17 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _client_urls_follow_ports(self) -> "Settings":
+        # Changing only a port must not leave clients pointing at the old one.
+        if "mlflow_tracking_uri" not in self.model_fields_set:
+            host = "127.0.0.1" if self.mlflow_host in ("0.0.0.0", "") else self.mlflow_host
+            self.mlflow_tracking_uri = f"http://{host}:{self.mlflow_port}"
+        if "airflow_url" not in self.model_fields_set:
+            host = "127.0.0.1" if self.airflow_host in ("0.0.0.0", "") else self.airflow_host
+            self.airflow_url = f"http://{host}:{self.airflow_port}"
+        return self
 
     @property
     def resolved_storage_uri(self) -> str:

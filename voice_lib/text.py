@@ -178,7 +178,7 @@ def _clean_char(ch: str) -> str:
     return ch
 
 
-def normalize_text(text: str, language: str) -> str:
+def normalize_text(text: str, language: Language) -> str:
     """NFKC, drop control/format characters, collapse whitespace, spell out numbers.
 
     English numbers become words; Mandarin numbers become Chinese numerals only
@@ -207,6 +207,7 @@ def normalize_text(text: str, language: str) -> str:
 # ---------------------------------------------------------------------------
 _HAN_RANGES = ((0x3007, 0x3007), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF),
                (0x20000, 0x2FA1F))
+_HAN_CLASS = "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in _HAN_RANGES)  # same, for regexes
 
 
 def _is_han(ch: str) -> bool:
@@ -247,12 +248,13 @@ _PAUSE_MAP = {",": ",", ";": ",", ":": ",", "、": ",", "—": ",", "–": ",", 
 _PAUSE_RE = re.compile(r"\.{2,}|\.(?=\s|$)|[,;:!?、。！？，；：…—–]")
 _SILENT_RE = re.compile(r"[\"()\[\]{}«»“”„「」『』《》〈〉¿¡*_~`]")  # espeak would read some aloud
 _ZH_TOKEN_RE = re.compile(
-    r"(?P<han>[\u3007\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]+)"
+    rf"(?P<han>[{_HAN_CLASS}]+)"
     r"|(?P<num>\d+(?:\.\d+)?)|(?P<pause>" + _PAUSE_RE.pattern + r")")
 _ZH_DIGITS = "零一二三四五六七八九"
 _SYLLABIC_NASALS = ("m", "n", "ng")
 
-_backend: Any = None
+_backend: Any = None  # created on first English text: loading espeak costs ~0.2 s
+_separator: Any = None
 _backend_lock = threading.Lock()  # espeak keeps global C state: one caller at a time
 _espeak_logger = logging.getLogger(__name__ + ".espeak")
 _espeak_logger.setLevel(logging.ERROR)  # language-switch warnings are expected for foreign names
@@ -260,20 +262,20 @@ _espeak_logger.setLevel(logging.ERROR)  # language-switch warnings are expected 
 
 def _espeak(pieces: list[str]) -> list[str]:
     """Phonemise non-empty text pieces with the shared en-us backend (one output per piece)."""
-    global _backend
+    global _backend, _separator
     with _backend_lock:
         try:
             if _backend is None:
                 from phonemizer.backend import EspeakBackend
+                from phonemizer.separator import Separator
+                _separator = Separator(phone=" ", word=" | ")
                 _backend = EspeakBackend("en-us", with_stress=True, language_switch="remove-flags",
                                          words_mismatch="ignore", logger=_espeak_logger)
-            from phonemizer.separator import Separator
-            return list(_backend.phonemize(pieces, separator=Separator(phone=" ", word=" | "),
-                                           strip=True))
+            return list(_backend.phonemize(pieces, separator=_separator, strip=True))
         except (ImportError, OSError) as exc:
             raise TextError(f"espeak-ng is not installed: apt-get install espeak-ng ({exc})") from exc
         except RuntimeError as exc:
-            if _backend is None:
+            if _backend is None:  # phonemizer reports a missing library/voice as RuntimeError
                 raise TextError(f"espeak-ng is not installed: apt-get install espeak-ng ({exc})") from exc
             raise TextError(f"espeak-ng failed to phonemise the text: {exc}") from exc
 
@@ -345,9 +347,11 @@ def _mandarin_items(text: str) -> list[list[str] | str]:
 
 
 def _phonemize_normalized(text: str, language: str) -> tuple[str, ...]:
-    runs = [("en", text)] if language == "en" else split_by_script(text)
+    """Uncached phonemisation of already-normalised text (``language`` is part of the cache key)."""
     items: list[list[str] | str] = []
-    for script, run in runs:
+    # Han always goes to pypinyin, even for language="en": espeak en-us can only say
+    # "Chinese letter" for it.  The language only changes how numbers are normalised.
+    for script, run in split_by_script(text):
         items += _english_items(run) if script == "en" else _mandarin_items(run)
     tokens: list[str] = []
     for item in items:
@@ -373,7 +377,7 @@ def configure_frontend_cache(maxsize: int = _DEFAULT_CACHE_SIZE) -> None:
     _cached_phonemize = functools.lru_cache(maxsize=maxsize)(_phonemize_normalized)
 
 
-def frontend_cache_info() -> dict[str, float]:
+def frontend_cache_info() -> dict[str, int | float]:
     """Hits, misses, size and hit rate of the phonemisation cache (for server metrics)."""
     info = _cached_phonemize.cache_info()
     total = info.hits + info.misses
@@ -381,19 +385,20 @@ def frontend_cache_info() -> dict[str, float]:
             "maxsize": info.maxsize or 0, "hit_rate": info.hits / total if total else 0.0}
 
 
-def phonemize(text: str, language: str = "auto") -> list[str]:
+def phonemize(text: str, language: Language = "auto") -> list[str]:
     """Flat phone list with ``|`` word boundaries and , . ? ! pause tokens.
 
     English: espeak-ng en-us IPA with stress marks as separate tokens.
     Mandarin: pypinyin initial + final with tone digit (5 = neutral), e.g.
-    你好 -> ["n", "i3", "h", "ao3"].  "auto" picks the engine per script run.
+    你好 -> ["n", "i3", "h", "ao3"].  The engine is picked per script run for
+    every language; ``language`` decides number normalisation ("auto": per run).
     Raises TextError for empty or unpronounceable text or a missing espeak-ng.
     """
     normalized = normalize_text(text, language)
     return list(_cached_phonemize(normalized, language))
 
 
-def count_phones(text: str, language: str = "auto") -> int:
+def count_phones(text: str, language: Language = "auto") -> int:
     """Number of phones (no boundaries, pauses or stress marks) for speaking-rate QC."""
     return sum(1 for p in phonemize(text, language) if p not in _NOT_PHONES)
 
@@ -408,7 +413,7 @@ _CLAUSE_END_RE = re.compile(rf"[,;:]+[{_CLOSERS}]*(?=\s|$)|[，；：、]+[{_CLO
 _ABBREV_TAIL_RE = re.compile(r"(?:^|\s)(?:mrs?|dr|st|vs|e\.g|i\.e|[a-z])\.$", re.IGNORECASE)
 # A "word" is a run of non-space characters, except that each Han character is
 # its own word (Chinese has no spaces, so any character boundary is acceptable).
-_WORD_RE = re.compile(r"[\u3007\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\s\u3007\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+_WORD_RE = re.compile(rf"[{_HAN_CLASS}]|[^\s{_HAN_CLASS}]+")
 
 Span = tuple[int, int]
 
@@ -453,22 +458,25 @@ def split_sentences(text: str, max_chars: int = 200) -> list[str]:
     def size(span: Span) -> int:
         return len(text[span[0]:span[1]].strip())
 
+    def emit(span: Span) -> None:
+        chunk = text[span[0]:span[1]].strip()
+        # Only a single word longer than max_chars can still exceed the limit here.
+        chunks.extend(chunk[i:i + max_chars] for i in range(0, len(chunk), max_chars))
+
     chunks: list[str] = []
     for sentence in _sentences(text):
         if size(sentence) <= max_chars:
-            pieces = [sentence]
-        else:
-            pieces = []
-            for clause in _cut_after(text, sentence, _CLAUSE_END_RE):
-                pieces += [clause] if size(clause) <= max_chars else _words(text, clause)
-        current: Span | None = None
-        for piece in pieces + [None]:  # type: ignore[list-item]  # None flushes
-            if current is not None and piece is not None and size((current[0], piece[1])) <= max_chars:
+            emit(sentence)
+            continue
+        pieces: list[Span] = []
+        for clause in _cut_after(text, sentence, _CLAUSE_END_RE):
+            pieces += [clause] if size(clause) <= max_chars else _words(text, clause)
+        current = pieces[0]
+        for piece in pieces[1:]:  # greedy packing: extend the chunk while it still fits
+            if size((current[0], piece[1])) <= max_chars:
                 current = (current[0], piece[1])
-                continue
-            if current is not None:
-                chunk = text[current[0]:current[1]].strip()
-                # Only a single over-long word can still exceed the limit here.
-                chunks += [chunk[i:i + max_chars] for i in range(0, len(chunk), max_chars)]
-            current = piece
+            else:
+                emit(current)
+                current = piece
+        emit(current)
     return [c for c in chunks if c]

@@ -1,0 +1,123 @@
+"""Shared fixtures: real servers on loopback (S3 via moto's server mode, MLflow) and generated voices."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from voice_lib.config import Settings
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory) -> str:
+    """A real S3-protocol HTTP server (moto in server mode) in its own process."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/moto-api/")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A fresh, uniquely named bucket on the S3 server."""
+    import boto3
+
+    name = f"voiceops-test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    """Embedded default settings in a private home; MLflow points nowhere unless a test starts it."""
+    return Settings(home=tmp_path / "home", mlflow_tracking_uri="http://127.0.0.1:9")
+
+
+@pytest.fixture
+def s3_settings(tmp_path, s3_endpoint, s3_bucket) -> Settings:
+    return Settings(
+        home=tmp_path / "home", storage_uri=f"s3://{s3_bucket}/store", s3_endpoint_url=s3_endpoint,
+        s3_access_key_id="test", s3_secret_access_key="test", mlflow_tracking_uri="http://127.0.0.1:9",
+    )
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real MLflow tracking server (SQLite registry, served artifacts) started like `voiceops up` does."""
+    from voice_lib import stack
+
+    home = tmp_path_factory.mktemp("mlflow-home")
+    port = free_port()
+    cfg = Settings(home=home, mlflow_port=port, mlflow_tracking_uri=f"http://127.0.0.1:{port}")
+    stack.up(cfg, services=("mlflow",), timeout=120)
+    try:
+        yield cfg.mlflow_tracking_uri
+    finally:
+        stack.down(cfg)
+
+
+# --- generated voices (real speech from offline engines) -----------------------------------------
+
+@pytest.fixture(scope="session")
+def voices_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("voices")
+
+
+@pytest.fixture(scope="session")
+def clean_voice(voices_dir) -> Path:
+    """~70 s of one speaker (flite slt) with a metadata.csv: the set that should pass QC."""
+    from voice_lib.corpus import make_voice_dataset
+
+    return make_voice_dataset(voices_dir / "clean-slt", "flite-slt", 70, seed=1, layout="metadata")
+
+
+@pytest.fixture(scope="session")
+def short_voice(voices_dir) -> Path:
+    from voice_lib.corpus import make_voice_dataset
+
+    return make_voice_dataset(voices_dir / "short-slt", "flite-slt", 20, seed=2, layout="txt")
+
+
+@pytest.fixture(scope="session")
+def mixed_voice(voices_dir) -> Path:
+    """45 s of flite slt plus 35 s of flite awb in one folder: two speakers, one metadata.csv."""
+    from voice_lib.corpus import make_voice_dataset
+
+    root = voices_dir / "mixed"
+    make_voice_dataset(root / "a", "flite-slt", 45, seed=3, layout="txt")
+    make_voice_dataset(root / "b", "flite-awb", 35, seed=4, layout="txt")
+    return root
