@@ -12,6 +12,7 @@ import json
 import shutil
 import stat
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
@@ -104,6 +105,11 @@ def _stage_zip(archive: Path, dest: Path, settings: Settings, skipped: list[dict
             if not _accept(rel):
                 skipped.append({"file": rel, "reason": "not an audio or transcript file"})
                 continue
+            if info.flag_bits & 0x1:
+                raise IngestError(
+                    f"{archive.name}: entry {info.filename!r} is encrypted (password-protected); "
+                    "upload a zip made without a password."
+                )
             members.append((info, rel))
         total = sum(i.file_size for i, _ in members)
         packed = sum(max(1, i.compress_size) for i, _ in members)
@@ -119,14 +125,20 @@ def _stage_zip(archive: Path, dest: Path, settings: Settings, skipped: list[dict
             target.parent.mkdir(parents=True, exist_ok=True)
             # Stream with a hard cap: the sizes in the zip directory can lie.
             written = 0
-            with zf.open(info) as src, open(target, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > settings.limits.max_file_bytes:
-                        raise IngestError(
-                            f"{archive.name}: {rel} expands beyond its declared size; the archive is corrupt or hostile."
-                        )
-                    out.write(chunk)
+            try:
+                with zf.open(info) as src, open(target, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > settings.limits.max_file_bytes:
+                            raise IngestError(
+                                f"{archive.name}: {rel} expands beyond its declared size; the archive is corrupt or hostile."
+                            )
+                        out.write(chunk)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+                raise IngestError(
+                    f"{archive.name}: entry {info.filename!r} cannot be extracted ({exc}); "
+                    "the archive is damaged or uses an unsupported format: re-create it with a standard zip tool."
+                ) from exc
 
 
 def _stage_folder(folder: Path, dest: Path, settings: Settings, skipped: list[dict]) -> None:

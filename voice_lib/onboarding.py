@@ -230,6 +230,12 @@ def features_manifest(dataset: dict, qc: dict, settings: Settings) -> dict:
             "wav": f"{qc['qc_prefix']}/clips/{clip.clip_id}.wav", "wav_sha256": hashlib.sha256(wav).hexdigest(),
             "features": f"{feat_key}/{clip.clip_id}.npz", "features_sha256": hashlib.sha256(npz).hexdigest(),
         })
+    manifest_sha = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+    manifest_key = f"{feat_key}/manifest.json"
+    previous = _read_json(store, manifest_key)
+    if previous and previous.get("manifest_sha256") == manifest_sha:
+        log.info("features: manifest unchanged (%d clips), nothing to write", len(entries))
+        return {"manifest_uri": f"{store.uri}/{manifest_key}", "manifest_key": manifest_key, "manifest_sha256": manifest_sha, "clips": len(entries)}
     speaker = centroid(np.stack(embeddings))
     buf = io.BytesIO()
     np.save(buf, speaker)
@@ -239,7 +245,7 @@ def features_manifest(dataset: dict, qc: dict, settings: Settings) -> dict:
         "speaker_embedding": f"{feat_key}/speaker_embedding.npy", "speech_seconds": report.speech_seconds,
         "clips": entries,
     }
-    manifest["manifest_sha256"] = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
-    uri = _write_json(store, f"{feat_key}/manifest.json", manifest)
+    manifest["manifest_sha256"] = manifest_sha
+    uri = _write_json(store, manifest_key, manifest)  # written last: the commit marker of this step
     log.info("features: manifest of %d clips at %s", len(entries), uri)
-    return {"manifest_uri": uri, "manifest_key": f"{feat_key}/manifest.json", "manifest_sha256": manifest["manifest_sha256"], "clips": len(entries)}
+    return {"manifest_uri": uri, "manifest_key": manifest_key, "manifest_sha256": manifest_sha, "clips": len(entries)}

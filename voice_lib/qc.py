@@ -122,7 +122,13 @@ def _slice_at_pauses(segments, sample_rate: int, settings: Settings) -> list[tup
 def _measure_clip(
     wav: np.ndarray, sample_rate: int, settings: Settings
 ) -> tuple[np.ndarray, float, float, bool]:
-    """Returns (cleaned audio, snr_db, speech_seconds, denoised)."""
+    """Returns (cleaned audio, snr_db of the recording as uploaded, speech_seconds, denoised).
+
+    The SNR reported (and judged against ``reject_snr_db``) is the recording's, measured before
+    denoising: spectral gating empties the pauses the estimator takes its noise floor from, so an
+    SNR re-measured after it says how well the gate worked (+10-20 dB even on a 0 dB recording),
+    not how much of the speech is left under the noise.
+    """
     from voice_lib.speech import detect_speech, speech_mask
 
     segments = detect_speech(wav, sample_rate)
@@ -136,7 +142,7 @@ def _measure_clip(
         cleaned = noisereduce.reduce_noise(y=wav, sr=sample_rate, stationary=True).astype(np.float32)
         cleaned_snr = audio_mod.estimate_snr_db(cleaned, sample_rate, mask)
         if cleaned_snr >= snr + 3.0:
-            wav, snr, denoised = cleaned, cleaned_snr, True
+            wav, denoised = cleaned, True
     return wav, snr, float(mask.sum()) / sample_rate, denoised
 
 
@@ -209,7 +215,7 @@ def _check_clip(clip: ClipResult, settings: Settings) -> None:
     if clip.clipped:
         clip.reject(f"{where}: clipped ({clip.clipped_fraction:.2%} of samples at full scale); re-record with lower input gain.")
     if clip.snr_db < qc.reject_snr_db:
-        clip.reject(f"{where}: too noisy (SNR {clip.snr_db:.1f} dB < {qc.reject_snr_db} dB even after denoising); re-record in a quieter room.")
+        clip.reject(f"{where}: too noisy (SNR {clip.snr_db:.1f} dB < {qc.reject_snr_db} dB, too low for denoising to rescue); re-record in a quieter room.")
     if clip.text is None:
         clip.reject(
             f"{where}: no transcript, and the offline ASR only reads English; add a .txt beside the file or a metadata.csv line."
@@ -252,6 +258,11 @@ def summarize(
     usable = [c for c in clips if c.status == "accepted" and c.clip_id in embeddings]
     if usable:
         ref = centroid(np.stack([embeddings[c.clip_id] for c in usable]))
+        # A second speaker with ~40% of the clips drags the element-wise median toward itself, lifting
+        # some of its clips over the threshold: re-centre once on the clips that match the first estimate.
+        inliers = [c for c in usable if cosine(embeddings[c.clip_id], ref) >= qc.min_speaker_similarity]
+        if inliers and len(inliers) < len(usable):
+            ref = centroid(np.stack([embeddings[c.clip_id] for c in inliers]))
         for c in clips:
             if c.clip_id in embeddings:
                 c.speaker_similarity = round(cosine(embeddings[c.clip_id], ref), 4)
