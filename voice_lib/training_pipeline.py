@@ -1,0 +1,218 @@
+"""Training steps as the DAGs and the CLI call them: pretrain the base, fine-tune a voice, evaluate it.
+
+Each step writes its outputs to the artifact store and MLflow, keyed by what it was computed from
+(``training_key``), and returns a small JSON-able dict for the next step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from voice_lib import __version__
+from voice_lib.config import Settings, validate_voice_id
+from voice_lib.storage import artifact_store
+
+log = logging.getLogger(__name__)
+SHIPPED_BASE = Path(__file__).parent / "assets" / "base"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class MlflowMetrics:
+    """Buffers per-step metrics and sends them to an MLflow run in batches (one HTTP call per flush)."""
+
+    def __init__(self, settings: Settings, run_id: str | None):
+        self.run_id = run_id
+        self.client = None
+        if run_id:
+            from voice_lib.report import mlflow_client
+
+            self.client = mlflow_client(settings)
+        self.buffer: list = []
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.client:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.buffer += [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
+        if len(self.buffer) >= 200:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.client and self.buffer:
+            for start in range(0, len(self.buffer), 1000):
+                self.client.log_batch(self.run_id, metrics=self.buffer[start:start + 1000])
+            self.buffer = []
+
+
+def start_run(settings: Settings, experiment: str, run_name: str, tags: dict[str, str], params: dict) -> str:
+    """An MLflow run for this step, reused when a run with the same ``voiceops.key`` tag exists (retries)."""
+    from mlflow.entities import Param
+
+    from voice_lib.report import experiment_id, mlflow_client
+
+    client = mlflow_client(settings)
+    exp = experiment_id(client, experiment)
+    found = client.search_runs([exp], filter_string=f"tags.`voiceops.key` = '{tags['voiceops.key']}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp, run_name=run_name, tags=tags)
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    return run.info.run_id
+
+
+# --- base pretraining -----------------------------------------------------------------------------
+
+def pretrain_base(corpus_dir: Path, settings: Settings, out_dir: Path, steps: int = 3000, batch_size: int = 16,
+                  log_to_mlflow: bool = True, register: bool = True) -> dict:
+    """Multi-speaker corpus → base model (safetensors + config + model card), MLflow-tracked."""
+    from voice_lib.corpus import PRETRAIN_HOLDOUT
+    from voice_lib.datasets import featurize_corpus, split_holdout
+    from voice_lib.features import FeatureConfig
+    from voice_lib.train import TrainConfig, fit, new_base_model, save_base
+
+    examples = featurize_corpus(corpus_dir, settings)
+    speakers = sorted({e.clip_id.split("/")[0] for e in examples})
+    leaked = sorted(set(speakers) & set(PRETRAIN_HOLDOUT))
+    if leaked:
+        raise ValueError(f"{corpus_dir}: the corpus contains held-out speakers {leaked}; build it from pretrain_voices().")
+    train, val = split_holdout(examples, fraction=0.05, minimum=8)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, patience=8, eval_every=200, checkpoint_every=100)
+    data_sha = hashlib.sha256((corpus_dir / "corpus.list").read_bytes()).hexdigest()
+    key = hashlib.sha256(json.dumps([data_sha, cfg.to_dict(), __version__]).encode()).hexdigest()[:16]
+    model = new_base_model(train)
+    params = {"speakers": ",".join(speakers), "clips": len(examples), "parameters": model.n_params(),
+              **{f"model.{k}": v for k, v in model.cfg.to_dict().items()}, **{f"train.{k}": v for k, v in cfg.to_dict().items()}}
+    run_id = start_run(settings, "voice-base", f"pretrain-{key[:8]}", {"voiceops.key": f"pretrain-{key}", "voiceops.step": "pretrain"}, params) if log_to_mlflow else None
+    metrics = MlflowMetrics(settings, run_id)
+    log.info("pretraining on %d clips from %d speakers (%d held for validation), %d parameters", len(train), len(speakers), len(val), model.n_params())
+    result = fit(model, model, train, val, cfg, settings.cache_dir / "checkpoints" / f"base-{key}.pt", metrics)
+    metrics.flush()
+    extra = {
+        "feature_config": asdict(FeatureConfig(sample_rate=settings.sample_rate)),
+        "training": cfg.to_dict(), "speakers": speakers, "held_out_speakers": list(PRETRAIN_HOLDOUT),
+        "corpus_sha256": data_sha, "code_version": __version__, "best_val_loss": result.best_val_loss,
+        "steps_trained": result.step, "train_seconds": round(result.seconds, 1), "mlflow_run_id": run_id,
+    }
+    save_base(model, out_dir, extra)
+    write_model_card(out_dir, "voice-base", extra)
+    info = {"base_dir": str(out_dir), "base_sha256": sha256_file(out_dir / "model.safetensors"), "run_id": run_id, **extra}
+    if run_id and register:
+        from voice_lib.registry import Registry
+
+        client = MlflowMetrics(settings, run_id).client
+        client.log_artifacts(run_id, str(out_dir), "model")
+        registry = Registry(settings)
+        version = registry.register("voice-base", run_id, "model", {
+            "training_key": key, "base_sha256": info["base_sha256"], "data_sha256": data_sha, "code_version": __version__,
+        }, description="VoiceOps reference base model (multi-speaker, WORLD features).")
+        registry.promote("voice-base", version.version)
+        info["version"] = version.version
+        client.set_terminated(run_id)
+    return info
+
+
+def write_model_card(out_dir: Path, name: str, facts: dict) -> None:
+    lines = [f"# {name}", "", "VoiceOps reference acoustic model (see voice_lib/model.py): phonemes + GE2E speaker "
+             "embedding → WORLD features → waveform. CPU-trained; every number below was measured by the recipe.", ""]
+    lines += [f"- **{k}**: {v}" for k, v in facts.items() if not isinstance(v, dict)]
+    lines += ["", "## Reproduce", "", "```bash", "voiceops corpus .voiceops/pretrain-corpus --sentences 80 --pretrain",
+              "voiceops pretrain .voiceops/pretrain-corpus", "```"]
+    (out_dir / "model_card.md").write_text("\n".join(lines) + "\n")
+
+
+def base_model_dir(settings: Settings) -> Path:
+    """The base the voices are fine-tuned on: the registry's voice-base@production, else the shipped one."""
+    from voice_lib.registry import Registry, RegistryError
+
+    try:
+        registry = Registry(settings)
+        if registry.version_by_alias("voice-base", "production") is not None:
+            return registry.download("voice-base", "production", settings.cache_dir / "models" / "voice-base")
+    except RegistryError as exc:
+        log.info("no registered base model (%s); using the shipped one", exc)
+    if not (SHIPPED_BASE / "model.safetensors").exists():
+        raise FileNotFoundError(f"no base model: neither voice-base@production in MLflow nor {SHIPPED_BASE}; run `voiceops pretrain`.")
+    return SHIPPED_BASE
+
+
+# --- LoRA fine-tuning -----------------------------------------------------------------------------
+
+def finetune_voice(voice_id: str, manifest_key: str, settings: Settings, rank: int = 8, steps: int = 600,
+                   base_dir: Path | None = None, log_to_mlflow: bool = True) -> dict:
+    """LoRA-adapt the frozen base to one voice. Resumes from its checkpoint when retried."""
+    from voice_lib.datasets import load_manifest, split_holdout, voice_examples
+    from voice_lib.train import TrainConfig, fit, load_base, lora_model, trainable_parameters
+
+    validate_voice_id(voice_id)
+    store = artifact_store(settings)
+    manifest = load_manifest(settings, manifest_key)
+    base_dir = base_dir or base_model_dir(settings)
+    base_sha = sha256_file(base_dir / "model.safetensors")
+    base_config = json.loads((base_dir / "config.json").read_text())
+    examples = voice_examples(manifest, settings)
+    rest, held_out = split_holdout(examples, 0.1, 3)
+    train, val = split_holdout(rest, 0.1, 2, seed=1)
+    cfg = TrainConfig(steps=steps, batch_size=8, learning_rate=3e-3, warmup_steps=20, eval_every=50, checkpoint_every=50, patience=4)
+    key = hashlib.sha256(json.dumps([manifest["manifest_sha256"], base_sha, rank, cfg.to_dict(), __version__]).encode()).hexdigest()[:16]
+    prefix = f"voices/{voice_id}/models/{key}"
+    if store.exists(f"{prefix}/voice.json"):
+        log.info("fine-tune: %s already trained (%s)", voice_id, key)
+        return json.loads(store.read_bytes(f"{prefix}/voice.json"))
+    base = load_base(base_dir)
+    model = lora_model(base, rank)
+    lineage = {"base_model": "voice-base", "base_version": str(base_config.get("version", "shipped")), "base_sha256": base_sha,
+               "data_sha256": manifest["data_sha256"], "manifest_sha256": manifest["manifest_sha256"],
+               "code_version": __version__, "lora_rank": str(rank), "training_key": key}
+    params = {**lineage, "clips_train": len(train), "clips_val": len(val), "clips_held_out": len(held_out),
+              "adapter_parameters": trainable_parameters(model), **{f"train.{k}": v for k, v in cfg.to_dict().items()}}
+    run_id = start_run(settings, f"voice-{voice_id}", f"train-{key[:8]}", {"voiceops.key": f"train-{key}", "voiceops.step": "train"}, params) if log_to_mlflow else None
+    metrics = MlflowMetrics(settings, run_id)
+    log.info("fine-tuning %s: %d train / %d validation / %d held-out clips, %d adapter parameters (rank %d)",
+             voice_id, len(train), len(val), len(held_out), trainable_parameters(model), rank)
+    result = fit(model, base, train, val, cfg, settings.cache_dir / "checkpoints" / f"{voice_id}-{key}.pt", metrics)
+    metrics.flush()
+    work = settings.cache_dir / "work" / voice_id / f"model-{key}"
+    shutil.rmtree(work, ignore_errors=True)
+    model.save_pretrained(str(work))  # adapter_model.safetensors + adapter_config.json
+    np.save(work / "speaker_embedding.npy", np.load(io.BytesIO(store.read_bytes(manifest["speaker_embedding"]))))
+    facts = {**lineage, "steps_trained": result.step, "best_val_loss": round(result.best_val_loss, 4),
+             "stopped_early": result.stopped_early, "resumed_from_step": result.resumed_from,
+             "train_seconds": round(result.seconds, 1), "adapter_parameters": trainable_parameters(model)}
+    (work / "voice.json").write_text(json.dumps({"voice_id": voice_id, **facts, "held_out": [e.clip_id for e in held_out]}, indent=2))
+    write_model_card(work, f"voice-{voice_id}", facts)
+    for path in sorted(work.iterdir()):
+        if path.name != "voice.json":
+            store.upload_file(path, f"{prefix}/{path.name}")
+    summary = {"voice_id": voice_id, "training_key": key, "model_prefix": prefix, "run_id": run_id, "lineage": lineage,
+               "held_out": [e.clip_id for e in held_out], "manifest_key": manifest_key, "base_dir": str(base_dir), **facts}
+    store.write_bytes(f"{prefix}/voice.json", json.dumps(summary, indent=2).encode())  # commit marker, last
+    return summary
+
+
+def fetch_voice_model(settings: Settings, trained: dict) -> Path:
+    """Local copy of a trained voice's adapter folder (from the artifact store)."""
+    store = artifact_store(settings)
+    dest = settings.cache_dir / "models" / trained["voice_id"] / trained["training_key"]
+    for key in store.list(trained["model_prefix"]):
+        target = dest / key.rsplit("/", 1)[-1]
+        if not target.exists():
+            store.download_to(key, target)
+    return dest
