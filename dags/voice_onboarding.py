@@ -1,4 +1,4 @@
-"""voice_onboarding: recordings → QC → features (→ train → evaluate → register, next issue).
+"""voice_onboarding: recordings → QC → features → LoRA fine-tuning → evaluation → registration.
 
 Thin wiring over ``voice_lib.onboarding``; heavy imports happen inside the tasks, not at parse time.
 """
@@ -39,6 +39,9 @@ def _settings(params: dict):
         "min_speech_seconds": Param(60, type="number", minimum=1, maximum=3600,
                                     description="Reject the dataset with less usable speech than this."),
         "shards": Param(2, type="integer", minimum=1, maximum=64, description="Parallel QC/feature shards."),
+        "lora_rank": Param(8, type="integer", minimum=1, maximum=64, description="LoRA rank of the voice adapter."),
+        "train_steps": Param(600, type="integer", minimum=1, maximum=20000,
+                             description="Fine-tuning steps (early stopping may end sooner)."),
     },
     render_template_as_native_obj=True,
 )
@@ -82,12 +85,39 @@ def voice_onboarding():
 
         return run(dataset, qc, _settings(params))
 
+    @task(execution_timeout=timedelta(hours=2))
+    def train(manifest: dict, params=None) -> dict:
+        from voice_lib.training_pipeline import finetune_voice
+
+        # A retry resumes from the step checkpoint written every 50 steps.
+        return finetune_voice(params["voice_id"], manifest["manifest_key"], _settings(params),
+                              rank=int(params["lora_rank"]), steps=int(params["train_steps"]))
+
+    @task
+    def evaluate(trained: dict, params=None) -> dict:
+        from voice_lib.training_pipeline import evaluate_voice
+
+        return evaluate_voice(_settings(params), trained)
+
+    @task
+    def register(trained: dict, evaluation: dict, params=None) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from voice_lib.training_pipeline import GatesFailed, register_voice
+
+        try:
+            return register_voice(_settings(params), trained, evaluation)
+        except GatesFailed as exc:
+            raise AirflowFailException(str(exc)) from exc  # the version is tagged rejected; a retry changes nothing
+
     dataset = ingest()
     shards = shard_ids(dataset)
     shard_results = qc_shard.partial(dataset=dataset).expand(shard_index=shards)
     qc = qc_report(dataset, shard_results)
     feats = features_shard.partial(dataset=dataset, qc=qc).expand(shard_index=shards)
-    features_manifest(dataset, qc, feats)
+    manifest = features_manifest(dataset, qc, feats)
+    trained = train(manifest)
+    register(trained, evaluate(trained))
 
 
 voice_onboarding()

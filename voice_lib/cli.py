@@ -82,13 +82,15 @@ def corpus(
     voices: Optional[str] = typer.Option(None, help="Comma-separated speaker ids (default: every installed voice)."),
     sentences: int = typer.Option(20, min=1, help="Sentences per voice."),
     language: str = typer.Option("en", help="en or zh."),
+    pretrain: bool = typer.Option(False, "--pretrain", help="Only the pretraining speakers (held-out voices excluded)."),
     seed: int = 0,
 ) -> None:
     """Generate a multi-speaker synthetic corpus with transcripts from offline TTS engines."""
-    from voice_lib.corpus import CorpusError, generate_corpus
+    from voice_lib.corpus import CorpusError, generate_corpus, pretrain_voices
 
+    speakers = voices.split(",") if voices else (pretrain_voices(language) if pretrain else None)
     try:
-        manifest = generate_corpus(out, voices.split(",") if voices else None, sentences, language=language,
+        manifest = generate_corpus(out, speakers, sentences, language=language,
                                    sample_rate=get_settings().sample_rate, seed=seed)
     except CorpusError as exc:
         raise _usage_error(str(exc)) from exc
@@ -225,6 +227,29 @@ def onboard(
         state = airflow_client.dags_test(settings, "voice_onboarding", conf, console)
     console.print(f"voice_onboarding finished: [{'green' if state == 'success' else 'red'}]{state}[/]")
     raise typer.Exit(0 if state == "success" else 1)
+
+
+@app.command()
+def pretrain(
+    corpus_dir: Path = typer.Argument(..., help="A corpus from `voiceops corpus OUT --pretrain`."),
+    steps: int = typer.Option(3000, min=1),
+    batch_size: int = typer.Option(16, min=2),
+    out: Optional[Path] = typer.Option(None, help="Where to write the base model (default <home>/models/voice-base)."),
+    register: bool = typer.Option(True, "--register/--no-register", help="Log to MLflow and register voice-base@production."),
+) -> None:
+    """Pretrain the shared base model on a multi-speaker corpus."""
+    from voice_lib.training_pipeline import pretrain_base
+
+    _setup_logging(True)
+    if not (corpus_dir / "corpus.list").exists():
+        raise _usage_error(f"{corpus_dir}: no corpus.list; create it with `voiceops corpus {corpus_dir} --pretrain`.")
+    settings = get_settings()
+    info = pretrain_base(corpus_dir, settings, out or settings.home / "models" / "voice-base", steps=steps,
+                         batch_size=batch_size, log_to_mlflow=register, register=register)
+    console.print(f"base model: {info['base_dir']} (best validation loss {info['best_val_loss']:.4f}, "
+                  f"{info['steps_trained']} steps, {info['train_seconds']:.0f} s)")
+    if info.get("version"):
+        console.print(f"registered voice-base version {info['version']} as production")
 
 
 @app.command()

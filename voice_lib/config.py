@@ -39,6 +39,30 @@ class QCSettings(BaseModel):
     duplicate_similarity: float = 0.995
 
 
+class EvalSettings(BaseModel):
+    """Release gates of the held-out evaluation (see voice_lib/evaluation.py and shared/notes/measured.md)."""
+
+    # The system the gates judge and the one it must beat (keys of the synthesizers evaluated).
+    gated_system: str = "adapted"
+    baseline_system: str = "base"
+    # GE2E cosine to the voice's embedding: same voice via another engine 0.83-0.88, other voices <= 0.70.
+    min_speaker_similarity: float = 0.75
+    min_similarity_gain_over_base: float = 0.05
+    # Synthesis WER minus the ASR's WER on the real recordings (pocketsphinx alone is ~0.36 on clean speech).
+    max_wer_gap_over_real: float = 0.25
+    # Reconstruction with reference timing; the WORLD vocoder ceiling is PESQ-wb 2.8-3.2, STOI 0.98.
+    min_pesq: float = 1.5
+    min_stoi: float = 0.6
+    max_bad_output_rate: float = 0.0
+    max_rtf: float = 0.5
+    # Bad-output detection.
+    silence_dbfs: float = -50.0
+    clipping_fraction: float = 0.001
+    min_duration_ratio: float = 0.5
+    max_duration_ratio: float = 2.5
+    report_clips: int = 5
+
+
 class LimitSettings(BaseModel):
     """Guards against hostile or accidental uploads."""
 
@@ -82,6 +106,7 @@ class Settings(BaseSettings):
     sample_rate: int = 16000
     language: str = "en"
     qc: QCSettings = QCSettings()
+    eval: EvalSettings = EvalSettings()
     limits: LimitSettings = LimitSettings()
 
     @field_validator("home", "dags_folder", "plugins_folder")

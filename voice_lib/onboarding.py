@@ -23,7 +23,7 @@ from voice_lib.config import Settings, validate_voice_id
 from voice_lib.storage import Store, artifact_store
 
 log = logging.getLogger(__name__)
-QC_VERSION = 1
+QC_VERSION = 2
 
 
 class QCRejected(RuntimeError):

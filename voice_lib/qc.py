@@ -271,6 +271,8 @@ def summarize(
             c.reject(
                 f"{c.file} [{c.start:.1f}-{c.end:.1f} s]: speaker similarity {c.speaker_similarity:.2f} < "
                 f"{qc.min_speaker_similarity} to the rest: a different speaker, music or a wrong file; remove it."
+                + (f" Its SNR is only {c.snr_db:.0f} dB, and background noise also lowers this score: "
+                   "if it is the same speaker, re-record it somewhere quieter." if c.snr_db < qc.min_snr_db else "")
             )
         total = sum(c.speech_seconds for c in usable)
         share = sum(c.speech_seconds for c in foreign) / total if total else 0.0

@@ -216,3 +216,98 @@ def fetch_voice_model(settings: Settings, trained: dict) -> Path:
         if not target.exists():
             store.download_to(key, target)
     return dest
+
+
+# --- evaluation and registration ------------------------------------------------------------------
+
+class GatesFailed(RuntimeError):
+    """The adapted voice missed one or more evaluation gates; the message names each metric."""
+
+    def __init__(self, voice_id: str, version: str, failures: list[str]):
+        self.failures = failures
+        super().__init__(f"voice-{voice_id} version {version} rejected by the evaluation gates:\n- " + "\n- ".join(failures))
+
+
+def held_out_clips(settings: Settings, trained: dict) -> list:
+    """The voice's held-out recordings with their texts and features (never seen in training)."""
+    from voice_lib.audio import decode_audio
+    from voice_lib.datasets import load_manifest, voice_examples
+    from voice_lib.evaluation import HeldOutClip
+
+    store = artifact_store(settings)
+    manifest = load_manifest(settings, trained["manifest_key"])
+    entries = {c["clip_id"]: c for c in manifest["clips"]}
+    examples = {e.clip_id: e for e in voice_examples(manifest, settings)}
+    clips = []
+    for clip_id in trained["held_out"]:
+        entry = entries[clip_id]
+        audio = decode_audio(store.read_bytes(entry["wav"]), settings.sample_rate, entry["wav"]).audio
+        ex = examples[clip_id]
+        clips.append(HeldOutClip(clip_id=clip_id, text=entry["text"], language=entry["language"], audio=audio,
+                                 phoneme_ids=ex.phoneme_ids, features=ex.features))
+    return clips
+
+
+def evaluate_voice(settings: Settings, trained: dict) -> dict:
+    """Base vs adapted on the held-out clips; metrics and the HTML report go to the training run."""
+    from voice_lib.evaluation import check_gates, evaluate, log_eval_to_mlflow
+    from voice_lib.inference import Synthesizer
+
+    store = artifact_store(settings)
+    marker = f"{trained['model_prefix']}/evaluation.json"
+    if store.exists(marker):
+        return json.loads(store.read_bytes(marker))
+    model_dir = fetch_voice_model(settings, trained)
+    speaker = np.load(model_dir / "speaker_embedding.npy")
+    base_dir = Path(trained["base_dir"])
+    systems = {
+        "base": Synthesizer.load(base_dir, speaker),
+        "adapted": Synthesizer.load(base_dir, speaker, adapter_dir=model_dir),
+    }
+    out_dir = settings.cache_dir / "work" / trained["voice_id"] / f"eval-{trained['training_key']}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    result = evaluate(systems, held_out_clips(settings, trained), speaker, settings, out_dir)
+    failures = [str(f) for f in check_gates(result.aggregates, settings)]
+    if trained.get("run_id"):
+        log_eval_to_mlflow(result, out_dir, settings, trained["run_id"])
+    summary = {"aggregates": result.aggregates, "gate_failures": failures, "passed": not failures,
+               "report_dir": str(out_dir)}
+    for path in out_dir.rglob("*"):
+        if path.is_file():
+            store.upload_file(path, f"{trained['model_prefix']}/eval_report/{path.relative_to(out_dir).as_posix()}")
+    store.write_bytes(marker, json.dumps(summary, indent=2, default=float).encode())
+    return summary
+
+
+def gate_metric_tags(aggregates: dict) -> dict[str, str]:
+    """Flatten {system: {metric: value}} into version tags like eval_adapted_speaker_similarity."""
+    tags = {}
+    for system, metrics in aggregates.items():
+        for metric, value in metrics.items():
+            if isinstance(value, (int, float)) and value == value:  # skip NaN
+                tags[f"eval_{system}_{metric}"] = f"{float(value):.4f}"
+    return tags
+
+
+def register_voice(settings: Settings, trained: dict, evaluation: dict) -> dict:
+    """Register the version; alias `candidate` when the gates passed, else tag it rejected and fail."""
+    from voice_lib.registry import Registry
+
+    voice_id = trained["voice_id"]
+    name = f"voice-{voice_id}"
+    registry = Registry(settings)
+    if trained.get("run_id"):
+        model_dir = fetch_voice_model(settings, trained)
+        from voice_lib.report import mlflow_client
+
+        client = mlflow_client(settings)
+        client.log_artifacts(trained["run_id"], str(model_dir), "voice")
+    tags = {**trained["lineage"], **gate_metric_tags(evaluation["aggregates"])}
+    version = registry.register(name, trained["run_id"], "voice", tags,
+                                description=f"LoRA rank {trained['lineage']['lora_rank']} on {trained['lineage']['base_model']}")
+    if evaluation["passed"]:
+        registry.mark_candidate(name, version.version)
+        log.info("%s version %s passed every gate: alias candidate", name, version.version)
+        return {"name": name, "version": version.version, "alias": "candidate"}
+    registry.reject(name, version.version, evaluation["gate_failures"])
+    raise GatesFailed(voice_id, version.version, evaluation["gate_failures"])

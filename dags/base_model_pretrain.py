@@ -1,0 +1,56 @@
+"""base_model_pretrain: multi-speaker synthetic corpus → base model `voice-base` (alias production).
+
+Held-out speakers (voice_lib.corpus.PRETRAIN_HOLDOUT) never enter pretraining, so cloning quality
+is measured on unseen voices. Thin wiring over ``voice_lib.corpus`` and ``voice_lib.training_pipeline``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, task
+
+
+@dag(
+    dag_id="base_model_pretrain",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["voiceops", "training"],
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    params={
+        "sentences_per_voice": Param(80, type="integer", minimum=5, maximum=150),
+        "steps": Param(3000, type="integer", minimum=10, maximum=100000),
+        "batch_size": Param(16, type="integer", minimum=2, maximum=128),
+    },
+)
+def base_model_pretrain():
+    @task
+    def build_corpus(params=None) -> str:
+        from voice_lib.config import get_settings
+        from voice_lib.corpus import generate_corpus, pretrain_voices
+
+        settings = get_settings()
+        out = settings.home / "pretrain-corpus"
+        generate_corpus(out, pretrain_voices("en"), int(params["sentences_per_voice"]), progress=False)
+        return str(out)
+
+    @task(execution_timeout=timedelta(hours=6))
+    def pretrain(corpus_dir: str, params=None) -> dict:
+        from pathlib import Path
+
+        from voice_lib.config import get_settings
+        from voice_lib.training_pipeline import pretrain_base
+
+        settings = get_settings()
+        info = pretrain_base(Path(corpus_dir), settings, settings.home / "models" / "voice-base",
+                             steps=int(params["steps"]), batch_size=int(params["batch_size"]))
+        return {k: info[k] for k in ("base_dir", "base_sha256", "run_id", "best_val_loss") if k in info} | {"version": info.get("version")}
+
+    pretrain(build_corpus())
+
+
+base_model_pretrain()
