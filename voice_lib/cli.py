@@ -253,6 +253,57 @@ def pretrain(
 
 
 @app.command()
+def synth(
+    voice_id: str = typer.Option(..., "--voice-id"),
+    text: str = typer.Option(..., "--text"),
+    out: Path = typer.Option(..., "-o", "--out", help="Output .wav"),
+    alias: str = typer.Option("production", help="Registry alias (production, canary, candidate) or a version number."),
+    language: str = typer.Option("en"),
+    speed: float = typer.Option(1.0, min=0.5, max=2.0),
+    user_id: Optional[str] = typer.Option(None, help="Accepted for parity with the server's routing; the CLI uses --alias."),
+) -> None:
+    """Synthesise speech with a registered voice version."""
+    from voice_lib.audio import write_wav
+    from voice_lib.inference import load_registered_voice
+    from voice_lib.registry import RegistryError
+    from voice_lib.text import TextError
+
+    try:
+        validate_voice_id(voice_id)
+        synthesizer, meta = load_registered_voice(get_settings(), voice_id, alias)
+        result = synthesizer.synthesize(text, language, speed)
+    except (ValueError, RegistryError, TextError, FileNotFoundError) as exc:
+        raise _usage_error(str(exc)) from exc
+    write_wav(out, result.audio, result.sample_rate)
+    console.print(f"{out}: {len(result.audio) / result.sample_rate:.2f} s of audio from voice-{voice_id}@{alias} "
+                  f"(RTF {result.rtf:.3f})")
+
+
+@app.command()
+def evaluate(
+    voice_id: str = typer.Option(..., "--voice-id"),
+    alias: str = typer.Option("candidate", help="Alias or version to evaluate."),
+) -> None:
+    """Re-evaluate a registered voice version on its held-out clips (base vs adapted) and print the gates."""
+    from voice_lib.evaluation import check_gates
+    from voice_lib.training_pipeline import evaluate_registered
+
+    settings = get_settings()
+    _setup_logging(True)
+    summary = evaluate_registered(settings, voice_id, alias)
+    table = Table("metric", *summary["aggregates"].keys())
+    metrics = sorted({m for v in summary["aggregates"].values() for m in v})
+    for m in metrics:
+        table.add_row(m, *[("" if v.get(m) is None else f"{v[m]:.3f}") for v in summary["aggregates"].values()])
+    Console().print(table)
+    failures = [str(f) for f in check_gates(summary["aggregates"], settings)]
+    for f in failures:
+        console.print(f"[red]✗[/red] {f}")
+    console.print(f"report: {summary['report_dir']}/report.html")
+    raise typer.Exit(1 if failures else 0)
+
+
+@app.command()
 def demo(
     voice_id: str = typer.Option("demo-slt", help="Voice id of the demo voice."),
     speaker: str = typer.Option("flite-slt", help="Offline TTS speaker standing in for a person's recordings."),

@@ -154,6 +154,8 @@ def get_settings() -> Settings:
 
 def validate_voice_id(voice_id: str) -> str:
     """Return voice_id if it is a safe registry/storage name, else raise ValueError saying how to fix it."""
+    if voice_id == "base":  # "voice-base" is the shared base model's registry name
+        raise ValueError("voice_id 'base' is reserved for the shared base model (voice-base); choose another id.")
     if not isinstance(voice_id, str) or not VOICE_ID_PATTERN.fullmatch(voice_id):
         raise ValueError(
             f"voice_id {voice_id!r} is invalid: use 2-63 characters of lowercase letters, digits and dashes, "

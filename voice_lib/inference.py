@@ -87,3 +87,34 @@ class Synthesizer:
             durations = net.align(mean, net.reduce(target), torch.tensor([ids.shape[1]]), torch.tensor([frames // r]))
             pred = net.infer(ids, self.speaker, durations=durations)
         return Synthesis(self.vocode(pred), self.sample_rate, time.perf_counter() - started)
+
+
+def load_registered_voice(settings, voice_id: str, alias_or_version: str = "production") -> tuple[Synthesizer, dict]:
+    """A Synthesizer for ``voice-<voice_id>@alias`` (or a version number) from the MLflow registry.
+
+    The base it was trained on is resolved from the version's lineage: the registered voice-base
+    version whose weights hash matches, else the shipped base if its hash matches; never another base.
+    """
+    from voice_lib.registry import Registry, RegistryError
+    from voice_lib.training_pipeline import SHIPPED_BASE, sha256_file
+
+    registry = Registry(settings)
+    name = f"voice-{voice_id}"
+    voice_dir = registry.download(name, alias_or_version, settings.cache_dir / "models" / name / str(alias_or_version))
+    meta = json.loads((voice_dir / "voice.json").read_text()) if (voice_dir / "voice.json").exists() else {}
+    base_sha = meta.get("base_sha256")
+    candidates = []
+    if meta.get("base_version") not in (None, "", "shipped"):
+        try:
+            candidates.append(registry.download("voice-base", meta["base_version"], settings.cache_dir / "models" / "voice-base" / meta["base_version"]))
+        except RegistryError:
+            pass
+    candidates.append(SHIPPED_BASE)
+    for base_dir in candidates:
+        if (base_dir / "model.safetensors").exists() and (base_sha is None or sha256_file(base_dir / "model.safetensors") == base_sha):
+            speaker = np.load(voice_dir / "speaker_embedding.npy")
+            return Synthesizer.load(base_dir, speaker, adapter_dir=voice_dir), {**meta, "resolved_base_dir": str(base_dir)}
+    raise FileNotFoundError(
+        f"{name}@{alias_or_version} was trained on base sha256 {base_sha}, which is neither registered nor shipped; "
+        "register that base (voiceops pretrain) or re-onboard the voice."
+    )

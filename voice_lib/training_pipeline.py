@@ -311,3 +311,19 @@ def register_voice(settings: Settings, trained: dict, evaluation: dict) -> dict:
         return {"name": name, "version": version.version, "alias": "candidate"}
     registry.reject(name, version.version, evaluation["gate_failures"])
     raise GatesFailed(voice_id, version.version, evaluation["gate_failures"])
+
+
+def evaluate_registered(settings: Settings, voice_id: str, alias_or_version: str) -> dict:
+    """Evaluate a registered version again (same held-out clips, same gates) without registering anything."""
+    from voice_lib.evaluation import check_gates, evaluate
+    from voice_lib.inference import Synthesizer, load_registered_voice
+
+    adapted, meta = load_registered_voice(settings, voice_id, alias_or_version)
+    speaker = adapted.speaker[0].numpy()
+    # A separate copy: peft injects LoRA into the adapted model's own modules.
+    base = Synthesizer.load(Path(meta["resolved_base_dir"]), speaker)
+    out_dir = settings.cache_dir / "work" / voice_id / f"eval-{alias_or_version}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    result = evaluate({"base": base, "adapted": adapted}, held_out_clips(settings, meta), speaker, settings, out_dir)
+    failures = [str(f) for f in check_gates(result.aggregates, settings)]
+    return {"aggregates": result.aggregates, "gate_failures": failures, "passed": not failures, "report_dir": str(out_dir)}
