@@ -63,6 +63,30 @@ class EvalSettings(BaseModel):
     report_clips: int = 5
 
 
+class ServingSettings(BaseModel):
+    """The model server (serving/): loading, routing, batching, tenants, audit, breaker."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    poll_seconds: float = 10.0  # registry poll interval; webhooks make reloads immediate
+    webhook_secret: SecretStr | None = None  # HMAC key of MLflow registry webhooks
+    tenants_file: Path | None = None  # default <home>/tenants.json (API keys stored hashed)
+    audit_url: str = ""  # SQLAlchemy URL; default sqlite:///<home>/audit.db
+    audit_retention_days: int = 180
+    max_text_chars: int = 1000
+    request_timeout_seconds: float = 30.0
+    batch_max_size: int = 8
+    batch_max_wait_ms: float = 10.0
+    frontend_cache_size: int = 4096
+    rate_limit_per_minute: int = 600  # per API key unless the tenant sets its own
+    breaker_window_seconds: float = 60.0
+    breaker_min_requests: int = 20
+    breaker_max_error_rate: float = 0.05
+    breaker_max_p95_ms: float = 2000.0
+    breaker_max_bad_audio_rate: float = 0.05
+    warmup_text: str = "Hello, this is a short warm up sentence."
+
+
 class LimitSettings(BaseModel):
     """Guards against hostile or accidental uploads."""
 
@@ -106,6 +130,7 @@ class Settings(BaseSettings):
     sample_rate: int = 16000
     language: str = "en"
     qc: QCSettings = QCSettings()
+    serving: ServingSettings = ServingSettings()
     eval: EvalSettings = EvalSettings()
     limits: LimitSettings = LimitSettings()
 
@@ -136,6 +161,14 @@ class Settings(BaseSettings):
     @property
     def resolved_mlflow_artifacts_destination(self) -> str:
         return self.mlflow_artifacts_destination or str(self.home / "mlartifacts")
+
+    @property
+    def resolved_tenants_file(self) -> Path:
+        return self.serving.tenants_file or self.home / "tenants.json"
+
+    @property
+    def resolved_audit_url(self) -> str:
+        return self.serving.audit_url or f"sqlite:///{self.home / 'audit.db'}"
 
     @property
     def cache_dir(self) -> Path:
