@@ -337,5 +337,66 @@ def demo(
     out.print(f"MLflow UI:         {settings.mlflow_tracking_uri}  (stop with `voiceops down`)")
 
 
+# --- API keys of the model server (serving/tenants.py) ---------------------------------------------
+
+keys_app = typer.Typer(help="API keys of the model server (stored hashed in the tenants file).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: str = typer.Option(..., "--tenant", help="Tenant name (letters, digits, '.', '_', '-')."),
+    voices: str = typer.Option("*", "--voices", help="Comma-separated voice ids, or * for every voice."),
+    admin: bool = typer.Option(False, "--admin", help="May call the admin endpoints."),
+    can_force_variant: bool = typer.Option(False, "--can-force-variant", help="May pick production/canary by header or cookie."),
+    rate: Optional[int] = typer.Option(None, "--rate", min=1, help="Requests per minute (default: the server's)."),
+) -> None:
+    """Create an API key and print it once on stdout (only its hash is stored)."""
+    from serving.tenants import TenantDirectory
+
+    directory = TenantDirectory.from_settings(get_settings())
+    try:
+        api_key, t = directory.create_key(tenant, voices.split(","), admin=admin, can_force_variant=can_force_variant,
+                                          rate_per_minute=rate)
+    except ValueError as exc:
+        raise _usage_error(str(exc)) from exc
+    sys.stdout.write(api_key + "\n")
+    console.print(f"created {t.key_id} for tenant {t.tenant} (voices: {','.join(t.voices)}) in {directory.path}; "
+                  "the key is shown only this once.")
+
+
+@keys_app.command("list")
+def keys_list(as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
+    """List the API keys (never the keys themselves)."""
+    from dataclasses import asdict
+
+    from serving.tenants import TenantDirectory
+
+    tenants = TenantDirectory.from_settings(get_settings()).list()
+    if as_json:
+        sys.stdout.write(json.dumps([asdict(t) for t in tenants], indent=2) + "\n")
+        return
+    from rich import box
+
+    table = Table(box=box.SIMPLE)
+    for header in ("key_id", "tenant", "voices", "admin", "force", "rate", "created"):
+        table.add_column(header, no_wrap=header in ("key_id", "created"), overflow="fold")
+    for t in tenants:  # force: may pick the variant; rate: per minute, "-" = the server's default
+        table.add_row(t.key_id, t.tenant, ", ".join(t.voices), "yes" if t.admin else "", "yes" if t.can_force_variant else "",
+                      str(t.rate_per_minute or "-"), (t.created or "")[:10])
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: don't fold to 80 columns
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The key_id shown by `voiceops keys list`.")) -> None:
+    """Revoke an API key; running servers refuse it from their next request. Exit 1 if it did not exist."""
+    from serving.tenants import TenantDirectory
+
+    if not TenantDirectory.from_settings(get_settings()).revoke(key_id):
+        console.print(f"[red]error:[/red] no key {key_id}")
+        raise typer.Exit(1)
+    console.print(f"revoked {key_id}")
+
+
 if __name__ == "__main__":
     app()

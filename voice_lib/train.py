@@ -241,14 +241,18 @@ def new_base_model(examples: list[Example], cfg: ModelConfig | None = None) -> V
     return model
 
 
-def save_base(model: VoiceModel, out_dir: Path, extra: dict) -> Path:
-    """Self-describing base checkpoint: safetensors weights + config.json (model config, symbols, lineage)."""
+def save_base(model: VoiceModel, out_dir: Path, extra: dict, half: bool = False) -> Path:
+    """Self-describing base checkpoint: safetensors weights + config.json (model config, symbols, lineage).
+
+    ``half`` stores float16 weights (half the size, for the copy shipped in the repo); loading casts back.
+    """
     from safetensors.torch import save_file
 
     from voice_lib.text import SYMBOLS, SYMBOLS_VERSION
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
+    dtype = torch.float16 if half else torch.float32
+    save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
     config = {"model": model.cfg.to_dict(), "symbols_version": SYMBOLS_VERSION, "n_symbols": len(SYMBOLS), **extra}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
     return out_dir / "model.safetensors"
@@ -266,7 +270,7 @@ def load_base(path: Path) -> VoiceModel:
             f"this code has v{SYMBOLS_VERSION}; retrain the base (voiceops pretrain) or use a matching release."
         )
     model = VoiceModel(ModelConfig(**config["model"]))
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()})
     model.eval()
     return model
 

@@ -224,7 +224,7 @@ class GatesFailed(RuntimeError):
     """The adapted voice missed one or more evaluation gates; the message names each metric."""
 
     def __init__(self, voice_id: str, version: str, failures: list[str]):
-        self.failures = failures
+        self.voice_id, self.version, self.failures = voice_id, version, failures
         super().__init__(f"voice-{voice_id} version {version} rejected by the evaluation gates:\n- " + "\n- ".join(failures))
 
 

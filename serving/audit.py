@@ -1,0 +1,302 @@
+"""The request audit log: one row per synthesis request, written off the request path.
+
+``AuditLog.record(...)`` only puts the row on a queue; a daemon thread writes batches (up to 200 rows or
+0.5 s) in one transaction each. If the database is down the batch is retried with backoff while new rows
+wait in a bounded queue (the oldest are dropped and counted in ``dropped``): the request path never blocks
+and never fails because of auditing. ``close()`` flushes everything before returning.
+
+SQLite (default, WAL + busy timeout so the server and a reader share the file) and PostgreSQL
+(``postgresql+psycopg://user@host/db``; ``postgresql://`` is taken to mean psycopg 3) are supported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (BigInteger, Column, DateTime, Float, Index, Integer, MetaData, String, Table, TypeDecorator,
+                        create_engine, delete, event, func, insert, select)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.pool import StaticPool
+
+log = logging.getLogger(__name__)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC on both sides (SQLite stores no zone: values are normalised to UTC first)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+metadata = MetaData()
+audit_log = Table(
+    "audit_log", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("ts", UTCDateTime(), nullable=False),
+    Column("request_id", String(64)),
+    Column("tenant", String(64)),
+    Column("voice_id", String(64)),
+    Column("version", String(32)),
+    Column("variant", String(16)),
+    Column("characters", Integer),
+    Column("latency_ms", Float),
+    Column("status", Integer, nullable=False),
+    Column("error", String(200), nullable=True),
+    Index("ix_audit_log_ts", "ts"),
+    Index("ix_audit_log_voice_variant_ts", "voice_id", "variant", "ts"),
+)
+FIELDS = frozenset(c.name for c in audit_log.columns) - {"id"}
+_STOP = object()
+
+
+class _Flush:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+def make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() == "sqlite":
+        kwargs: dict[str, Any] = {"connect_args": {"timeout": 30, "check_same_thread": False}}
+        if parsed.database in (None, "", ":memory:"):
+            kwargs["poolclass"] = StaticPool  # one shared in-memory database for the writer and readers
+        else:
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+            cur = dbapi_conn.cursor()
+            for pragma in ("journal_mode=WAL", "busy_timeout=30000", "synchronous=NORMAL"):
+                cur.execute(f"PRAGMA {pragma}")
+            cur.close()
+
+        return engine
+    connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
+    return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+
+
+class AuditLog:
+    """One audit table. ``record`` is safe to call from any thread and never blocks."""
+
+    def __init__(self, url: str, *, batch_size: int = 200, batch_seconds: float = 0.5,
+                 max_queue: int = 100_000, max_backoff_seconds: float = 30.0) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.batch_size, self.batch_seconds = batch_size, batch_seconds
+        self.max_queue, self.max_backoff_seconds = max_queue, max_backoff_seconds
+        self.dropped = 0  # rows lost to a full queue (DB down for long), to close()'s timeout or after close
+        self.written = self.write_errors = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._counter_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._abandon = threading.Event()  # close() timed out: count what is left as dropped and exit
+        self._closed = False
+        self._table_ready = False
+        try:
+            metadata.create_all(self.engine)
+            self._table_ready = True
+        except Exception as exc:  # noqa: BLE001 - the server starts without its audit DB; the writer retries
+            log.error("audit log %s: cannot create the table yet (%s); rows will be retried", self._safe_url, exc)
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_settings(cls, settings) -> "AuditLog":  # noqa: ANN001
+        return cls(settings.resolved_audit_url)
+
+    @property
+    def _safe_url(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    # --- request path ---------------------------------------------------------------------------
+
+    def record(self, **fields: Any) -> None:
+        """Queue one row (fields: see ``FIELDS``; ``ts`` defaults to now). Never blocks, never raises on I/O."""
+        unknown = fields.keys() - FIELDS
+        if unknown:
+            raise TypeError(f"unknown audit fields: {sorted(unknown)}")
+        if self._closed:
+            self._count_drop()
+            return
+        fields.setdefault("ts", datetime.now(timezone.utc))
+        if fields.get("error") is not None:
+            fields["error"] = str(fields["error"])[:200]
+        self._queue.put(fields)
+        while self._queue.qsize() > self.max_queue:  # drop the oldest, never the caller's time
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, dict):
+                self._count_drop()
+            else:  # a control marker (flush/stop): keep it
+                self._queue.put(item)
+                break
+
+    def _count_drop(self, n: int = 1) -> None:
+        with self._counter_lock:
+            self.dropped += n
+
+    # --- writer thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch: list[dict] = []
+            markers: list[_Flush] = []
+            if self._abandon.is_set():
+                break
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            deadline = time.monotonic() + self.batch_seconds
+            while True:
+                if item is _STOP:
+                    stop = True
+                    break
+                if isinstance(item, _Flush):
+                    markers.append(item)
+                    break
+                batch.append(item)
+                if len(batch) >= self.batch_size:
+                    break
+                remaining = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._write_with_retry(batch)
+            for marker in markers:
+                marker.done.set()
+        # Rows that raced close() (recorded just as it ran) still get written.
+        late: list[dict] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, dict):
+                late.append(item)
+            elif isinstance(item, _Flush):
+                item.done.set()
+        if self._abandon.is_set():
+            return self._count_drop(len(late))
+        for start in range(0, len(late), self.batch_size):
+            self._write_with_retry(late[start:start + self.batch_size])
+
+    def _write_with_retry(self, batch: list[dict]) -> None:
+        backoff = 0.5
+        while True:
+            if self._abandon.is_set():
+                return self._count_drop(len(batch))
+            try:
+                if not self._table_ready:
+                    metadata.create_all(self.engine)
+                    self._table_ready = True
+                with self.engine.begin() as conn:
+                    conn.execute(insert(audit_log), batch)
+                self.written += len(batch)
+                return
+            except Exception as exc:  # noqa: BLE001 - keep the rows, retry later
+                self.write_errors += 1
+                log.warning("audit log %s: writing %d rows failed (%s); retrying in %.1f s",
+                            self._safe_url, len(batch), exc, backoff)
+                if self._stopping.is_set():  # shutting down: keep trying until close()'s timeout
+                    time.sleep(0.5)
+                else:
+                    self._stopping.wait(backoff)  # close() cuts a long backoff short
+                    backoff = min(backoff * 2, self.max_backoff_seconds)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every row recorded before this call is written. False on timeout."""
+        marker = _Flush()
+        self._queue.put(marker)
+        return marker.done.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Write every queued row, stop the writer and dispose of the engine. False if rows were left."""
+        if self._closed:
+            return True
+        self._closed = True
+        self._stopping.set()
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("audit log %s: rows still unwritten after %.0f s at shutdown; they are dropped",
+                      self._safe_url, timeout)
+            self._abandon.set()
+            return False
+        self.engine.dispose()
+        return True
+
+    # --- retention and analysis -----------------------------------------------------------------
+
+    def purge_older_than(self, days: float) -> int:
+        """Delete rows older than ``days`` (the retention job); returns how many were deleted."""
+        cutoff = datetime.now(timezone.utc) - timedelta(days=days)
+        with self.engine.begin() as conn:
+            return conn.execute(delete(audit_log).where(audit_log.c.ts < cutoff)).rowcount
+
+    def count(self, since: datetime | None = None, until: datetime | None = None, **filters: Any) -> int:
+        """Rows matching every ``column=value`` filter, with ``since <= ts < until`` if given."""
+        unknown = filters.keys() - FIELDS
+        if unknown:
+            raise TypeError(f"unknown audit fields: {sorted(unknown)}")
+        query = select(func.count()).select_from(audit_log)
+        for name, value in filters.items():
+            query = query.where(audit_log.c[name] == value)
+        if since is not None:
+            query = query.where(audit_log.c.ts >= since)
+        if until is not None:
+            query = query.where(audit_log.c.ts < until)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def window_stats(self, voice_id: str, variant: str, since: datetime, until: datetime | None = None) -> dict:
+        """Requests, server errors (status >= 500) and p95 latency of the successful ones (status < 400).
+
+        Client errors (401/404/422/429) count as requests but are neither errors of the version nor
+        latencies of a synthesis. p95 is the nearest-rank percentile; None when nothing succeeded.
+        """
+        c = audit_log.c
+        window = [c.voice_id == voice_id, c.variant == variant, c.ts >= since]
+        if until is not None:
+            window.append(c.ts < until)
+        with self.engine.connect() as conn:
+            requests = int(conn.execute(select(func.count()).where(*window)).scalar_one())
+            errors = int(conn.execute(select(func.count()).where(*window, c.status >= 500)).scalar_one())
+            ok = [*window, c.status < 400, c.latency_ms.is_not(None)]
+            n_ok = int(conn.execute(select(func.count()).where(*ok)).scalar_one())
+            p95 = None
+            if n_ok:
+                rank = math.ceil(0.95 * n_ok) - 1
+                p95 = conn.execute(select(c.latency_ms).where(*ok).order_by(c.latency_ms).offset(rank).limit(1)).scalar_one()
+        return {"requests": requests, "errors": errors, "error_rate": errors / requests if requests else 0.0,
+                "p95_latency_ms": None if p95 is None else float(p95)}

@@ -1,0 +1,478 @@
+"""The voices a server holds in memory and the routing snapshot requests read.
+
+One shared base model per base checkpoint (normally exactly one) stays resident; each registry version
+aliased ``production`` or ``canary`` adds only its LoRA factors (serving/multilora.py), so a voice costs
+its adapter, not a model copy. Versions are keyed ``(voice_id, version)``.
+
+Requests read ``pool.snapshot``: an immutable ``Snapshot`` (routes, bases, adapter banks) that a reload
+replaces by one reference assignment. A request keeps the snapshot it started with, so a swap never
+pulls an adapter from under an in-flight batch; the old bank is freed when its last batch ends.
+
+A reload (background poll every ``serving.poll_seconds``, or ``request_reload()`` from the admin
+endpoint and the MLflow webhook) reads every ``voice-*`` model's aliases and release tags, downloads
+versions it does not hold, warms each with one synthesis, then swaps. If the registry or the artifact
+store fails, the last good set keeps serving and ``degraded``/``last_error`` say why.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from serving.multilora import AdapterWeights, LoraBank, activate, install
+from voice_lib.audio import CLIP_LEVEL
+from voice_lib.config import Settings
+from voice_lib.features import FeatureConfig, world_synthesis
+from voice_lib.model import VoiceModel
+from voice_lib.registry import Registry, RegistryError
+from voice_lib.train import load_base, split_features
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]  # (voice_id, version)
+MAX_STEPS_PER_PHONE = 50  # 1 s at 20 ms steps: a duration predictor gone wild must not allocate gigabytes
+
+
+class SynthesisError(RuntimeError):
+    """The model produced unusable output (non-finite features) for one item of a batch."""
+
+
+@dataclass(frozen=True, eq=False)
+class BaseBundle:
+    """A resident base model with its LoRA target layers wrapped for multi-adapter inference."""
+
+    sha256: str
+    model: VoiceModel
+    shapes: dict[str, tuple[int, int]]
+    feature_config: FeatureConfig
+    source: str
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedVersion:
+    voice_id: str
+    version: str
+    base_sha256: str
+    speaker: torch.Tensor  # (speaker_dim,) GE2E embedding of the voice
+    weights: AdapterWeights
+    tags: Mapping[str, str]
+    loaded_at: float
+    warmup: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> Key:
+        return (self.voice_id, self.version)
+
+
+@dataclass(frozen=True)
+class VoiceRoute:
+    """What one voice serves. ``canary`` is None when there is no loaded canary."""
+
+    voice_id: str
+    production: LoadedVersion
+    canary: LoadedVersion | None
+    canary_weight: int
+    release_state: str
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(eq=False)
+class SynthesisJob:
+    """One sentence for the batcher: phoneme ids plus the adapter slot and bank of the request's snapshot."""
+
+    phoneme_ids: Sequence[int]
+    speed: float
+    base: BaseBundle
+    bank: LoraBank
+    slot: int
+    speaker: torch.Tensor
+
+
+@dataclass
+class SynthesisOutput:
+    audio: np.ndarray
+    sample_rate: int
+    compute_seconds: float
+    bad: str | None  # "silent" | "clipped" | None
+    batch_size: int
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    generation: int
+    voices: Mapping[str, VoiceRoute]
+    bases: Mapping[str, BaseBundle]
+    banks: Mapping[str, LoraBank]
+    created_at: float
+
+    def job(self, version: LoadedVersion, phoneme_ids: Sequence[int], speed: float = 1.0) -> SynthesisJob:
+        bank = self.banks[version.base_sha256]
+        return SynthesisJob(phoneme_ids, speed, self.bases[version.base_sha256], bank, bank.slot(version.key),
+                            version.speaker)
+
+    @property
+    def versions(self) -> list[LoadedVersion]:
+        found = {v.key: v for r in self.voices.values() for v in (r.production, r.canary) if v is not None}
+        return list(found.values())
+
+
+EMPTY = Snapshot(0, MappingProxyType({}), MappingProxyType({}), MappingProxyType({}), 0.0)
+
+
+def bad_audio_kind(audio: np.ndarray, silence_dbfs: float, clipping_fraction: float) -> str | None:
+    """Cheap per-request check (no VAD): RMS below ``silence_dbfs`` or too many full-scale samples."""
+    if len(audio) == 0:
+        return "silent"
+    rms_db = 20 * math.log10(float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))) + 1e-12)
+    if rms_db < silence_dbfs:
+        return "silent"
+    return "clipped" if float(np.mean(np.abs(audio) >= CLIP_LEVEL)) > clipping_fraction else None
+
+
+def _vocode(base: BaseBundle, normalized: torch.Tensor) -> np.ndarray:
+    features = base.model.denormalize(normalized).numpy()
+    if not np.isfinite(features).all():
+        raise SynthesisError("the model produced non-finite acoustic features")
+    lf0, vuv, env, bap = split_features(features)
+    fc = base.feature_config
+    # WORLD is only defined for F0 inside its analysis range; keep a wild prediction from reaching it.
+    lf0 = np.clip(lf0, math.log(fc.f0_floor), math.log(fc.f0_ceil))
+    return world_synthesis(lf0, vuv, env, bap, fc)
+
+
+def run_batch(jobs: Sequence[SynthesisJob], silence_dbfs: float = -50.0,
+              clipping_fraction: float = 0.001) -> Iterator[tuple[int, SynthesisOutput | Exception]]:
+    """Synthesise ``jobs``: one model pass per (base, bank) group, then vocode and yield each item as it is done.
+
+    Items are yielded as ``(index in jobs, output or exception)``; one bad item never fails the others.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault((id(job.base), id(job.bank)), []).append(i)
+    for indices in groups.values():
+        group = [jobs[i] for i in indices]
+        base, net = group[0].base, group[0].base.model
+        started = time.perf_counter()
+        try:
+            pred, steps, broken = _infer(net, group)
+        except Exception as exc:  # noqa: BLE001 - the whole group failed; report it on every item
+            log.exception("batch of %d failed", len(group))
+            for i in indices:
+                yield i, exc
+            continue
+        shared = (time.perf_counter() - started) / len(group)
+        for row, i in enumerate(indices):
+            if broken[row]:
+                yield i, SynthesisError("the model produced non-finite durations")
+                continue
+            t0 = time.perf_counter()
+            try:
+                audio = _vocode(base, pred[row, : steps[row]])
+            except Exception as exc:  # noqa: BLE001
+                yield i, exc
+                continue
+            yield i, SynthesisOutput(audio, base.feature_config.sample_rate, shared + time.perf_counter() - t0,
+                                     bad_audio_kind(audio, silence_dbfs, clipping_fraction), len(jobs))
+
+
+def _infer(net: VoiceModel, group: Sequence[SynthesisJob]) -> tuple[torch.Tensor, list[int], list[bool]]:
+    """VoiceModel.infer for a padded batch, with a speed per row and guarded durations."""
+    lengths = torch.tensor([len(j.phoneme_ids) for j in group])
+    ids = torch.zeros(len(group), int(lengths.max()), dtype=torch.long)
+    for row, job in enumerate(group):
+        ids[row, : len(job.phoneme_ids)] = torch.as_tensor(list(job.phoneme_ids), dtype=torch.long)
+    speaker = torch.stack([j.speaker for j in group])
+    speed = torch.tensor([[j.speed] for j in group], dtype=torch.float32)
+    with torch.inference_mode(), activate(group[0].bank, [j.slot for j in group]):
+        phone_mask = torch.arange(ids.shape[1])[None] >= lengths[:, None]
+        h, mean, log_dur = net.encode(ids, phone_mask, speaker)
+        broken = (~torch.isfinite(log_dur).masked_fill(phone_mask, True).all(1)).tolist()
+        raw = torch.nan_to_num(torch.expm1(log_dur) / speed, nan=1.0, posinf=MAX_STEPS_PER_PHONE)
+        durations = torch.clamp(torch.round(raw), 1, MAX_STEPS_PER_PHONE).long().masked_fill(phone_mask, 0)
+        limit = net.cfg.max_positions  # the decoder's position table is this long
+        totals = durations.sum(1)
+        if bool((totals > limit).any()):
+            durations = torch.where((totals > limit)[:, None], (durations * limit // totals[:, None]).clamp(min=1),
+                                    durations).masked_fill(phone_mask, 0)
+        pred, _ = net.decode(h, mean, durations, speaker)
+    steps = (durations.sum(1) * net.cfg.reduction).tolist()
+    return pred, steps, broken
+
+
+class VoicePool:
+    """Loads, warms, swaps and unloads voice versions; thread-safe; see the module docstring."""
+
+    def __init__(self, settings: Settings, registry: Registry | None = None,
+                 breaker: Any | None = None, phonemize: Callable[[str], Sequence[int]] | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or Registry(settings)
+        self.breaker = breaker  # restore(voice_id, version, reason) for versions tagged breaker_tripped
+        self._phonemize = phonemize or _phoneme_ids
+        self._snapshot: Snapshot = EMPTY
+        self._infer_lock = threading.Lock()  # one batch at a time: the CPU is the bottleneck anyway
+        self._reload_lock = threading.Lock()
+        self._wake, self._stopping = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+        self._generation = 0
+        self.listeners: list[Callable[[Snapshot], None]] = []
+        self.last_error: str | None = None
+        self.last_attempt_at: float | None = None
+        self.last_success_at: float | None = None
+        self.cache_dir = settings.cache_dir / "serving"
+
+    # --- what requests read --------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._snapshot.voices)
+
+    @property
+    def degraded(self) -> bool:
+        return self.last_error is not None
+
+    def run_batch(self, jobs: Sequence[SynthesisJob]) -> Iterator[tuple[int, SynthesisOutput | Exception]]:
+        ev = self.settings.eval
+        with self._infer_lock:
+            yield from run_batch(jobs, ev.silence_dbfs, ev.clipping_fraction)
+
+    # --- background polling --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load in the background now and then every poll_seconds; /readyz turns 200 after the first load."""
+        self._thread = threading.Thread(target=self._poll, name="voice-pool-poller", daemon=True)
+        self._thread.start()
+
+    def request_reload(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _poll(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.reload()
+            except Exception as exc:  # noqa: BLE001 - the poller must survive anything
+                log.exception("reload failed")
+                self.last_error = f"reload failed: {exc}"
+            self._wake.wait(self.settings.serving.poll_seconds)
+            self._wake.clear()
+
+    # --- reload ----------------------------------------------------------------------------------
+
+    def reload(self) -> dict[str, Any]:
+        """Bring the loaded set in line with the registry; returns a summary (also kept for /admin/status)."""
+        with self._reload_lock:
+            self.last_attempt_at = time.time()
+            old = self._snapshot
+            try:
+                wanted = self._read_registry(old)
+            except Exception as exc:  # noqa: BLE001 - registry down: keep serving the last good set
+                self.last_error = f"registry unreachable, serving the last good set: {exc}"
+                log.warning("%s", self.last_error)
+                return {"swapped": False, "error": self.last_error}
+            held = {v.key: v for v in old.versions}
+            errors: list[str] = []
+            fresh: dict[Key, LoadedVersion] = {}
+            for key in sorted({k for w in wanted.values() for k in w["keys"]} - held.keys()):
+                try:
+                    fresh[key] = self._load_version(*key, bases={**old.bases})
+                except Exception as exc:  # noqa: BLE001 - one bad version must not block the others
+                    errors.append(f"voice-{key[0]} version {key[1]}: {exc}")
+                    log.warning("could not load voice-%s version %s: %s", *key, exc)
+            fresh = self._warm_up(fresh, wanted, errors)
+            available = {**held, **fresh}
+            routes: dict[str, VoiceRoute] = {}
+            for voice_id, w in wanted.items():
+                route = self._route(voice_id, w, available, old.voices.get(voice_id), errors)
+                if route is not None:
+                    routes[voice_id] = route
+            new = self._build_snapshot(routes, old)
+            self._snapshot = new  # the swap: one reference assignment
+            for key in sorted(held.keys() - {v.key for v in new.versions}):
+                log.info("unloaded voice-%s version %s", *key)
+            for key in sorted(fresh.keys() & {v.key for v in new.versions}):
+                log.info("loaded voice-%s version %s", *key)
+            self.last_error = "; ".join(errors) or None
+            self.last_success_at = time.time()
+            for listener in self.listeners:
+                listener(new)
+            return {"swapped": True, "generation": new.generation, "voices": sorted(routes),
+                    "loaded": sorted(f"{k[0]}@{k[1]}" for k in fresh if k in {v.key for v in new.versions}),
+                    "errors": errors}
+
+    def _read_registry(self, old: Snapshot) -> dict[str, dict[str, Any]]:
+        _probe_mlflow(self.registry.uri)
+        wanted: dict[str, dict[str, Any]] = {}
+        for name in self.registry.list_voice_models():
+            voice_id = name.removeprefix("voice-")
+            try:
+                state = self.registry.release_state(name)
+            except RegistryError as exc:
+                if voice_id in old.voices:  # keep what this voice served; the next poll retries
+                    r = old.voices[voice_id]
+                    wanted[voice_id] = {"production": r.production.version, "canary": r.canary and r.canary.version,
+                                        "weight": r.canary_weight, "state": r.release_state,
+                                        "keys": [v.key for v in (r.production, r.canary) if v]}
+                log.warning("reading %s failed: %s", name, exc)
+                continue
+            aliases = state["aliases"]
+            production, canary = aliases.get("production"), aliases.get("canary")
+            if canary == production:
+                canary = None
+            keys = [(voice_id, v) for v in (production, canary) if v]
+            wanted[voice_id] = {"production": production, "canary": canary, "weight": int(state["canary_weight"]),
+                                "state": state["release_state"], "keys": keys}
+        return wanted
+
+    def _route(self, voice_id: str, w: dict[str, Any], available: dict[Key, LoadedVersion],
+               previous: VoiceRoute | None, errors: list[str]) -> VoiceRoute | None:
+        notes: list[str] = []
+        production = available.get((voice_id, w["production"])) if w["production"] else None
+        if production is None:
+            if w["production"] is None:
+                if w["canary"]:
+                    errors.append(f"voice-{voice_id} has a canary but no production version; not served")
+                return None
+            if previous is None:
+                return None
+            production = previous.production  # last good: a version that failed to load never takes traffic
+            notes.append(f"production version {w['production']} failed to load; still serving {production.version}")
+        canary = available.get((voice_id, w["canary"])) if w["canary"] else None
+        if w["canary"] and canary is None:
+            notes.append(f"canary version {w['canary']} failed to load; no canary traffic")
+        if canary is not None and canary.warmup.get("error"):
+            notes.append(f"canary warm-up: {canary.warmup['error']}")
+        return VoiceRoute(voice_id, production, canary, w["weight"], w["state"], tuple(notes))
+
+    def _build_snapshot(self, routes: dict[str, VoiceRoute], old: Snapshot) -> Snapshot:
+        versions = {v.key: v for r in routes.values() for v in (r.production, r.canary) if v is not None}
+        by_base: dict[str, list[LoadedVersion]] = {}
+        for v in versions.values():
+            by_base.setdefault(v.base_sha256, []).append(v)
+        bases = {sha: self._bases_seen[sha] for sha in by_base}
+        banks = {sha: LoraBank([(v.key, v.weights) for v in sorted(vs, key=lambda v: v.key)], bases[sha].shapes)
+                 for sha, vs in by_base.items()}
+        self._bases_seen = dict(bases)  # bases nobody references any more are dropped here
+        self._generation += 1
+        return Snapshot(self._generation, MappingProxyType(routes), MappingProxyType(bases), MappingProxyType(banks),
+                        time.time())
+
+    # --- loading ----------------------------------------------------------------------------------
+
+    _bases_seen: dict[str, BaseBundle] = {}
+
+    def _load_version(self, voice_id: str, version: str, bases: dict[str, BaseBundle]) -> LoadedVersion:
+        import json
+
+        name = f"voice-{voice_id}"
+        info = self.registry.version(name, version)
+        folder = self.cache_dir / name / version
+        if not (folder / "adapter_model.safetensors").exists():  # versions are immutable: a complete copy is reusable
+            self.registry.download(name, version, folder)
+        meta = json.loads((folder / "voice.json").read_text()) if (folder / "voice.json").exists() else {}
+        lineage = {**meta, **info.tags}
+        base = self._resolve_base(lineage, name, version)
+        weights = AdapterWeights.load(folder)
+        speaker = torch.from_numpy(np.load(folder / "speaker_embedding.npy").astype(np.float32)).reshape(-1)
+        LoraBank([((voice_id, version), weights)], base.shapes)  # fails now if shapes do not fit the base
+        if info.tags.get("breaker_tripped") == "true" and self.breaker is not None:
+            self.breaker.restore(voice_id, version, info.tags.get("breaker_reason", "tripped earlier"))
+        return LoadedVersion(voice_id, version, base.sha256, speaker, weights, dict(info.tags), time.time())
+
+    def _resolve_base(self, lineage: Mapping[str, Any], name: str, version: str) -> BaseBundle:
+        """The exact base a version was trained on (by sha256): never serve an adapter on another base."""
+        from voice_lib.training_pipeline import SHIPPED_BASE, sha256_file
+
+        sha = str(lineage.get("base_sha256") or "")
+        if not sha:
+            raise RegistryError(f"{name} version {version} has no base_sha256 lineage tag; cannot pick its base.")
+        if sha in self._bases_seen:
+            return self._bases_seen[sha]
+        candidates: list[Path] = []
+        base_version = str(lineage.get("base_version") or "")
+        if base_version.isdigit():
+            dest = self.cache_dir / "voice-base" / base_version
+            if not (dest / "model.safetensors").exists():
+                self.registry.download(str(lineage.get("base_model") or "voice-base"), base_version, dest)
+            candidates.append(dest)
+        candidates.append(SHIPPED_BASE)
+        for folder in candidates:
+            if (folder / "model.safetensors").exists() and sha256_file(folder / "model.safetensors") == sha:
+                import json
+
+                model = load_base(folder)
+                shapes = install(model)
+                model.eval()
+                config = json.loads((folder / "config.json").read_text()).get("feature_config")
+                bundle = BaseBundle(sha, model, shapes, FeatureConfig(**config) if config else FeatureConfig(), str(folder))
+                self._bases_seen = {**self._bases_seen, sha: bundle}
+                log.info("loaded base %s (sha256 %s…) from %s", lineage.get("base_model", "voice-base"), sha[:12], folder)
+                return bundle
+        raise RegistryError(f"{name} version {version} was trained on base sha256 {sha[:12]}…, which is neither "
+                            f"voice-base version {base_version or '?'} nor the shipped base; register that base.")
+
+    def _warm_up(self, fresh: dict[Key, LoadedVersion], wanted: dict[str, dict[str, Any]],
+                 errors: list[str]) -> dict[Key, LoadedVersion]:
+        """One synthesis per new version before it takes traffic.
+
+        A version that raises is not swapped in. Non-finite output refuses a production version (nothing
+        else protects production); a canary with bad output is still loaded: judging a canary on live
+        traffic is the breaker's job, and its requests fall back to production (serving/app.py).
+        """
+        if not fresh:
+            return fresh
+        ids = self._phonemize(self.settings.serving.warmup_text)
+        canaries = {(v, w["canary"]) for v, w in wanted.items() if w["canary"]}
+        by_base: dict[str, list[LoadedVersion]] = {}
+        for v in fresh.values():
+            by_base.setdefault(v.base_sha256, []).append(v)
+        kept: dict[Key, LoadedVersion] = {}
+        for sha, versions in by_base.items():
+            base = self._bases_seen[sha]
+            bank = LoraBank([(v.key, v.weights) for v in versions], base.shapes)
+            jobs = [SynthesisJob(ids, 1.0, base, bank, bank.slot(v.key), v.speaker) for v in versions]
+            started = time.perf_counter()
+            for i, out in self.run_batch(jobs):
+                v = versions[i]
+                if isinstance(out, SynthesisError) and v.key in canaries:
+                    kept[v.key] = replace(v, warmup={"error": str(out)})
+                elif isinstance(out, Exception):
+                    errors.append(f"voice-{v.voice_id} version {v.version}: warm-up failed: {out}")
+                else:
+                    kept[v.key] = replace(v, warmup={"seconds": round(time.perf_counter() - started, 3),
+                                                     "audio_seconds": round(len(out.audio) / out.sample_rate, 3),
+                                                     "bad_audio": out.bad})
+        return kept
+
+
+def _phoneme_ids(text: str) -> list[int]:
+    from voice_lib.text import phonemes_to_ids, phonemize
+
+    return phonemes_to_ids(phonemize(text, "auto"))
+
+
+def _probe_mlflow(uri: str) -> None:
+    # MlflowClient retries a dead server for minutes; a 5 s probe lets a reload fail fast instead.
+    if uri.startswith(("http://", "https://")):
+        import httpx
+
+        try:
+            httpx.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"MLflow at {uri} is not reachable ({exc})") from None
