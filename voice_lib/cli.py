@@ -63,8 +63,11 @@ def down() -> None:
 
 
 @app.command()
-def status() -> None:
-    """Print each service's URL and health."""
+def status(voice: Optional[str] = typer.Argument(None, help="A voice id: show its release state instead.")) -> None:
+    """Print each service's URL and health, or with VOICE the voice's release state."""
+    if voice:
+        _release_status(voice)
+        return
     from voice_lib import stack
 
     table = Table("service", "url", "pid", "state", "detail")
@@ -72,6 +75,89 @@ def status() -> None:
         state = "[green]healthy[/green]" if s.healthy else ("[yellow]starting/unhealthy[/yellow]" if s.running else "[red]stopped[/red]")
         table.add_row(s.name, s.url, str(s.pid or ""), state, s.detail or "")
     Console().print(table)
+
+
+# --- release --------------------------------------------------------------------------------------
+
+def _registry_call(action):
+    from voice_lib.registry import RegistryError
+
+    try:
+        return action()
+    except (RegistryError, ValueError) as exc:
+        raise _usage_error(str(exc)) from exc
+
+
+def _voice_name(voice: str) -> str:
+    try:
+        return f"voice-{validate_voice_id(voice)}"
+    except ValueError as exc:
+        raise _usage_error(str(exc)) from exc
+
+
+def _release_status(voice: str) -> None:
+    from voice_lib.registry import Registry
+    from voice_lib.release import ReleaseHistory
+
+    settings = get_settings()
+    name = _voice_name(voice)
+    state = _registry_call(lambda: Registry(settings).release_state(name))
+    out = Console()
+    out.print(f"[bold]{name}[/bold]: release_state={state['release_state']} canary_weight={state['canary_weight']}%")
+    for alias in ("production", "canary", "candidate", "previous"):
+        if alias in state["aliases"]:
+            out.print(f"  {alias:10} → version {state['aliases'][alias]}")
+    if state["progress"]:
+        out.print("  progress: " + ", ".join(f"{k}={v}" for k, v in sorted(state["progress"].items())))
+    rows = ReleaseHistory(settings.resolved_audit_url).rows(voice, limit=10)
+    if rows:
+        table = Table("time", "version", "step", "weight", "outcome", "detail", title="recent decisions")
+        for r in rows:
+            table.add_row(f"{r['ts']:%Y-%m-%d %H:%M:%S}", r["version"], str(r["step"] + 1), f"{r['weight']}%", r["outcome"], r["detail"][:80])
+        out.print(table)
+
+
+@app.command()
+def promote(voice: str = typer.Argument(...), version: Optional[str] = typer.Option(None, help="Default: the canary, else the candidate.")) -> None:
+    """Make a version production now (the old production becomes `previous`); also approves a held rollout."""
+    from voice_lib.registry import Registry
+
+    registry, name = Registry(get_settings()), _voice_name(voice)
+    aliases = _registry_call(lambda: registry.aliases(name))
+    version = version or aliases.get("canary") or aliases.get("candidate")
+    if not version:
+        raise _usage_error(f"{name} has no canary or candidate; pass --version N.")
+    _registry_call(lambda: registry.promote(name, version))
+    console.print(f"{name} version {version} is production (previous: {aliases.get('production', 'none')})")
+
+
+@app.command()
+def rollback(voice: str = typer.Argument(...), reason: str = typer.Option("manual rollback", help="Recorded on the version.")) -> None:
+    """Take the canary out of traffic at once (or move production back to `previous` when there is no canary)."""
+    from voice_lib.registry import Registry
+
+    registry, name = Registry(get_settings()), _voice_name(voice)
+    _registry_call(lambda: registry.rollback(name, reason))
+    console.print(f"{name} rolled back; servers stop routing to it within one poll "
+                  f"({get_settings().serving.poll_seconds:g} s, or at once with registry webhooks)")
+
+
+@app.command()
+def pause(voice: str = typer.Argument(...)) -> None:
+    """Freeze a canary rollout at its current weight."""
+    from voice_lib.registry import Registry
+
+    _registry_call(lambda: Registry(get_settings()).pause(_voice_name(voice)))
+    console.print(f"voice-{voice} paused")
+
+
+@app.command()
+def resume(voice: str = typer.Argument(...)) -> None:
+    """Continue a paused rollout (re-trigger canary_promotion to drive it on)."""
+    from voice_lib.registry import Registry
+
+    _registry_call(lambda: Registry(get_settings()).resume(_voice_name(voice)))
+    console.print(f"voice-{voice} resumed; trigger canary_promotion with voice_id={voice} to continue the steps")
 
 
 # --- data -----------------------------------------------------------------------------------------

@@ -87,6 +87,30 @@ class ServingSettings(BaseModel):
     warmup_text: str = "Hello, this is a short warm up sentence."
 
 
+class ReleaseSettings(BaseModel):
+    """Staged canary promotion (dags/canary_promotion.py, voice_lib/release.py)."""
+
+    steps: list[int] = [10, 20, 40, 60, 80, 100]  # percent of users; never more than doubling
+    window_seconds: float = 7200.0  # observation window per step
+    poke_seconds: float = 30.0  # how often the rescheduling sensor re-checks (no worker held between)
+    blackout_hours: list[int] = []  # UTC hours in which no step advances (peak traffic)
+    manual_approval: bool = False  # hold before 100% until `voiceops promote` or the release page approves
+    max_p95_ms: float = 800.0
+    max_p95_ratio: float = 1.2  # canary p95 vs production p95 over the same window
+    max_error_rate: float = 0.005
+    max_rtf: float = 0.5
+    max_bad_audio_rate: float = 0.01
+    min_requests: int = 50  # below: inconclusive, the window is extended
+    max_extensions: int = 3  # inconclusive windows before pausing for a human
+    probe_wer_margin: float = 0.10  # online probe WER may exceed the registered evaluation by this much
+    probe_similarity_margin: float = 0.05
+    prometheus_url: str | None = None  # metrics from Prometheus' HTTP API when set, else audit table + /metrics
+    server_url: str | None = None  # the model server, for /metrics and the quality probe
+    probe_api_key: SecretStr | None = None  # a key allowed to force X-Voice-Variant
+    alert_webhook_url: str | None = None  # POSTed a JSON alert on every rollback
+    auto_promote_after_onboarding: bool = False  # voice_intake/onboarding may start canary_promotion
+
+
 class LimitSettings(BaseModel):
     """Guards against hostile or accidental uploads."""
 
@@ -131,6 +155,7 @@ class Settings(BaseSettings):
     language: str = "en"
     qc: QCSettings = QCSettings()
     serving: ServingSettings = ServingSettings()
+    release: ReleaseSettings = ReleaseSettings()
     eval: EvalSettings = EvalSettings()
     limits: LimitSettings = LimitSettings()
 

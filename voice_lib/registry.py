@@ -373,6 +373,18 @@ class Registry:
             raise RegistryError(f"{name} is not a paused canary (release_state {state['release_state']}, aliases {state['aliases']}).")
         self._set_model_tags(name, release_state="canary")
 
+    def set_release_progress(self, name: str, **progress: Any) -> None:
+        """Record where a staged rollout stands (``release_step``, ``release_step_started``, ...).
+
+        Kept on the registered model so a retried or re-triggered canary_promotion run resumes the
+        rollout where it stopped; only ``release_*`` keys are accepted.
+        """
+        self._require_voice(name, "record release progress")
+        bad = [k for k in progress if not k.startswith("release_") or k == "release_state"]
+        if bad:
+            raise RegistryError(f"{name}: release progress keys must start with 'release_' (not release_state): {bad}")
+        self._set_model_tags(name, **progress)
+
     # --- reads ---------------------------------------------------------------------------------
 
     def exists(self, name: str) -> bool:
@@ -401,7 +413,8 @@ class Registry:
         except ValueError:
             weight = 0  # a hand-edited tag must not turn into traffic
         return {"name": name, "aliases": {a: str(v) for a, v in dict(model.aliases or {}).items()},
-                "canary_weight": weight, "release_state": tags.get("release_state", "idle")}
+                "canary_weight": weight, "release_state": tags.get("release_state", "idle"),
+                "progress": {k: v for k, v in tags.items() if k.startswith("release_") and k != "release_state"}}
 
     def list_voice_models(self) -> list[str]:
         """Names of every registered voice model (``voice-<id>``), sorted; not the base."""
