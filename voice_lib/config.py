@@ -142,6 +142,8 @@ class Settings(BaseSettings):
     mlflow_backend_store_uri: str = Field(default="", description="Default: sqlite:///<home>/mlflow.db")
     mlflow_artifacts_destination: str = Field(default="", description="Default: <home>/mlartifacts")
 
+    intake_uri: str = Field(default="", description="Where voice_intake looks for new datasets (<voice_id>/ with _READY). Default <home>/incoming.")
+
     airflow_url: str = "http://127.0.0.1:8080"
     airflow_host: str = "127.0.0.1"
     airflow_port: int = 8080
@@ -186,6 +188,10 @@ class Settings(BaseSettings):
     @property
     def resolved_mlflow_artifacts_destination(self) -> str:
         return self.mlflow_artifacts_destination or str(self.home / "mlartifacts")
+
+    @property
+    def resolved_intake_uri(self) -> str:
+        return self.intake_uri or (self.home / "incoming").as_uri()
 
     @property
     def resolved_tenants_file(self) -> Path:
