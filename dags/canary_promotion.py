@@ -49,7 +49,7 @@ def _poke_seconds() -> float:
     default_args={"retries": 2, "retry_delay": timedelta(seconds=20)},
     params={
         "voice_id": Param("demo-slt", type="string", pattern=VOICE_ID_PATTERN),
-        "version": Param("", type="string", description="Version number; empty means the `candidate`."),
+        "version": Param("", type=["string", "integer"], description="Version number; empty means the `candidate`."),
         "steps": Param([10, 20, 40, 60, 80, 100], type="array", items={"type": "integer", "minimum": 1, "maximum": 100},
                        description="Percent of users per step; each at most double the previous, ending at 100."),
         "window_seconds": Param(7200, type="number", minimum=1, description="Observation window per step."),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, task
 
 VOICE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
@@ -115,9 +116,20 @@ def voice_onboarding():
     shard_results = qc_shard.partial(dataset=dataset).expand(shard_index=shards)
     qc = qc_report(dataset, shard_results)
     feats = features_shard.partial(dataset=dataset, qc=qc).expand(shard_index=shards)
+    @task.short_circuit
+    def auto_release_enabled(registered: dict) -> bool:
+        from voice_lib.config import get_settings
+
+        # VOICEOPS_RELEASE__AUTO_PROMOTE_AFTER_ONBOARDING: start the staged canary right away.
+        return get_settings().release.auto_promote_after_onboarding
+
     manifest = features_manifest(dataset, qc, feats)
     trained = train(manifest)
-    register(trained, evaluate(trained))
+    registered = register(trained, evaluate(trained))
+    auto_release_enabled(registered) >> TriggerDagRunOperator(
+        task_id="start_canary_promotion", trigger_dag_id="canary_promotion",
+        conf={"voice_id": "{{ params.voice_id }}", "version": "{{ ti.xcom_pull(task_ids='register')['version'] }}"},
+    )
 
 
 voice_onboarding()
