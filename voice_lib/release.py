@@ -20,6 +20,7 @@ import httpx
 import sqlalchemy as sa
 
 from voice_lib.config import ReleaseSettings, Settings, validate_voice_id
+from voice_lib.db import make_engine
 
 log = logging.getLogger(__name__)
 CheckStatus = Literal["pass", "fail", "inconclusive", "skipped"]
@@ -101,11 +102,14 @@ class AuditSource:
     """Requests, errors and p95 from the server's audit table; RTF and bad audio from its /metrics."""
 
     def __init__(self, url: str, server_url: str | None = None):
-        self.engine = sa.create_engine(url)
+        self.engine = make_engine(url)
         self.server_url = server_url
 
     def window(self, voice_id: str, variant: str, since: float, until: float) -> WindowStats:
-        table = sa.Table("audit_log", sa.MetaData(), autoload_with=self.engine)
+        try:
+            table = sa.Table("audit_log", sa.MetaData(), autoload_with=self.engine)
+        except sa.exc.NoSuchTableError:  # the server has not served a single request yet
+            return WindowStats(0, 0, None)
         start = datetime.fromtimestamp(since, timezone.utc).replace(tzinfo=None)
         end = datetime.fromtimestamp(until, timezone.utc).replace(tzinfo=None)
         query = sa.select(table.c.status, table.c.latency_ms).where(
@@ -219,7 +223,7 @@ def quality_probe(settings: Settings, voice_id: str, version_tags: dict[str, str
 
 class ReleaseHistory:
     def __init__(self, url: str):
-        self.engine = sa.create_engine(url)
+        self.engine = make_engine(url)
         metadata.create_all(self.engine)
 
     def record(self, decision: Decision) -> None:

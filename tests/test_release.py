@@ -1,0 +1,140 @@
+"""Release control: the canary analysis and the rollout state machine against a real MLflow registry
+and a real audit table (rows written by the server's own AuditLog)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from voice_lib.config import ReleaseSettings
+from voice_lib.release import (ReleaseHistory, WindowStats, advance_rollout, analyze, start_rollout,
+                               validate_steps)
+
+
+def test_steps_rise_to_100_and_never_more_than_double():
+    assert validate_steps([10, 20, 40, 60, 80, 100]) == [10, 20, 40, 60, 80, 100]
+    for bad in ([10, 30, 60, 100], [10, 20], [60, 100], [10, 10, 20, 40, 80, 100], []):
+        with pytest.raises(ValueError, match="steps"):
+            validate_steps(bad)
+
+
+def test_analysis_pass_fail_and_inconclusive():
+    cfg = ReleaseSettings(min_requests=50)
+    good = WindowStats(requests=200, errors=0, p95_latency_ms=300)
+    prod = WindowStats(requests=800, errors=1, p95_latency_ms=290)
+    assert all(c.status == "pass" for c in analyze(good, prod, cfg))
+    slow = analyze(WindowStats(200, 0, 900), prod, cfg)
+    assert {c.name for c in slow if c.status == "fail"} == {"p95_latency_ms"}
+    relative = analyze(WindowStats(200, 0, 400), prod, cfg)  # under 800 ms but > 1.2x production
+    assert [c for c in relative if c.name == "p95_latency_ms"][0].status == "fail"
+    failing = analyze(WindowStats(200, 2, 300), prod, cfg)  # 1% errors > 0.5%
+    assert [c for c in failing if c.name == "error_rate"][0].status == "fail"
+    few = analyze(WindowStats(10, 0, 100), prod, cfg)
+    assert [c.status for c in few] == ["inconclusive"]
+
+
+@pytest.fixture
+def release_env(tmp_path, mlflow_server):
+    """A voice with production v1 and candidate v2 in the real registry, and an audit DB."""
+    from mlflow import MlflowClient
+
+    from voice_lib.config import Settings
+    from voice_lib.registry import Registry
+
+    settings = Settings(home=tmp_path / "home", mlflow_tracking_uri=mlflow_server)
+    settings = settings.model_copy(update={"release": settings.release.model_copy(update={
+        "window_seconds": 1.0, "min_requests": 20, "max_extensions": 1})})
+    voice = f"rel-{uuid.uuid4().hex[:8]}"
+    registry, client = Registry(settings), MlflowClient(mlflow_server)
+    exp = client.create_experiment(f"voice-{voice}")
+    art = tmp_path / "voice"
+    art.mkdir()
+    (art / "voice.json").write_text("{}")
+    versions = []
+    for i in (1, 2):
+        run = client.create_run(exp)
+        client.log_artifacts(run.info.run_id, str(art), "voice")
+        tags = {"training_key": f"k{i}-{voice}", "base_model": "voice-base", "base_version": "1", "base_sha256": "x" * 64,
+                "data_sha256": "y" * 64, "code_version": "0.1.0", "lora_rank": "8"}
+        versions.append(registry.register(f"voice-{voice}", run.info.run_id, "voice", tags).version)
+    registry.promote(f"voice-{voice}", versions[0])
+    registry.mark_candidate(f"voice-{voice}", versions[1])
+    return settings, voice, versions, registry
+
+
+def _traffic(settings, voice: str, variant: str, n: int, latency_ms: float, status: int = 200) -> None:
+    from serving.audit import AuditLog
+
+    audit = AuditLog(settings.resolved_audit_url)
+    for i in range(n):
+        audit.record(request_id=uuid.uuid4().hex, tenant="t", voice_id=voice, version="x", variant=variant,
+                     characters=40, latency_ms=latency_ms + i % 7, status=status)
+    assert audit.close(timeout=10)
+
+
+@pytest.mark.slow
+def test_good_candidate_walks_every_step_to_production(release_env):
+    settings, voice, (v1, v2), registry = release_env
+    start = start_rollout(settings, voice, None, [50, 100])
+    assert start.version == v2 and registry.release_state(f"voice-{voice}")["canary_weight"] == 50
+    assert advance_rollout(settings, voice, v2).outcome == "waiting"  # the window has not elapsed
+    time.sleep(1.2)
+    _traffic(settings, voice, "canary", 40, 200)
+    _traffic(settings, voice, "production", 40, 200)
+    step = advance_rollout(settings, voice, v2)
+    assert step.outcome == "advanced" and registry.release_state(f"voice-{voice}")["canary_weight"] == 100
+    time.sleep(1.2)
+    _traffic(settings, voice, "canary", 40, 210)
+    done = advance_rollout(settings, voice, v2)
+    assert done.outcome == "promoted"
+    aliases = registry.aliases(f"voice-{voice}")
+    assert aliases["production"] == v2 and aliases["previous"] == v1 and "canary" not in aliases
+    history = ReleaseHistory(settings.resolved_audit_url).rows(voice)
+    assert [r["outcome"] for r in reversed(history)] == ["advanced", "advanced", "promoted"]
+    assert any(k.startswith("release_decision_") for k in registry.version(f"voice-{voice}", v2).tags)
+
+
+@pytest.mark.slow
+def test_slow_canary_is_rolled_back_at_the_first_step_with_the_reason(release_env, caplog):
+    settings, voice, (v1, v2), registry = release_env
+    start_rollout(settings, voice, None, [10, 20, 40, 60, 80, 100])
+    time.sleep(1.2)
+    _traffic(settings, voice, "canary", 40, 1500)  # 1.5 s p95: over 800 ms
+    _traffic(settings, voice, "production", 40, 200)
+    decision = advance_rollout(settings, voice, v2)
+    assert decision.outcome == "rolled_back" and decision.step == 0
+    state = registry.release_state(f"voice-{voice}")
+    assert "canary" not in state["aliases"] and state["canary_weight"] == 0 and state["release_state"] == "rolled_back"
+    tags = registry.version(f"voice-{voice}", v2).tags
+    assert tags["rolled_back"] == "true" and "p95" in tags["reason"]
+    assert ReleaseHistory(settings.resolved_audit_url).rows(voice)[0]["outcome"] == "rolled_back"
+    assert "RELEASE ALERT" in caplog.text
+    # It never receives traffic again: later pokes change nothing.
+    assert advance_rollout(settings, voice, v2).outcome == "rolled_back"
+    assert registry.aliases(f"voice-{voice}")["production"] == v1
+
+
+@pytest.mark.slow
+def test_inconclusive_step_is_extended_then_paused(release_env):
+    settings, voice, (v1, v2), registry = release_env
+    start_rollout(settings, voice, None, [10, 20, 40, 60, 80, 100])
+    time.sleep(1.2)
+    assert advance_rollout(settings, voice, v2).outcome == "extended"  # no canary requests at all
+    time.sleep(1.2)
+    assert advance_rollout(settings, voice, v2).outcome == "paused"
+    state = registry.release_state(f"voice-{voice}")
+    assert state["release_state"] == "paused" and state["aliases"]["canary"] == v2 and state["canary_weight"] == 10
+
+
+@pytest.mark.slow
+def test_breaker_trip_is_completed_as_a_formal_rollback(release_env):
+    settings, voice, (v1, v2), registry = release_env
+    start_rollout(settings, voice, None, [10, 20, 40, 60, 80, 100])
+    registry.set_canary_weight(f"voice-{voice}", 0)  # what the server's breaker does
+    registry.set_version_tags(f"voice-{voice}", v2, {"breaker_tripped": "true", "breaker_reason": "error rate 40% > 5%"})
+    decision = advance_rollout(settings, voice, v2)
+    assert decision.outcome == "rolled_back" and "breaker" in decision.detail
+    assert registry.version(f"voice-{voice}", v2).tags["rolled_back"] == "true"
