@@ -68,7 +68,8 @@ def test_register_is_idempotent_and_records_lineage(registry: Registry, name: st
     assert {k: first.tags[k] for k in LINEAGE} == LINEAGE
     assert first.tags["mel_distance"] == "0.42" and first.tags["passed"] == "true"
     assert first.run_id == run_id and first.source.endswith(f"{run_id}/artifacts/model")
-    assert registry.release_state(name) == {"name": name, "aliases": {}, "canary_weight": 0, "release_state": "idle"}
+    assert registry.release_state(name) == {"name": name, "aliases": {}, "canary_weight": 0, "release_state": "idle",
+                                            "progress": {}}
     assert registry.client.get_model_version(name, "1").status == "READY"
     assert name in registry.list_voice_models() and BASE_MODEL not in registry.list_voice_models()
     other = register(registry, name, tmp_path, 2)
@@ -143,7 +144,7 @@ def test_rollback_of_canary(registry: Registry, name: str, tmp_path: Path) -> No
     registry.promote(name, 1)
     registry.set_canary(name, 2, 25)
     assert registry.release_state(name) == {"name": name, "aliases": {"production": "1", "canary": "2"},
-                                            "canary_weight": 25, "release_state": "canary"}
+                                            "canary_weight": 25, "release_state": "canary", "progress": {}}
     registry.pause(name)
     assert registry.release_state(name)["release_state"] == "paused"
     assert registry.release_state(name)["canary_weight"] == 25  # pausing freezes the share, it does not drop it
