@@ -152,7 +152,8 @@ def test_rollback_of_canary(registry: Registry, name: str, tmp_path: Path) -> No
     assert registry.release_state(name)["release_state"] == "canary"
     registry.rollback(name, "p95 latency doubled")
     state = registry.release_state(name)
-    assert state == {"name": name, "aliases": {"production": "1"}, "canary_weight": 0, "release_state": "rolled_back"}
+    assert state == {"name": name, "aliases": {"production": "1"}, "canary_weight": 0, "release_state": "rolled_back",
+                     "progress": {}}
     bad = registry.version(name, 2)
     assert bad.tags["rolled_back"] == "true" and bad.tags["reason"] == "p95 latency doubled"
     assert "rolled_back" not in registry.version(name, 1).tags

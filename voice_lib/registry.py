@@ -74,6 +74,8 @@ def _tag_value(value: Any) -> str:
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not name.startswith("voice-"):
         raise RegistryError(f"model name {name!r} is invalid: use {BASE_MODEL!r} or 'voice-<voice_id>' (see Registry.model_name).")
+    if name == BASE_MODEL:
+        return name
     try:
         validate_voice_id(name.removeprefix("voice-"))
     except ValueError as exc:
