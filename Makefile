@@ -44,3 +44,6 @@ status:
 
 clean:
 	rm -rf .voiceops .pytest_cache .hypothesis
+
+bench: setup
+	$(BIN)/voiceops bench all

@@ -389,6 +389,36 @@ def evaluate(
     raise typer.Exit(1 if failures else 0)
 
 
+BENCHMARKS = {"vocoder": "vocoder_ceiling.py", "voice-quality": "voice_quality.py", "serving": "serving.py",
+              "scaling": "scaling.py", "rollback": "rollback_time.py"}
+
+
+@app.command()
+def bench(
+    which: str = typer.Argument("all", help=f"One of: {', '.join(BENCHMARKS)}, or all."),
+    extra: Optional[list[str]] = typer.Argument(None, help="Arguments passed to the benchmark script."),
+) -> None:
+    """Run benchmark scripts (each prints a table and writes JSON under benchmarks/results/)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    names = list(BENCHMARKS) if which == "all" else [which]
+    if any(n not in BENCHMARKS for n in names):
+        raise _usage_error(f"unknown benchmark {which!r}: use one of {', '.join(BENCHMARKS)} or all.")
+    failed = []
+    for name in names:
+        script = root / BENCHMARKS[name]
+        if not script.exists():
+            console.print(f"[yellow]{name}: {script} is not in this checkout; skipped[/yellow]")
+            continue
+        console.rule(name)
+        if subprocess.run([sys.executable, str(script), *(extra or [])]).returncode != 0:
+            failed.append(name)
+    if failed:
+        console.print(f"[red]failed: {', '.join(failed)}[/red]")
+        raise typer.Exit(1)
+
+
 @app.command()
 def demo(
     voice_id: str = typer.Option("demo-slt", help="Voice id of the demo voice."),
@@ -482,6 +512,30 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The key_id shown by `voi
         console.print(f"[red]error:[/red] no key {key_id}")
         raise typer.Exit(1)
     console.print(f"revoked {key_id}")
+
+
+# --- model server (serving/) ----------------------------------------------------------------------
+
+@app.command()
+def serve(
+    port: Optional[int] = typer.Option(None, "--port", help="Port (default: serving.port, 8000)."),
+    host: Optional[str] = typer.Option(None, "--host", help="Interface (default: serving.host, 127.0.0.1)."),
+) -> None:
+    """Run the TTS model server: production/canary voices from MLflow, OpenAI-compatible API, /metrics."""
+    import uvicorn
+
+    from serving.app import create_app
+
+    settings = get_settings()
+    updates = {k: v for k, v in (("port", port), ("host", host)) if v is not None}
+    if updates:
+        settings = settings.model_copy(update={"serving": settings.serving.model_copy(update=updates)})
+    _setup_logging(True)
+    logging.getLogger("serving").setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per registry poll otherwise
+    # On SIGTERM uvicorn stops accepting, lets in-flight requests finish, then the app drains and flushes.
+    uvicorn.run(create_app(settings), host=settings.serving.host, port=settings.serving.port, log_level="info",
+                timeout_graceful_shutdown=int(settings.serving.request_timeout_seconds) + 5)
 
 
 if __name__ == "__main__":
