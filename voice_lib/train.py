@@ -175,12 +175,14 @@ def fit(
         optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))
     )
     step, best, best_state, bad_evals, resumed_from, history = 0, float("inf"), None, 0, 0, []
+    earlier_seconds = 0.0  # training time of the runs this one resumes, so reports show the total
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         step, best, bad_evals, history = state["step"], state["best_val_loss"], state["bad_evals"], state["history"]
+        earlier_seconds = state.get("seconds", 0.0)
         best_state = state.get("best_state")
         random.setstate(state["py_random"])
         resumed_from = step
@@ -218,6 +220,7 @@ def fit(
                 "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "step": step, "best_val_loss": best, "bad_evals": bad_evals,
                 "history": history, "best_state": best_state, "py_random": random.getstate(),
+                "seconds": earlier_seconds + time.monotonic() - started,
             }, checkpoint)
         if stopped_early:
             log.info("early stop at step %d: no validation improvement in %d evaluations", step, cfg.patience)
@@ -225,7 +228,7 @@ def fit(
     if best_state is not None:  # keep the best weights, not the last
         model.load_state_dict(best_state, strict=False)
     model.eval()
-    return FitResult(step, best, stopped_early, resumed_from, time.monotonic() - started, history)
+    return FitResult(step, best, stopped_early, resumed_from, earlier_seconds + time.monotonic() - started, history)
 
 
 # --- base model -----------------------------------------------------------------------------------

@@ -96,7 +96,9 @@ def pretrain_base(corpus_dir: Path, settings: Settings, out_dir: Path, steps: in
     train, val = split_holdout(examples, fraction=0.05, minimum=8)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, patience=8, eval_every=200, checkpoint_every=100)
     data_sha = hashlib.sha256((corpus_dir / "corpus.list").read_bytes()).hexdigest()
-    key = hashlib.sha256(json.dumps([data_sha, cfg.to_dict(), __version__]).encode()).hexdigest()[:16]
+    # The step budget is left out of the key: re-running with more (or fewer) steps resumes the same run.
+    recipe = {k: v for k, v in cfg.to_dict().items() if k != "steps"}
+    key = hashlib.sha256(json.dumps([data_sha, recipe, __version__]).encode()).hexdigest()[:16]
     model = new_base_model(train)
     params = {"speakers": ",".join(speakers), "clips": len(examples), "parameters": model.n_params(),
               **{f"model.{k}": v for k, v in model.cfg.to_dict().items()}, **{f"train.{k}": v for k, v in cfg.to_dict().items()}}
@@ -134,7 +136,7 @@ def write_model_card(out_dir: Path, name: str, facts: dict) -> None:
              "embedding → WORLD features → waveform. CPU-trained; every number below was measured by the recipe.", ""]
     lines += [f"- **{k}**: {v}" for k, v in facts.items() if not isinstance(v, dict)]
     lines += ["", "## Reproduce", "", "```bash", "voiceops corpus .voiceops/pretrain-corpus --sentences 80 --pretrain",
-              "voiceops pretrain .voiceops/pretrain-corpus", "```"]
+              f"voiceops pretrain .voiceops/pretrain-corpus --steps {facts.get('steps_trained', 1200)}", "```"]
     (out_dir / "model_card.md").write_text("\n".join(lines) + "\n")
 
 
