@@ -3,7 +3,7 @@
 # sox/ffmpeg for audio tools, chromium for the release-page browser tests. Safe to run repeatedly.
 set -euo pipefail
 
-PACKAGES=(espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox libsndfile1 ffmpeg)
+PACKAGES=(espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox libsndfile1 ffmpeg chromium chromium-driver)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

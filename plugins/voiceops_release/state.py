@@ -1,0 +1,265 @@
+"""What the release page shows for a voice, built from the registry and the release history.
+
+No FastAPI or Airflow imports here: app.py serves it, and tests can call it against a real registry.
+Everything is read through ``voice_lib.registry.Registry`` and ``voice_lib.release.ReleaseHistory``;
+the only writes are the four release actions, which call the registry's own methods.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+from voice_lib.config import ReleaseSettings, Settings
+
+log = logging.getLogger(__name__)
+
+ALIAS_ORDER = ("production", "canary", "candidate", "previous")
+# The canary analysis checks that have fixed thresholds in settings.release (probe checks carry their own).
+_CHECK_ORDER = ("requests", "error_rate", "p95_latency_ms", "rtf", "bad_audio_rate", "probe_wer", "probe_similarity",
+                "quality_probe")
+HISTORY_LIMIT = 20
+
+
+def thresholds(cfg: ReleaseSettings) -> dict[str, dict[str, Any]]:
+    """The configured limits of the canary analysis (voice_lib.release.analyze), by check name."""
+    return {
+        "requests": {"threshold": cfg.min_requests, "op": ">=", "unit": "requests",
+                     "note": "fewer is inconclusive: the window is extended"},
+        "error_rate": {"threshold": cfg.max_error_rate, "op": "<=", "unit": "ratio"},
+        "p95_latency_ms": {"threshold": cfg.max_p95_ms, "op": "<=", "unit": "ms",
+                           "note": f"or x{cfg.max_p95_ratio:g} the production p95, whichever is lower"},
+        "rtf": {"threshold": cfg.max_rtf, "op": "<=", "unit": "ratio"},
+        "bad_audio_rate": {"threshold": cfg.max_bad_audio_rate, "op": "<=", "unit": "ratio"},
+        "probe_wer": {"threshold": None, "op": "<=", "unit": "ratio",
+                      "note": f"registered WER + {cfg.probe_wer_margin:g}"},
+        "probe_similarity": {"threshold": None, "op": ">=", "unit": "ratio",
+                             "note": f"registered similarity - {cfg.probe_similarity_margin:g}"},
+    }
+
+
+def _num(value: Any) -> float | int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check(name: str, status: str, value: Any, threshold: Any, detail: str, limits: dict) -> dict[str, Any]:
+    conf = limits.get(name, {})
+    if threshold is None:
+        threshold = conf.get("threshold")
+    return {"name": name, "status": status, "value": _num(value), "threshold": _num(threshold),
+            "op": conf.get("op"), "unit": conf.get("unit"), "note": conf.get("note"), "detail": detail or ""}
+
+
+def _sorted_checks(checks: list[dict]) -> list[dict]:
+    rank = {n: i for i, n in enumerate(_CHECK_ORDER)}
+    return sorted(checks, key=lambda c: rank.get(c["name"], len(rank)))
+
+
+def _iso(ts: Any) -> str | None:
+    """ISO 8601 in UTC; SQLite hands back naive datetimes, which release_history wrote in UTC."""
+    if isinstance(ts, datetime):
+        return (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)).isoformat()
+    number = _num(ts)
+    if number is None:
+        return None
+    return datetime.fromtimestamp(float(number), timezone.utc).isoformat()
+
+
+def analysis_from_row(row: dict, limits: dict) -> dict[str, Any]:
+    """A release_history row (ReleaseHistory.rows) as the page's analysis block."""
+    checks = [_check(c.get("name", "?"), c.get("status", "?"), c.get("value"), c.get("threshold"), c.get("detail", ""), limits)
+              for c in row.get("checks") or [] if isinstance(c, dict)]
+    return {"source": "release_history", "version": str(row.get("version", "")), "step": row.get("step"),
+            "weight": row.get("weight"), "outcome": row.get("outcome"), "detail": row.get("detail") or "",
+            "ts": _iso(row.get("ts")), "checks": _sorted_checks(checks)}
+
+
+def analysis_from_tags(version: str, tags: dict[str, str], limits: dict) -> dict[str, Any] | None:
+    """The newest ``release_decision_<ms>`` version tag (written by voice_lib.release) as an analysis block."""
+    keys = [k for k in tags if k.startswith("release_decision_") and k.removeprefix("release_decision_").isdigit()]
+    for key in sorted(keys, key=lambda k: int(k.removeprefix("release_decision_")), reverse=True):
+        try:
+            tag = json.loads(tags[key])
+        except (TypeError, ValueError):
+            log.warning("version %s: tag %s is not JSON; skipped", version, key)
+            continue
+        checks = []
+        for name, pair in (tag.get("checks") or {}).items():
+            status, value = (list(pair) + [None, None])[:2] if isinstance(pair, (list, tuple)) else (str(pair), None)
+            checks.append(_check(name, status, value, None, "", limits))
+        return {"source": "version_tags", "version": version, "step": tag.get("step"), "weight": tag.get("weight"),
+                "outcome": tag.get("outcome"), "detail": tag.get("detail") or "", "ts": _iso(tag.get("ts")),
+                "checks": _sorted_checks(checks)}
+    return None
+
+
+def _step(aliases: dict[str, str], progress: dict[str, str], weight: int) -> dict[str, Any] | None:
+    """Where a staged rollout (canary_promotion) of the current canary stands; None without a canary."""
+    canary = aliases.get("canary")
+    if not canary:
+        return None
+    if progress.get("release_version") != canary:
+        # Put on the canary by hand (registry/CLI), not by canary_promotion: no steps to show.
+        return {"index": None, "of": None, "weight": weight, "steps": [], "started": None, "extensions": 0,
+                "managed": False}
+    try:
+        steps = [int(s) for s in progress.get("release_steps", "").split(",") if s.strip()]
+        index = int(progress.get("release_step", "0"))
+    except ValueError:
+        steps, index = [], 0
+    return {"index": index + 1, "of": len(steps) or None, "weight": steps[index] if index < len(steps) else weight,
+            "steps": steps, "started": _iso(progress.get("release_step_started")),
+            "extensions": int(_num(progress.get("release_extensions")) or 0), "managed": True}
+
+
+def _version_flags(tags: dict[str, str]) -> dict[str, Any]:
+    return {
+        "rolled_back": tags.get("rolled_back") == "true",
+        "rejected": tags.get("rejected") == "true",
+        "reason": tags.get("reason"),
+        "breaker_tripped": tags.get("breaker_tripped") == "true",
+        "breaker_reason": tags.get("breaker_reason"),
+        "release_approved": tags.get("release_approved") == "true",
+        "last_outcome": tags.get("release_last_outcome"),
+        "eval": {k.removeprefix("eval_"): _num(v) for k, v in sorted(tags.items()) if k.startswith("eval_") and _num(v) is not None},
+    }
+
+
+def voice_view(settings: Settings, registry: Any, history: Any, voice_id: str) -> dict[str, Any]:
+    """Everything the page shows for one voice (raises RegistryError when the voice cannot be read)."""
+    from voice_lib.registry import RegistryError
+
+    name = registry.model_name(voice_id)
+    state = registry.release_state(name)
+    aliases: dict[str, str] = state["aliases"]
+    progress: dict[str, str] = state["progress"]
+    limits = thresholds(settings.release)
+
+    rows: list[dict] = []
+    history_error = None
+    try:
+        rows = history.rows(voice_id, limit=HISTORY_LIMIT) if history is not None else []
+    except Exception as exc:  # the audit DB is optional for this page; the registry is the source of truth
+        history_error = f"release history unavailable ({type(exc).__name__}: {exc})"
+        log.warning("voice-%s: %s", voice_id, history_error)
+
+    canary = aliases.get("canary")
+    focus = canary or aliases.get("candidate") or progress.get("release_version") or aliases.get("production")
+    # Versions worth describing: the aliased ones, the one a rollout was driving, the last decided one.
+    wanted = [v for v in (*[aliases.get(a) for a in ALIAS_ORDER], progress.get("release_version"),
+                          str(rows[0]["version"]) if rows else None) if v]
+    versions: dict[str, dict[str, Any]] = {}
+    tags_by_version: dict[str, dict[str, str]] = {}
+    for v in dict.fromkeys(wanted):
+        try:
+            tags_by_version[v] = dict(registry.version(name, v).tags)
+        except RegistryError as exc:  # e.g. a version deleted by hand
+            log.warning("%s: %s", name, exc)
+            continue
+        versions[v] = _version_flags(tags_by_version[v])
+
+    analysis = None
+    preferred = [r for r in rows if str(r["version"]) == focus] if focus else []
+    for candidates in (preferred, rows):
+        with_checks = [r for r in candidates if r.get("checks")]
+        if with_checks or candidates:
+            analysis = analysis_from_row((with_checks or candidates)[0], limits)
+            break
+    if analysis is None:
+        for v in dict.fromkeys(x for x in (focus, *tags_by_version) if x):
+            analysis = analysis_from_tags(v, tags_by_version.get(v, {}), limits)
+            if analysis:
+                break
+
+    # The server's breaker writes breaker_tripped on the canary version (and sets the weight to 0).
+    breaker_version = next((v for v in (canary, analysis and analysis["version"], progress.get("release_version"))
+                            if v and versions.get(v, {}).get("breaker_tripped")), None)
+    breaker = {"tripped": bool(breaker_version), "version": breaker_version,
+               "reason": versions[breaker_version]["breaker_reason"] if breaker_version else None}
+
+    last_rolled_back = next((v for v in (progress.get("release_version"), analysis and analysis["version"],
+                                         *sorted(versions, key=int, reverse=True))
+                             if v and versions.get(v, {}).get("rolled_back")), None)
+
+    return {
+        "voice_id": voice_id,
+        "model": name,
+        "aliases": {a: aliases[a] for a in ALIAS_ORDER if a in aliases},
+        "production": aliases.get("production"),
+        "canary": canary,
+        "candidate": aliases.get("candidate"),
+        "previous": aliases.get("previous"),
+        "canary_weight": state["canary_weight"],
+        "release_state": state["release_state"],
+        "step": _step(aliases, progress, state["canary_weight"]),
+        "analysis": analysis,
+        "breaker": breaker,
+        "rolled_back": ({"version": last_rolled_back, "reason": versions[last_rolled_back]["reason"]}
+                        if last_rolled_back else None),
+        "versions": versions,
+        "actions": available_actions(state),
+        "history_error": history_error,
+        "error": None,
+    }
+
+
+def available_actions(state: dict[str, Any]) -> dict[str, bool]:
+    """Which buttons make sense in this state (the registry re-checks every action anyway)."""
+    aliases, release_state = state["aliases"], state["release_state"]
+    has_canary = "canary" in aliases
+    return {
+        "promote": bool(has_canary or "candidate" in aliases),
+        "pause": has_canary and release_state != "paused",
+        "resume": has_canary and release_state == "paused",
+        "rollback": bool(has_canary or "previous" in aliases),
+    }
+
+
+def voice_id_of(model_name: str) -> str:
+    """``voice-<id>`` -> ``<id>``."""
+    return model_name.removeprefix("voice-")
+
+
+ACTIONS = ("promote", "pause", "resume", "rollback")
+
+
+def perform(registry: Any, voice_id: str, action: str, *, reason: str | None = None, version: str | None = None) -> str:
+    """Run one release action through voice_lib.registry; returns what happened, in a sentence.
+
+    Raises RegistryError (from the registry, or here) when the action does not fit the voice's state.
+    """
+    from voice_lib.registry import RegistryError
+
+    name = registry.model_name(voice_id)
+    if action == "promote":
+        aliases = registry.aliases(name)
+        target = version or aliases.get("canary") or aliases.get("candidate")
+        if not target:
+            raise RegistryError(f"{name} has no canary or candidate to promote; pass a version number.")
+        registry.promote(name, target)
+        old = aliases.get("production")
+        return f"{name} version {target} is production" + (f" (previous: version {old})" if old and old != str(target) else "")
+    if action == "pause":
+        registry.pause(name)
+        return f"{name} canary paused at its current weight"
+    if action == "resume":
+        registry.resume(name)
+        return (f"{name} canary resumed; trigger canary_promotion with voice_id={voice_id} "
+                "if its run has finished, so the steps go on")
+    if action == "rollback":
+        aliases = registry.aliases(name)
+        bad = aliases.get("canary") or aliases.get("production")
+        registry.rollback(name, reason or "")
+        if "canary" in aliases:
+            return f"{name} canary version {bad} rolled back; production stays version {aliases.get('production', 'none')}"
+        return f"{name} production version {bad} rolled back to version {aliases.get('previous')}"
+    raise ValueError(f"unknown action {action!r}; use one of {', '.join(ACTIONS)}")

@@ -1,0 +1,268 @@
+"""The release page plugin (plugins/voiceops_release): a real Airflow standalone serving it, a real MLflow
+registry behind it, and Debian's Chromium driven by Playwright through Airflow's own login page."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port
+
+from voice_lib.config import ReleaseSettings, Settings
+
+PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+REASON = "p95 doubled on the canary (release page test)"
+
+
+def _state_module():
+    if str(PLUGINS) not in sys.path:
+        sys.path.insert(0, str(PLUGINS))
+    from voiceops_release import state
+
+    return state
+
+
+# --- the page's view of the registry, without servers ---------------------------------------------
+
+def test_analysis_from_decision_tags_uses_the_newest_and_configured_thresholds():
+    state = _state_module()
+    limits = state.thresholds(ReleaseSettings(max_p95_ms=700, min_requests=30))
+    old = {"step": 0, "weight": 10, "outcome": "extended", "detail": "inconclusive", "checks": {"requests": ["inconclusive", 3]}, "ts": 1}
+    new = {"step": 1, "weight": 20, "outcome": "advanced", "detail": "step passed", "ts": 2,
+           "checks": {"p95_latency_ms": ["pass", 512.5], "requests": ["pass", 120], "error_rate": ["pass", 0.0]}}
+    tags = {"release_decision_1000": json.dumps(old), "release_decision_2000": json.dumps(new),
+            "release_decision_junk": "{", "reason": "x"}
+    got = state.analysis_from_tags("2", tags, limits)
+    assert got["outcome"] == "advanced" and got["version"] == "2" and got["source"] == "version_tags"
+    checks = {c["name"]: c for c in got["checks"]}
+    assert [c["name"] for c in got["checks"]] == ["requests", "error_rate", "p95_latency_ms"]  # the page's order
+    assert checks["p95_latency_ms"]["value"] == 512.5 and checks["p95_latency_ms"]["threshold"] == 700
+    assert checks["requests"]["threshold"] == 30 and checks["requests"]["op"] == ">="
+    assert state.analysis_from_tags("2", {"reason": "x"}, limits) is None
+
+
+def test_actions_offered_follow_the_release_state():
+    state = _state_module()
+    canary = {"aliases": {"production": "1", "canary": "2"}, "release_state": "canary"}
+    assert state.available_actions(canary) == {"promote": True, "pause": True, "resume": False, "rollback": True}
+    paused = {**canary, "release_state": "paused"}
+    assert state.available_actions(paused) == {"promote": True, "pause": False, "resume": True, "rollback": True}
+    idle = {"aliases": {"production": "1"}, "release_state": "idle"}
+    assert not any(state.available_actions(idle).values())
+    assert state.available_actions({"aliases": {"production": "2", "previous": "1"}, "release_state": "idle"})["rollback"]
+
+
+# --- the real thing ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def browser():
+    """Debian's Chromium under Playwright (never `playwright install`); skips, saying why, when unavailable."""
+    try:
+        from playwright.sync_api import Error as PlaywrightError
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed: pip install -e '.[dev]'")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"Debian chromium is not installed ({CHROMIUM} is missing): run scripts/install-system-deps.sh")
+    with sync_playwright() as pw:
+        try:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        except PlaywrightError as exc:
+            pytest.skip(f"{CHROMIUM} could not be launched by Playwright: {exc.message.splitlines()[0]}")
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def _register_two_versions(settings: Settings, tmp_path: Path, voice: str) -> str:
+    """voice-<voice> with versions 1 (production) and 2 in the real registry, as tests/test_release.py does."""
+    from mlflow import MlflowClient
+
+    from voice_lib.registry import Registry
+
+    name = f"voice-{voice}"
+    registry, client = Registry(settings), MlflowClient(settings.mlflow_tracking_uri)
+    exp = client.create_experiment(name)
+    art = tmp_path / voice
+    art.mkdir()
+    (art / "voice.json").write_text("{}")
+    for i in (1, 2):
+        run = client.create_run(exp)
+        client.log_artifacts(run.info.run_id, str(art), "voice")
+        tags = {"training_key": f"k{i}-{voice}", "base_model": "voice-base", "base_version": "1", "base_sha256": "x" * 64,
+                "data_sha256": "y" * 64, "code_version": "0.1.0", "lora_rank": "8"}
+        assert registry.register(name, run.info.run_id, "voice", tags).version == str(i)
+    registry.promote(name, "1")
+    return name
+
+
+def _register_voice_in_canary(settings: Settings, tmp_path: Path) -> str:
+    """Production v1 and v2 on the canary at 20% (step 2 of a staged rollout, one decision in the history)."""
+    from voice_lib.registry import Registry
+    from voice_lib.release import CheckResult, Decision, ReleaseHistory
+
+    voice = f"page-{uuid.uuid4().hex[:8]}"
+    name = _register_two_versions(settings, tmp_path, voice)
+    registry = Registry(settings)
+    registry.set_canary(name, "2", 20)
+    # What canary_promotion leaves after its first step passed: progress on the model, a decision in the history.
+    registry.set_release_progress(name, release_version="2", release_step=1, release_steps="10,20,40,80,100",
+                                  release_step_started=f"{time.time():.0f}", release_extensions=0)
+    cfg = settings.release
+    ReleaseHistory(settings.resolved_audit_url).record(Decision(voice, "2", 0, 10, "advanced", [
+        CheckResult("requests", "pass", 240, cfg.min_requests, "240 canary requests"),
+        CheckResult("error_rate", "pass", 0.0, cfg.max_error_rate, "canary error rate 0.00% (limit 0.50%)"),
+        CheckResult("p95_latency_ms", "pass", 412.0, 480.0, "canary p95 412 ms vs limit 480 ms"),
+    ], "step passed; canary now at 20%"))
+    return voice
+
+
+def _register_voice_with_tripped_breaker(settings: Settings, tmp_path: Path) -> str:
+    """A canary the server's breaker took out of traffic; its last decision only in version tags (no history row)."""
+    from voice_lib.registry import Registry
+
+    voice = f"brk-{uuid.uuid4().hex[:8]}"
+    name = _register_two_versions(settings, tmp_path, voice)
+    registry = Registry(settings)
+    registry.set_canary(name, "2", 10)
+    decision = {"step": 0, "weight": 10, "outcome": "extended", "detail": "inconclusive, window extended (1/3)",
+                "checks": {"requests": ["inconclusive", 7]}, "ts": int(time.time())}
+    registry.set_version_tags(name, "2", {f"release_decision_{int(time.time() * 1000)}": json.dumps(decision),
+                                          "breaker_tripped": "true", "breaker_reason": "error rate 40% > 5%"})
+    registry.set_canary_weight(name, 0)  # what the breaker does
+    return voice
+
+
+def _viewer_token(admin_token: str, settings: Settings) -> str:
+    """A JWT for a viewer-role user, signed like Airflow signs its own (the stack only defines admin)."""
+    import jwt
+
+    secret = (settings.home / "airflow" / "jwt-secret.txt").read_text().strip()
+    header = jwt.get_unverified_header(admin_token)
+    claims = jwt.decode(admin_token, options={"verify_signature": False})
+    claims.update(sub="release-viewer", role="viewer", jti=uuid.uuid4().hex)
+    return jwt.encode(claims, secret, algorithm=header["alg"], headers={"kid": header.get("kid")})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_release_page_in_airflow_rolls_back_a_canary(tmp_path, mlflow_server, browser):
+    from voice_lib import stack
+    from voice_lib.registry import Registry
+
+    settings = Settings(home=tmp_path / "home", airflow_port=free_port(), mlflow_tracking_uri=mlflow_server)
+    assert stack.airflow_env(settings)["VOICEOPS_MLFLOW_TRACKING_URI"] == mlflow_server  # what the plugin will read
+    voice = _register_voice_in_canary(settings, tmp_path)
+    tripped = _register_voice_with_tripped_breaker(settings, tmp_path)
+    name = f"voice-{voice}"
+    registry = Registry(settings)
+    base = settings.airflow_url
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    try:
+        stack.up(settings, services=("airflow",), timeout=180)
+
+        # --- the plugin is loaded, without import errors (Airflow imports every .py under plugins/) --------
+        token = stack.airflow_api_token(settings)
+        auth = {"Authorization": f"Bearer {token}"}
+        assert httpx.get(f"{base}/api/v2/plugins/importErrors", headers=auth).json()["total_entries"] == 0
+        plugins = {p["name"]: p for p in httpx.get(f"{base}/api/v2/plugins", headers=auth).json()["plugins"]}
+        assert [v["name"] for v in plugins["voiceops_release"]["external_views"]] == ["Releases"]
+
+        # --- authentication and authorization ------------------------------------------------------------
+        anon = httpx.get(f"{base}/voiceops/api/voices", timeout=30)
+        assert anon.status_code == 401 and "log in" in anon.json()["detail"]
+        page_anon = httpx.get(f"{base}/voiceops/", timeout=30)  # the HTML page sends the browser to the login
+        assert page_anon.status_code == 302 and page_anon.headers["location"].startswith("/auth/login?next=")
+        listed = httpx.get(f"{base}/voiceops/api/voices", headers=auth, timeout=60)
+        assert listed.status_code == 200, listed.text
+        body = listed.json()
+        assert body["user"] == "admin" and body["can_write"] is True
+        mine = next(v for v in body["voices"] if v["voice_id"] == voice)
+        assert (mine["production"], mine["canary"], mine["canary_weight"], mine["release_state"]) == ("1", "2", 20, "canary")
+        assert mine["step"]["index"] == 2 and mine["step"]["of"] == 5
+        assert {c["name"]: c["value"] for c in mine["analysis"]["checks"]}["p95_latency_ms"] == 412.0
+        broken = next(v for v in body["voices"] if v["voice_id"] == tripped)
+        assert broken["breaker"] == {"tripped": True, "version": "2", "reason": "error rate 40% > 5%"}
+        assert broken["canary_weight"] == 0 and broken["analysis"]["source"] == "version_tags"
+        assert broken["analysis"]["checks"][0] == {**broken["analysis"]["checks"][0], "name": "requests",
+                                                   "status": "inconclusive", "value": 7, "threshold": 50}
+
+        missing = httpx.post(f"{base}/voiceops/api/voices/nobody-here/pause", headers=auth, json={})
+        assert missing.status_code == 404 and "nobody-here" in missing.json()["detail"]
+        conflict = httpx.post(f"{base}/voiceops/api/voices/{voice}/resume", headers=auth, json={})
+        assert conflict.status_code == 409 and "not a paused canary" in conflict.json()["detail"]
+        no_json = httpx.post(f"{base}/voiceops/api/voices/{voice}/pause", headers=auth)
+        assert no_json.status_code == 415
+        no_reason = httpx.post(f"{base}/voiceops/api/voices/{voice}/rollback", headers=auth, json={"reason": " "})
+        assert no_reason.status_code == 422 and "reason" in no_reason.json()["detail"]
+
+        viewer = {"Authorization": f"Bearer {_viewer_token(token, settings)}"}
+        seen = httpx.get(f"{base}/voiceops/api/voices", headers=viewer, timeout=60)
+        assert seen.status_code == 200 and seen.json()["can_write"] is False
+        refused = httpx.post(f"{base}/voiceops/api/voices/{voice}/rollback", headers=viewer, json={"reason": "no"})
+        assert refused.status_code == 403 and "release-viewer" in refused.json()["detail"]
+        assert registry.aliases(name).get("canary") == "2"  # nothing was changed by the refused calls
+
+        # --- a person: Airflow's login page, the Releases nav entry, Rollback --------------------------------
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(30_000)
+        dialogs: list[tuple[str, str]] = []
+
+        def answer(dialog) -> None:
+            dialogs.append((dialog.type, dialog.message))
+            dialog.accept(REASON) if dialog.type == "prompt" else dialog.accept()
+
+        page.goto(f"{base}/")
+        page.wait_for_url("**/auth/login**")
+        page.fill("input[name=username]", settings.airflow_username)
+        page.fill("input[name=password]", stack.airflow_password(settings))
+        page.click("button[type=submit]")
+        page.get_by_role("button", name="Browse").click()
+        with page.context.expect_page() as opened:  # the nav entry opens the page in a new tab
+            page.get_by_role("menuitem", name="Releases").click()
+        page = opened.value
+        page.set_default_timeout(30_000)
+        page.on("dialog", answer)
+        page.wait_for_url(f"{base}/voiceops/")
+        card = page.locator(f"[data-voice='{voice}']")
+        card.wait_for()
+        assert card.locator("[data-field=production] .value").inner_text() == "v1"
+        assert card.locator("[data-field=canary] .value").inner_text() == "v2"
+        assert "20%" in card.locator("[data-field=canary_weight]").inner_text()
+        assert card.locator("[data-field=release_state]").inner_text() == "canary"
+        assert "step 2 of 5 (20%)" in card.locator("[data-field=step]").inner_text()
+        p95 = card.locator("[data-check=p95_latency_ms]").inner_text()
+        assert "412 ms" in p95 and "≤ 480 ms" in p95 and "pass" in p95
+        assert "ok" in card.locator("[data-field=breaker]").inner_text()
+        assert "tripped on v2" in page.locator(f"[data-voice='{tripped}'] [data-field=breaker]").inner_text()
+        before = shots / "release-page.png"
+        page.screenshot(path=str(before))
+
+        card.locator("button[data-action=rollback]").click()
+        page.locator(".banner.ok").wait_for()
+        card.locator("[data-field=release_state]", has_text="rolled_back").wait_for()
+        assert [t for t, _ in dialogs] == ["confirm", "prompt"]
+        assert f"canary version 2 of {name}" in dialogs[0][1]
+        assert card.locator("[data-field=canary] .value").inner_text() == "none"
+        assert REASON in card.locator("[data-field=rolled_back]").inner_text()
+        page.screenshot(path=str(shots / "release-page-rolled-back.png"))
+        print(f"\nscreenshots: {before} and {shots / 'release-page-rolled-back.png'}")
+
+        # --- and the registry really changed --------------------------------------------------------------
+        state = registry.release_state(name)
+        assert "canary" not in state["aliases"] and state["aliases"]["production"] == "1"
+        assert state["canary_weight"] == 0 and state["release_state"] == "rolled_back"
+        tags = registry.version(name, "2").tags
+        assert tags["rolled_back"] == "true" and tags["reason"] == REASON
+    finally:
+        stack.down(settings)
