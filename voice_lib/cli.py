@@ -45,12 +45,12 @@ def _settings_with(min_speech_seconds: float | None = None) -> Settings:
 # --- stack ----------------------------------------------------------------------------------------
 
 @app.command()
-def up(services: str = typer.Option("mlflow,airflow", help="Comma-separated: mlflow, airflow.")) -> None:
-    """Start the embedded stack (MLflow server and Airflow standalone) natively."""
+def up(services: str = typer.Option("mlflow,airflow,server", help="Comma-separated: mlflow, airflow, server.")) -> None:
+    """Start the embedded stack natively: MLflow server, Airflow standalone and the model server."""
     from voice_lib import stack
 
     stack.up(get_settings(), services=tuple(s.strip() for s in services.split(",") if s.strip()))
-    status()
+    status(None)
 
 
 @app.command()
@@ -422,35 +422,15 @@ def bench(
 @app.command()
 def demo(
     voice_id: str = typer.Option("demo-slt", help="Voice id of the demo voice."),
-    speaker: str = typer.Option("flite-slt", help="Offline TTS speaker standing in for a person's recordings."),
+    speaker: str = typer.Option("flite-slt", help="Offline TTS speaker (unseen in pretraining) standing in for a person."),
     seconds: float = typer.Option(75.0, help="Seconds of recordings to generate."),
+    train_steps: int = typer.Option(300, help="LoRA fine-tuning steps."),
+    release: bool = typer.Option(True, "--release/--no-release", help="Finish with a short canary run to production."),
 ) -> None:
-    """Generate a demo voice's recordings and onboard it on the embedded stack; print where the reports are."""
-    from voice_lib import airflow_client, onboarding, stack
-    from voice_lib.corpus import make_voice_dataset
+    """The whole job on the embedded stack: recordings → onboarding → registered candidate → synthesis → release."""
+    from voice_lib.demo import run_demo
 
-    settings = get_settings()
-    data = settings.home / "demo" / voice_id
-    console.rule("1/3 recordings")
-    make_voice_dataset(data, speaker, seconds, layout="metadata")
-    console.print(f"{seconds:.0f} s of '{speaker}' speech with transcripts in {data}")
-    console.rule("2/3 MLflow")
-    stack.up(settings, services=("mlflow",))
-    console.rule("3/3 voice_onboarding (ingest → qc → features)")
-    conf = {"voice_id": voice_id, "data_uri": str(data), "language": "en", "min_speech_seconds": 60, "shards": 2}
-    state = airflow_client.dags_test(settings, "voice_onboarding", conf, console)
-    if state != "success":
-        console.print(f"[red]voice_onboarding ended {state}[/red]; see the log above.")
-        raise typer.Exit(1)
-    dataset = onboarding.ingest(voice_id, str(data), settings)  # cached: returns the stored dataset's handle
-    report = _load_report(dataset, settings, "en")
-    out = Console()
-    out.rule("demo done")
-    out.print(f"QC: {'PASSED' if report['passed'] else 'REJECTED'}, {report['speech_seconds']:.1f} s usable speech")
-    out.print(f"QC report (HTML): {report['report_html']}")
-    if report.get("mlflow_run_url"):
-        out.print(f"QC run in MLflow:  {report['mlflow_run_url']}")
-    out.print(f"MLflow UI:         {settings.mlflow_tracking_uri}  (stop with `voiceops down`)")
+    raise typer.Exit(run_demo(get_settings(), voice_id, speaker, seconds, train_steps, release, console))
 
 
 # --- API keys of the model server (serving/tenants.py) ---------------------------------------------

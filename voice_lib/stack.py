@@ -27,7 +27,9 @@ from rich.console import Console
 
 from voice_lib.config import Settings
 
-SERVICES = ("mlflow", "airflow")
+SERVICES = ("mlflow", "airflow", "server")
+# What each service's command line contains, to tell our process from a recycled pid.
+_PROCESS_MARKER = {"mlflow": "mlflow", "airflow": "airflow", "server": "voiceops serve"}
 STOP_GRACE_SECONDS = 20.0
 console = Console(stderr=True)
 
@@ -85,7 +87,7 @@ def _alive(pid: int, name: str) -> bool:
         cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except (OSError, IndexError):
         return False
-    return state != "Z" and name in cmdline
+    return state != "Z" and _PROCESS_MARKER.get(name, name) in cmdline
 
 
 def _group_alive(pgid: int) -> bool:
@@ -262,6 +264,7 @@ def service_url(settings: Settings, name: str) -> str:
     host, port = {
         "mlflow": (settings.mlflow_host, settings.mlflow_port),
         "airflow": (settings.airflow_host, settings.airflow_port),
+        "server": (settings.serving.host, settings.serving.port),
     }[name]
     # A wildcard bind address is not something a client can connect to.
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
@@ -292,6 +295,9 @@ def _launch_spec(settings: Settings, name: str) -> tuple[list[str], dict[str, st
         if "://" not in dest:
             Path(dest).mkdir(parents=True, exist_ok=True)
         return _mlflow_command(settings), mlflow_env(settings), settings.mlflow_host, settings.mlflow_port
+    if name == "server":
+        cmd = [_executable("voiceops"), "serve", "--port", str(settings.serving.port), "--host", settings.serving.host]
+        return cmd, _base_env(settings), settings.serving.host, settings.serving.port
     _prepare_airflow(settings)
     cmd = [_executable("airflow"), "standalone"]
     return cmd, airflow_env(settings), settings.airflow_host, settings.airflow_port
@@ -299,14 +305,14 @@ def _launch_spec(settings: Settings, name: str) -> tuple[list[str], dict[str, st
 
 def _probe(name: str, url: str) -> tuple[bool, str]:
     """(healthy, detail) from the service's health endpoint."""
-    path = "/health" if name == "mlflow" else "/api/v2/monitor/health"
+    path = {"mlflow": "/health", "server": "/livez"}.get(name, "/api/v2/monitor/health")
     try:
         resp = httpx.get(url + path, timeout=3.0)
     except httpx.HTTPError as exc:
         return False, f"no answer ({type(exc).__name__})"
     if resp.status_code != 200:
         return False, f"{path} returned HTTP {resp.status_code}"
-    if name == "mlflow":
+    if name in ("mlflow", "server"):
         return True, "ok"
     try:
         report = resp.json()

@@ -1,0 +1,67 @@
+"""`voiceops demo` / `make demo`: the main job end to end on the embedded default (SQLite, local files)."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+
+from voice_lib.config import Settings
+
+
+def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, train_steps: int, release: bool,
+             console: Console) -> int:
+    from voice_lib import airflow_client, onboarding, stack
+    from voice_lib.audio import write_wav
+    from voice_lib.corpus import make_voice_dataset
+    from voice_lib.inference import load_registered_voice
+    from voice_lib.registry import Registry
+    from voice_lib.storage import artifact_store
+
+    total = 5 if release else 4
+    data = settings.home / "demo" / voice_id
+    console.rule(f"1/{total} recordings")
+    make_voice_dataset(data, speaker, seconds, layout="metadata")
+    console.print(f"{seconds:.0f} s of '{speaker}' speech with transcripts in {data} ('{speaker}' was held out of pretraining)")
+    console.rule(f"2/{total} MLflow")
+    stack.up(settings, services=("mlflow",))
+    console.rule(f"3/{total} voice_onboarding: ingest → qc → features → train → evaluate → register")
+    conf = {"voice_id": voice_id, "data_uri": str(data), "language": "en", "min_speech_seconds": 60, "shards": 2,
+            "lora_rank": 8, "train_steps": train_steps}
+    state = airflow_client.dags_test(settings, "voice_onboarding", conf, console)
+    if state != "success":
+        console.print(f"[red]voice_onboarding ended {state}[/red]; the log above names the failing task and why.")
+        return 1
+    console.rule(f"4/{total} synthesis with the registered candidate")
+    registry = Registry(settings)
+    candidate = registry.version_by_alias(f"voice-{voice_id}", "candidate")
+    synth, meta = load_registered_voice(settings, voice_id, "candidate")
+    wav = settings.home / "demo" / f"{voice_id}-v{candidate.version}.wav"
+    text = "Hello! This voice was cloned from seventy five seconds of recordings."
+    result = synth.synthesize(text)
+    write_wav(wav, result.audio, result.sample_rate)
+
+    dataset = onboarding.ingest(voice_id, str(data), settings)  # cached: the stored dataset's handle
+    store = artifact_store(settings)
+    qc = json.loads(store.read_bytes(f"{onboarding.qc_prefix(voice_id, dataset['data_sha256'], settings, 'en')}/report.json"))
+    model_prefix = f"voices/{voice_id}/models/{meta['training_key']}"
+    evaluation = json.loads(store.read_bytes(f"{model_prefix}/evaluation.json"))
+    adapted, base = evaluation["aggregates"].get("adapted", {}), evaluation["aggregates"].get("base", {})
+    if release:
+        console.rule(f"5/{total} release")
+        from voice_lib.demo_release import short_canary_release
+
+        if short_canary_release(settings, voice_id, candidate.version, console) != 0:
+            return 1
+    out = Console()
+    out.rule("demo done")
+    out.print(f"voice-{voice_id} version {candidate.version}: aliases {registry.aliases(f'voice-{voice_id}')}")
+    out.print(f"speaker similarity adapted {adapted.get('speaker_similarity', float('nan')):.3f} vs base "
+              f"{base.get('speaker_similarity', float('nan')):.3f}; WER {adapted.get('wer', float('nan')):.2f}")
+    out.print(f"synthesised:        {wav}")
+    out.print(f"QC report:          {qc['report_html']}")
+    out.print(f"evaluation report:  {store.uri}/{model_prefix}/eval_report/report.html")
+    if qc.get("mlflow_run_url"):
+        out.print(f"QC run in MLflow:   {qc['mlflow_run_url']}")
+    out.print(f"MLflow UI:          {settings.mlflow_tracking_uri}  (stop with `voiceops down`)")
+    return 0
