@@ -74,7 +74,7 @@ def main() -> None:
                 rows[name]["pesq"].append(p)
                 rows[name]["stoi"].append(s)
     table = {name: {k: round(statistics.median(v), 3) for k, v in m.items()} for name, m in rows.items()}
-    print(f"{'vocoder':24} {'PESQ-wb':>8} {'STOI':>6} {'RTF':>7}   (medians over {len(VOICES)} voices x {len(sentences)} clips)")
+    print(f"{'vocoder':24} {'PESQ-wb':>8} {'STOI':>6} {'RTF':>7}   (medians over {len(VOICES)} voices x {len(sentences)} clips; RTF = analysis + resynthesis)")
     for name, m in table.items():
         print(f"{name:24} {m['pesq']:8.2f} {m['stoi']:6.3f} {m['rtf']:7.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
