@@ -16,44 +16,34 @@ store fails, the last good set keeps serving and ``degraded``/``last_error`` say
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from serving.multilora import AdapterWeights, LoraBank, activate, install
-from voice_lib.audio import CLIP_LEVEL
+from serving.engine import (
+    BaseBundle,
+    SynthesisError,
+    SynthesisJob,
+    SynthesisOutput,
+    run_batch,
+)
+from serving.multilora import AdapterWeights, LoraBank, install, install_padding_guard
 from voice_lib.config import Settings
-from voice_lib.features import FeatureConfig, world_synthesis
-from voice_lib.model import VoiceModel
+from voice_lib.features import FeatureConfig
 from voice_lib.registry import Registry, RegistryError
-from voice_lib.train import load_base, split_features
+from voice_lib.train import load_base
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (voice_id, version)
-MAX_STEPS_PER_PHONE = 50  # 1 s at 20 ms steps: a duration predictor gone wild must not allocate gigabytes
-
-
-class SynthesisError(RuntimeError):
-    """The model produced unusable output (non-finite features) for one item of a batch."""
-
-
-@dataclass(frozen=True, eq=False)
-class BaseBundle:
-    """A resident base model with its LoRA target layers wrapped for multi-adapter inference."""
-
-    sha256: str
-    model: VoiceModel
-    shapes: dict[str, tuple[int, int]]
-    feature_config: FeatureConfig
-    source: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,27 +74,6 @@ class VoiceRoute:
     notes: tuple[str, ...] = ()
 
 
-@dataclass(eq=False)
-class SynthesisJob:
-    """One sentence for the batcher: phoneme ids plus the adapter slot and bank of the request's snapshot."""
-
-    phoneme_ids: Sequence[int]
-    speed: float
-    base: BaseBundle
-    bank: LoraBank
-    slot: int
-    speaker: torch.Tensor
-
-
-@dataclass
-class SynthesisOutput:
-    audio: np.ndarray
-    sample_rate: int
-    compute_seconds: float
-    bad: str | None  # "silent" | "clipped" | None
-    batch_size: int
-
-
 @dataclass(frozen=True, eq=False)
 class Snapshot:
     generation: int
@@ -127,86 +96,6 @@ class Snapshot:
 EMPTY = Snapshot(0, MappingProxyType({}), MappingProxyType({}), MappingProxyType({}), 0.0)
 
 
-def bad_audio_kind(audio: np.ndarray, silence_dbfs: float, clipping_fraction: float) -> str | None:
-    """Cheap per-request check (no VAD): RMS below ``silence_dbfs`` or too many full-scale samples."""
-    if len(audio) == 0:
-        return "silent"
-    rms_db = 20 * math.log10(float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))) + 1e-12)
-    if rms_db < silence_dbfs:
-        return "silent"
-    return "clipped" if float(np.mean(np.abs(audio) >= CLIP_LEVEL)) > clipping_fraction else None
-
-
-def _vocode(base: BaseBundle, normalized: torch.Tensor) -> np.ndarray:
-    features = base.model.denormalize(normalized).numpy()
-    if not np.isfinite(features).all():
-        raise SynthesisError("the model produced non-finite acoustic features")
-    lf0, vuv, env, bap = split_features(features)
-    fc = base.feature_config
-    # WORLD is only defined for F0 inside its analysis range; keep a wild prediction from reaching it.
-    lf0 = np.clip(lf0, math.log(fc.f0_floor), math.log(fc.f0_ceil))
-    return world_synthesis(lf0, vuv, env, bap, fc)
-
-
-def run_batch(jobs: Sequence[SynthesisJob], silence_dbfs: float = -50.0,
-              clipping_fraction: float = 0.001) -> Iterator[tuple[int, SynthesisOutput | Exception]]:
-    """Synthesise ``jobs``: one model pass per (base, bank) group, then vocode and yield each item as it is done.
-
-    Items are yielded as ``(index in jobs, output or exception)``; one bad item never fails the others.
-    """
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, job in enumerate(jobs):
-        groups.setdefault((id(job.base), id(job.bank)), []).append(i)
-    for indices in groups.values():
-        group = [jobs[i] for i in indices]
-        base, net = group[0].base, group[0].base.model
-        started = time.perf_counter()
-        try:
-            pred, steps, broken = _infer(net, group)
-        except Exception as exc:  # noqa: BLE001 - the whole group failed; report it on every item
-            log.exception("batch of %d failed", len(group))
-            for i in indices:
-                yield i, exc
-            continue
-        shared = (time.perf_counter() - started) / len(group)
-        for row, i in enumerate(indices):
-            if broken[row]:
-                yield i, SynthesisError("the model produced non-finite durations")
-                continue
-            t0 = time.perf_counter()
-            try:
-                audio = _vocode(base, pred[row, : steps[row]])
-            except Exception as exc:  # noqa: BLE001
-                yield i, exc
-                continue
-            yield i, SynthesisOutput(audio, base.feature_config.sample_rate, shared + time.perf_counter() - t0,
-                                     bad_audio_kind(audio, silence_dbfs, clipping_fraction), len(jobs))
-
-
-def _infer(net: VoiceModel, group: Sequence[SynthesisJob]) -> tuple[torch.Tensor, list[int], list[bool]]:
-    """VoiceModel.infer for a padded batch, with a speed per row and guarded durations."""
-    lengths = torch.tensor([len(j.phoneme_ids) for j in group])
-    ids = torch.zeros(len(group), int(lengths.max()), dtype=torch.long)
-    for row, job in enumerate(group):
-        ids[row, : len(job.phoneme_ids)] = torch.as_tensor(list(job.phoneme_ids), dtype=torch.long)
-    speaker = torch.stack([j.speaker for j in group])
-    speed = torch.tensor([[j.speed] for j in group], dtype=torch.float32)
-    with torch.inference_mode(), activate(group[0].bank, [j.slot for j in group]):
-        phone_mask = torch.arange(ids.shape[1])[None] >= lengths[:, None]
-        h, mean, log_dur = net.encode(ids, phone_mask, speaker)
-        broken = (~torch.isfinite(log_dur).masked_fill(phone_mask, True).all(1)).tolist()
-        raw = torch.nan_to_num(torch.expm1(log_dur) / speed, nan=1.0, posinf=MAX_STEPS_PER_PHONE)
-        durations = torch.clamp(torch.round(raw), 1, MAX_STEPS_PER_PHONE).long().masked_fill(phone_mask, 0)
-        limit = net.cfg.max_positions  # the decoder's position table is this long
-        totals = durations.sum(1)
-        if bool((totals > limit).any()):
-            durations = torch.where((totals > limit)[:, None], (durations * limit // totals[:, None]).clamp(min=1),
-                                    durations).masked_fill(phone_mask, 0)
-        pred, _ = net.decode(h, mean, durations, speaker)
-    steps = (durations.sum(1) * net.cfg.reduction).tolist()
-    return pred, steps, broken
-
-
 class VoicePool:
     """Loads, warms, swaps and unloads voice versions; thread-safe; see the module docstring."""
 
@@ -222,6 +111,8 @@ class VoicePool:
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self._generation = 0
+        self._bases_seen: dict[str, BaseBundle] = {}  # resident bases by sha256; pruned at each swap
+        self._failed: dict[Key, tuple[float, int, str]] = {}  # key -> (retry after, attempts, error)
         self.listeners: list[Callable[[Snapshot], None]] = []
         self.last_error: str | None = None
         self.last_attempt_at: float | None = None
@@ -267,7 +158,7 @@ class VoicePool:
         while not self._stopping.is_set():
             try:
                 self.reload()
-            except Exception as exc:  # noqa: BLE001 - the poller must survive anything
+            except Exception as exc:
                 log.exception("reload failed")
                 self.last_error = f"reload failed: {exc}"
             self._wake.wait(self.settings.serving.poll_seconds)
@@ -289,12 +180,22 @@ class VoicePool:
             held = {v.key: v for v in old.versions}
             errors: list[str] = []
             fresh: dict[Key, LoadedVersion] = {}
+            now = time.monotonic()
             for key in sorted({k for w in wanted.values() for k in w["keys"]} - held.keys()):
+                failed = self._failed.get(key)
+                if failed is not None and failed[0] > now:  # versions are immutable: don't re-download every poll
+                    errors.append(failed[2])
+                    continue
                 try:
-                    fresh[key] = self._load_version(*key, bases={**old.bases})
+                    fresh[key] = self._load_version(*key)
+                    self._failed.pop(key, None)
                 except Exception as exc:  # noqa: BLE001 - one bad version must not block the others
-                    errors.append(f"voice-{key[0]} version {key[1]}: {exc}")
-                    log.warning("could not load voice-%s version %s: %s", *key, exc)
+                    message = f"voice-{key[0]} version {key[1]}: {exc}"
+                    errors.append(message)
+                    tries = failed[1] + 1 if failed else 1
+                    self._failed[key] = (now + min(300.0, 5.0 * 2 ** tries), tries, message)
+                    log.warning("could not load voice-%s version %s (retry in %.0f s): %s", *key,
+                                min(300.0, 5.0 * 2 ** tries), exc)
             fresh = self._warm_up(fresh, wanted, errors)
             available = {**held, **fresh}
             routes: dict[str, VoiceRoute] = {}
@@ -302,14 +203,17 @@ class VoicePool:
                 route = self._route(voice_id, w, available, old.voices.get(voice_id), errors)
                 if route is not None:
                     routes[voice_id] = route
+            self.last_error = "; ".join(errors) or None
+            self.last_success_at = time.time()
+            if _signature(routes) == _signature(old.voices):  # nothing changed: keep the banks, skip the swap
+                return {"swapped": False, "generation": old.generation, "voices": sorted(routes), "loaded": [],
+                        "errors": errors}
             new = self._build_snapshot(routes, old)
             self._snapshot = new  # the swap: one reference assignment
             for key in sorted(held.keys() - {v.key for v in new.versions}):
                 log.info("unloaded voice-%s version %s", *key)
             for key in sorted(fresh.keys() & {v.key for v in new.versions}):
                 log.info("loaded voice-%s version %s", *key)
-            self.last_error = "; ".join(errors) or None
-            self.last_success_at = time.time()
             for listener in self.listeners:
                 listener(new)
             return {"swapped": True, "generation": new.generation, "voices": sorted(routes),
@@ -375,11 +279,7 @@ class VoicePool:
 
     # --- loading ----------------------------------------------------------------------------------
 
-    _bases_seen: dict[str, BaseBundle] = {}
-
-    def _load_version(self, voice_id: str, version: str, bases: dict[str, BaseBundle]) -> LoadedVersion:
-        import json
-
+    def _load_version(self, voice_id: str, version: str) -> LoadedVersion:
         name = f"voice-{voice_id}"
         info = self.registry.version(name, version)
         folder = self.cache_dir / name / version
@@ -408,16 +308,18 @@ class VoicePool:
         base_version = str(lineage.get("base_version") or "")
         if base_version.isdigit():
             dest = self.cache_dir / "voice-base" / base_version
-            if not (dest / "model.safetensors").exists():
-                self.registry.download(str(lineage.get("base_model") or "voice-base"), base_version, dest)
-            candidates.append(dest)
-        candidates.append(SHIPPED_BASE)
+            try:
+                if not (dest / "model.safetensors").exists():
+                    self.registry.download(str(lineage.get("base_model") or "voice-base"), base_version, dest)
+                candidates.append(dest)
+            except RegistryError as exc:  # the configured or shipped base may still be the right one
+                log.info("%s version %s: registered base version %s unavailable (%s)", name, version, base_version, exc)
+        candidates += [p for p in (self.settings.serving.base_dir, SHIPPED_BASE) if p is not None]
         for folder in candidates:
             if (folder / "model.safetensors").exists() and sha256_file(folder / "model.safetensors") == sha:
-                import json
-
                 model = load_base(folder)
                 shapes = install(model)
+                install_padding_guard(model)
                 model.eval()
                 config = json.loads((folder / "config.json").read_text()).get("feature_config")
                 bundle = BaseBundle(sha, model, shapes, FeatureConfig(**config) if config else FeatureConfig(), str(folder))
@@ -425,7 +327,8 @@ class VoicePool:
                 log.info("loaded base %s (sha256 %s…) from %s", lineage.get("base_model", "voice-base"), sha[:12], folder)
                 return bundle
         raise RegistryError(f"{name} version {version} was trained on base sha256 {sha[:12]}…, which is neither "
-                            f"voice-base version {base_version or '?'} nor the shipped base; register that base.")
+                            f"voice-base version {base_version or '?'}, serving.base_dir nor the shipped base; "
+                            "register that base or point VOICEOPS_SERVING__BASE_DIR at it.")
 
     def _warm_up(self, fresh: dict[Key, LoadedVersion], wanted: dict[str, dict[str, Any]],
                  errors: list[str]) -> dict[Key, LoadedVersion]:
@@ -453,12 +356,19 @@ class VoicePool:
                 if isinstance(out, SynthesisError) and v.key in canaries:
                     kept[v.key] = replace(v, warmup={"error": str(out)})
                 elif isinstance(out, Exception):
-                    errors.append(f"voice-{v.voice_id} version {v.version}: warm-up failed: {out}")
+                    message = f"voice-{v.voice_id} version {v.version}: warm-up failed: {out}"
+                    errors.append(message)
+                    self._failed[v.key] = (time.monotonic() + 60.0, 1, message)
                 else:
                     kept[v.key] = replace(v, warmup={"seconds": round(time.perf_counter() - started, 3),
                                                      "audio_seconds": round(len(out.audio) / out.sample_rate, 3),
                                                      "bad_audio": out.bad})
         return kept
+
+
+def _signature(routes: Mapping[str, VoiceRoute]) -> tuple:
+    return tuple(sorted((v, r.production.key, r.canary and r.canary.key, r.canary_weight, r.release_state, r.notes)
+                        for v, r in routes.items()))
 
 
 def _phoneme_ids(text: str) -> list[int]:

@@ -85,6 +85,9 @@ class ServingSettings(BaseModel):
     breaker_max_p95_ms: float = 2000.0
     breaker_max_bad_audio_rate: float = 0.05
     warmup_text: str = "Hello, this is a short warm up sentence."
+    # Base model folder the server may use when a version's registered base cannot be fetched; it is only
+    # used for versions whose base_sha256 lineage tag matches its weights, never for another base.
+    base_dir: Path | None = None
 
 
 class ReleaseSettings(BaseModel):

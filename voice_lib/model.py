@@ -97,7 +97,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.norm1(x), pad_mask))
-        x = x + self.conv(self.norm2(x).transpose(1, 2)).transpose(1, 2)
+        # Zero the padding before the convolution: otherwise a row's edges depend on its batch neighbours.
+        x = x + self.conv(self.norm2(x).masked_fill(pad_mask[..., None], 0.0).transpose(1, 2)).transpose(1, 2)
         x = x + self.dropout(self.ffn(self.norm3(x)))
         return x.masked_fill(pad_mask[..., None], 0.0)
 
@@ -114,8 +115,9 @@ class DurationPredictor(nn.Module):
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """Returns log(1 + duration in decoder steps) per phoneme."""
-        h = self.dropout(self.norm1(F.relu(self.conv1(x.transpose(1, 2)).transpose(1, 2))))
-        h = self.dropout(self.norm2(F.relu(self.conv2(h.transpose(1, 2)).transpose(1, 2))))
+        keep = (~pad_mask)[..., None].float()
+        h = self.dropout(self.norm1(F.relu(self.conv1((x * keep).transpose(1, 2)).transpose(1, 2))))
+        h = self.dropout(self.norm2(F.relu(self.conv2((h * keep).transpose(1, 2)).transpose(1, 2))))
         return self.out(h).squeeze(-1).masked_fill(pad_mask, 0.0)
 
 

@@ -1,0 +1,213 @@
+"""From a routed request to audio: text frontend, batched synthesis, canary fallback, encoding, streaming.
+
+Canary fallback: when the canary version's output for a request is unusable (an exception, non-finite
+features) or bad (silent or clipped), the breaker records it and the same request is synthesised again
+with production; the response then says ``X-Voice-Variant: production`` and carries ``X-Voice-Fallback``.
+So a failing canary costs its users latency, never a broken answer, while the breaker counts the
+failures and stops canary traffic. The canary attempt gets its own audit row (status 500 or the bad
+audio noted) with the same request id, so canary analysis over the audit log still sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from serving.batcher import BatcherClosed, MicroBatcher
+from serving.pool import LoadedVersion, Snapshot, SynthesisOutput, VoiceRoute
+from serving.routing import CANARY, PRODUCTION, Decision
+from voice_lib.text import TextError, phonemes_to_ids, phonemize, split_sentences
+
+CHUNK_CHARS = 200  # sentences longer than this are split at clauses (text.split_sentences)
+# format -> (soundfile container, subtype, media type); "pcm16"/"pcm" are raw 16-bit little-endian mono.
+FORMATS: dict[str, tuple[str | None, str | None, str]] = {
+    "wav": ("WAV", "PCM_16", "audio/wav"),
+    "pcm16": (None, None, "audio/L16"),
+    "pcm": (None, None, "audio/L16"),
+    "mp3": ("MP3", "MPEG_LAYER_III", "audio/mpeg"),
+    "ogg": ("OGG", "VORBIS", "audio/ogg"),
+    "opus": ("OGG", "OPUS", "audio/ogg; codecs=opus"),
+    "flac": ("FLAC", "PCM_16", "audio/flac"),
+}
+STREAM_FORMATS = ("wav", "pcm16", "pcm")
+
+
+class ServingError(Exception):
+    """An error with an HTTP status and a stable code; rendered as {"error": {"code", "message"}}."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
+
+def encode_audio(audio: np.ndarray, sample_rate: int, fmt: str) -> tuple[bytes, str]:
+    import soundfile as sf
+
+    container, subtype, media_type = FORMATS[fmt]
+    if container is None:
+        return pcm16(audio), media_type
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(audio, -1.0, 1.0), sample_rate, format=container, subtype=subtype)
+    return buf.getvalue(), media_type
+
+
+def wav_stream_header(sample_rate: int) -> bytes:
+    """A 16-bit mono WAV header for a stream of unknown length: both sizes are 0xFFFFFFFF (as ffmpeg writes
+    when it cannot seek); players read PCM until the connection ends."""
+    unknown = 0xFFFFFFFF
+    return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE" + b"fmt "
+            + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+            + b"data" + struct.pack("<I", unknown))
+
+
+def phoneme_chunks(text: str, language: str) -> list[list[int]]:
+    """Sentence chunks as phoneme ids; raises ServingError 422 for text with nothing to say."""
+    chunks = [c for c in split_sentences(text, CHUNK_CHARS) if c.strip()]
+    ids: list[list[int]] = []
+    for chunk in chunks:
+        try:
+            ids.append(phonemes_to_ids(phonemize(chunk, language)))  # type: ignore[arg-type]
+        except TextError:
+            continue  # a chunk of bare punctuation or symbols is silence, not an error
+    if not ids:
+        raise ServingError(422, "invalid_text", f"text has nothing pronounceable: {text[:80]!r}")
+    return ids
+
+
+@dataclass
+class Served:
+    """What was synthesised for one request (or one streamed chunk)."""
+
+    outputs: list[SynthesisOutput]
+    decision: Decision
+    fallback: str | None = None
+
+    @property
+    def audio(self) -> np.ndarray:
+        return np.concatenate([o.audio for o in self.outputs]) if self.outputs else np.zeros(0, np.float32)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.outputs[0].sample_rate
+
+    @property
+    def compute_seconds(self) -> float:
+        return sum(o.compute_seconds for o in self.outputs)
+
+    @property
+    def bad(self) -> str | None:
+        return next((o.bad for o in self.outputs if o.bad), None)
+
+
+@dataclass
+class RequestContext:
+    """Per-request facts the synthesis path needs for recording (audit/metrics/breaker)."""
+
+    request_id: str
+    tenant: str
+    characters: int
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Synthesis:
+    """Runs routed requests through the batcher; owns canary fallback and breaker/audit/metric recording."""
+
+    def __init__(self, batcher: MicroBatcher, breaker: Any, audit: Any, metrics: Any, timeout: float) -> None:
+        self.batcher, self.breaker, self.audit, self.metrics, self.timeout = batcher, breaker, audit, metrics, timeout
+
+    async def _run(self, snap: Snapshot, version: LoadedVersion, chunks: Sequence[Sequence[int]],
+                   speed: float) -> list[SynthesisOutput]:
+        try:
+            futures = [self.batcher.submit(snap.job(version, ids, speed)) for ids in chunks]
+        except BatcherClosed:
+            raise ServingError(503, "shutting_down", "the server is shutting down; retry on another replica") from None
+        return list(await asyncio.wait_for(asyncio.gather(*futures), self.timeout))
+
+    async def synthesize(self, snap: Snapshot, route: VoiceRoute, decision: Decision, chunks: Sequence[Sequence[int]],
+                         speed: float, ctx: RequestContext) -> Served:
+        """Every chunk with the decided version; a failing canary falls back to production (module docstring)."""
+        started = time.perf_counter()
+        try:
+            outputs = await self._run(snap, decision.version, chunks, speed)
+        except ServingError:
+            raise
+        except TimeoutError:
+            if decision.variant == CANARY:
+                self._canary_failed(decision, ctx, started, f"timed out after {self.timeout:g} s", bad=None)
+            raise ServingError(504, "timeout", f"synthesis did not finish within {self.timeout:g} s; "
+                                              "send shorter text or retry") from None
+        except Exception as exc:
+            if decision.variant != CANARY:
+                raise ServingError(500, "synthesis_failed", f"synthesis failed: {exc}") from exc
+            self._canary_failed(decision, ctx, started, f"{type(exc).__name__}: {exc}", bad=None)
+            return await self._fallback(snap, route, decision, chunks, speed, f"canary version {decision.version.version} failed")
+        served = Served(outputs, decision)
+        if decision.variant == CANARY:
+            if served.bad:
+                self._canary_failed(decision, ctx, started, f"canary produced {served.bad} audio", bad=served.bad)
+                return await self._fallback(snap, route, decision, chunks, speed,
+                                            f"canary version {decision.version.version} produced {served.bad} audio")
+            self.breaker.record(route.voice_id, decision.version.version, (time.perf_counter() - started) * 1000)
+        return served
+
+    async def _fallback(self, snap: Snapshot, route: VoiceRoute, decision: Decision, chunks: Sequence[Sequence[int]],
+                        speed: float, why: str) -> Served:
+        production = Decision(PRODUCTION, route.production, decision.effective_weight, decision.bucket)
+        try:
+            outputs = await self._run(snap, route.production, chunks, speed)
+        except ServingError:
+            raise
+        except TimeoutError:
+            raise ServingError(504, "timeout", f"synthesis did not finish within {self.timeout:g} s") from None
+        except Exception as exc:
+            raise ServingError(500, "synthesis_failed", f"synthesis failed: {exc}") from exc
+        return Served(outputs, production, fallback=f"{why}; served by production")
+
+    def _canary_failed(self, decision: Decision, ctx: RequestContext, started: float, error: str, bad: str | None) -> None:
+        v = decision.version
+        latency_ms = (time.perf_counter() - started) * 1000
+        self.breaker.record(v.voice_id, v.version, latency_ms, error=bad is None, bad_audio=bad is not None)
+        status = 200 if bad else 500  # bad audio was produced (a 200 had there been no fallback), errors are 500
+        if bad:
+            self.metrics.observe_bad_audio(v.voice_id, v.version, CANARY, bad)
+        self.metrics.observe_request(v.voice_id, v.version, CANARY, status, latency_ms / 1000)
+        self.audit.record(request_id=ctx.request_id, tenant=ctx.tenant, voice_id=v.voice_id, version=v.version,
+                          variant=CANARY, characters=ctx.characters, latency_ms=latency_ms, status=status,
+                          error=f"{error}; fell back to production")
+
+    async def stream(self, snap: Snapshot, route: VoiceRoute, decision: Decision, chunks: Sequence[Sequence[int]],
+                     speed: float, ctx: RequestContext) -> tuple[Served, AsyncIterator[Served]]:
+        """The first chunk now (errors still become a proper status), the rest as an async iterator.
+
+        Chunks are synthesised one ahead of the one being sent, so sentence i+1 is computed while the
+        client receives sentence i. A canary chunk that fails falls back to production for that chunk.
+        """
+        first = await self.synthesize(snap, route, decision, chunks[:1], speed, ctx)
+        # Once the canary failed for this request, keep the rest on production: one voice per answer.
+        decision = first.decision
+
+        async def rest() -> AsyncIterator[Served]:
+            pending: asyncio.Task | None = None
+            for i in range(1, len(chunks)):
+                task = pending or asyncio.ensure_future(self.synthesize(snap, route, decision, chunks[i:i + 1], speed, ctx))
+                pending = (asyncio.ensure_future(self.synthesize(snap, route, decision, chunks[i + 1:i + 2], speed, ctx))
+                           if i + 1 < len(chunks) else None)
+                try:
+                    yield await task
+                except BaseException:
+                    if pending is not None:
+                        pending.cancel()
+                    raise
+
+        return first, rest()
