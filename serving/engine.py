@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from serving.multilora import LoraBank, activate, padding_masks
+from serving.multilora import LoraBank, activate
 from voice_lib.audio import CLIP_LEVEL
 from voice_lib.features import FeatureConfig, world_synthesis
 from voice_lib.model import VoiceModel
@@ -129,7 +129,7 @@ def _infer(net: VoiceModel, group: Sequence[SynthesisJob]) -> tuple[torch.Tensor
     speaker = torch.stack([j.speaker for j in group])
     speed = torch.tensor([[j.speed] for j in group], dtype=torch.float32)
     phone_mask = torch.arange(ids.shape[1])[None] >= lengths[:, None]
-    with torch.inference_mode(), activate(group[0].bank, [j.slot for j in group]), padding_masks(phones=phone_mask):
+    with torch.inference_mode(), activate(group[0].bank, [j.slot for j in group]):
         h, mean, log_dur = net.encode(ids, phone_mask, speaker)
         broken = (~torch.isfinite(log_dur).masked_fill(phone_mask, True).all(1)).tolist()
         raw = torch.nan_to_num(torch.expm1(log_dur) / speed, nan=1.0, posinf=MAX_STEPS_PER_PHONE)
@@ -139,9 +139,6 @@ def _infer(net: VoiceModel, group: Sequence[SynthesisJob]) -> tuple[torch.Tensor
         if bool((totals > limit).any()):
             durations = torch.where((totals > limit)[:, None], (durations * limit // totals[:, None]).clamp(min=1),
                                     durations).masked_fill(phone_mask, 0)
-        totals = durations.sum(1)
-        step_mask = torch.arange(max(1, int(totals.max())))[None] >= totals[:, None]  # as VoiceModel.decode builds it
-        with padding_masks(steps=step_mask):
-            pred, _ = net.decode(h, mean, durations, speaker)
+        pred, _ = net.decode(h, mean, durations, speaker)
     steps = (durations.sum(1) * net.cfg.reduction).tolist()
     return pred, steps, broken

@@ -8,11 +8,8 @@ into one tensor per layer. A batch says which adapter each row uses (``activate(
 wrapped layer adds ``scale_i * B_i(A_i(x_i))`` to row i with two batched matmuls over gathered weights
 (the S-LoRA/Punica "gather then bmm" scheme). Mixed-voice batches therefore cost about one base pass.
 
-Padding guard: the model's depthwise convolutions read across positions, so in a padded batch the last
-phones/steps of a shorter row would see its neighbours' padding (non-zero after LayerNorm) where a
-batch of one sees the convolution's zero padding; durations and audio would then depend on which other
-requests shared the batch. ``install_padding_guard`` zeroes every Conv1d input at padded positions
-(``padding_masks(...)``), making a row's output the same alone or in any batch.
+A row's output is the same alone or in any batch: the model itself zeroes convolution inputs at
+padded positions (voice_lib.model.Block, DurationPredictor).
 
 Nothing here mutates the model while serving: a new adapter set is a new ``LoraBank`` object, and a
 batch keeps the bank it started with, so reloads never race with inference.
@@ -26,7 +23,6 @@ from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,8 +32,6 @@ from voice_lib.train import LORA_TARGETS
 
 # (bank, per-row slot indices) of the batch running in this thread; None outside a batch (plain base).
 _ACTIVE: ContextVar[tuple[LoraBank, torch.Tensor] | None] = ContextVar("voiceops_active_lora", default=None)
-# {"phones": (b, n) mask, "steps": (b, T) mask}, True at padding, for the padding guard.
-_PAD_MASKS: ContextVar[dict[str, torch.Tensor] | None] = ContextVar("voiceops_pad_masks", default=None)
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -168,35 +162,3 @@ def activate(bank: LoraBank, rows: Sequence[int] | torch.Tensor) -> Iterator[Non
         yield
     finally:
         _ACTIVE.reset(token)
-
-
-def install_padding_guard(model: nn.Module) -> int:
-    """Zero the input of every Conv1d at padded positions while ``padding_masks`` is active; returns the count.
-
-    Decoder convolutions run over decoder steps, all others (encoder, duration predictor) over phones.
-    """
-    count = 0
-    for path, module in model.named_modules():
-        if isinstance(module, nn.Conv1d):
-            module.register_forward_pre_hook(partial(_zero_padding, "steps" if path.startswith("decoder") else "phones"))
-            count += 1
-    return count
-
-
-def _zero_padding(kind: str, module: nn.Module, args: tuple) -> tuple | None:
-    masks = _PAD_MASKS.get()
-    mask = masks.get(kind) if masks else None
-    x = args[0]
-    if mask is None or mask.shape != (x.shape[0], x.shape[2]) or not bool(mask.any()):
-        return None
-    return (x.masked_fill(mask[:, None, :], 0.0), *args[1:])
-
-
-@contextmanager
-def padding_masks(**masks: torch.Tensor) -> Iterator[None]:
-    """Padding masks (True at padding) for the guard: ``phones=(b, n)`` and/or ``steps=(b, T)``."""
-    token = _PAD_MASKS.set({**(_PAD_MASKS.get() or {}), **masks})
-    try:
-        yield
-    finally:
-        _PAD_MASKS.reset(token)

@@ -36,7 +36,7 @@ from serving.engine import (
     SynthesisOutput,
     run_batch,
 )
-from serving.multilora import AdapterWeights, LoraBank, install, install_padding_guard
+from serving.multilora import AdapterWeights, LoraBank, install
 from voice_lib.config import Settings
 from voice_lib.features import FeatureConfig
 from voice_lib.registry import Registry, RegistryError
@@ -319,7 +319,6 @@ class VoicePool:
             if (folder / "model.safetensors").exists() and sha256_file(folder / "model.safetensors") == sha:
                 model = load_base(folder)
                 shapes = install(model)
-                install_padding_guard(model)
                 model.eval()
                 config = json.loads((folder / "config.json").read_text()).get("feature_config")
                 bundle = BaseBundle(sha, model, shapes, FeatureConfig(**config) if config else FeatureConfig(), str(folder))

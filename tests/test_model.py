@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from voice_lib.model import ModelConfig, VoiceModel, monotonic_alignment
+from voice_lib.model import ModelConfig, monotonic_alignment
 from voice_lib.text import SYMBOLS
 
 TINY = dict(d_model=64, n_heads=2, ffn_dim=128, encoder_layers=1, decoder_layers=1)

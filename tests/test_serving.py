@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.multilora import AdapterWeights, LoraBank, install, install_padding_guard
+from serving.multilora import AdapterWeights, LoraBank, install
 from serving.pool import BaseBundle, SynthesisError, SynthesisJob, VoiceRoute, run_batch
 from serving.routing import CANARY, PRODUCTION, choose
 from serving.tenants import TenantDirectory, stable_bucket
@@ -104,7 +104,6 @@ def test_multi_lora_matches_peft_and_mixed_batches_match_single_requests(tmp_pat
         expected = reference.get_base_model().infer(ids, speaker)
     served = copy.deepcopy(base)
     shapes = install(served)
-    install_padding_guard(served)
     assert sorted({p.rsplit(".", 1)[-1] for p in shapes}) == ["fc1", "fc2", "proj", "qkv"]
     weights = {f.name: AdapterWeights.load(f) for f in (*folders, broken)}
     bank = LoraBank(list(weights.items()), shapes)
@@ -126,7 +125,7 @@ def test_multi_lora_matches_peft_and_mixed_batches_match_single_requests(tmp_pat
     n = min(len(alone["a1"].audio), len(alone["a2"].audio))
     assert not np.allclose(alone["a1"].audio[:n], alone["a2"].audio[:n])  # two voices, two outputs
     mixed = dict(run_batch([job("a1"), job("nan"), job("a2"), job("a1", long_text)]))
-    # A row gives the same audio alone or in a mixed batch of other voices and other lengths (padding guard) ...
+    # A row gives the same audio alone or in a mixed batch of other voices and other lengths (the model masks padding) ...
     for i, ref in ((0, alone["a1"]), (2, alone["a2"]), (3, alone_long)):
         assert mixed[i].batch_size == 4 and mixed[i].bad is None
         assert len(mixed[i].audio) == len(ref.audio) and np.allclose(mixed[i].audio, ref.audio, atol=1e-4), i

@@ -6,7 +6,6 @@ import json
 import logging
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -218,7 +217,7 @@ def qc(
         dataset = onboarding.ingest(voice_id, data, settings, shards=shards)
         for i in range(len(dataset["shards"])):
             onboarding.qc_shard(dataset, i, settings, language)
-        summary = onboarding.qc_report(dataset, settings, language, log_to_mlflow=log_mlflow)
+        onboarding.qc_report(dataset, settings, language, log_to_mlflow=log_mlflow)
         passed = True
     except IngestError as exc:
         _print_verdict({"passed": False, "reasons": [str(exc)], "speech_seconds": 0.0, "clips": []}, as_json)

@@ -139,7 +139,7 @@ def qc_shard(dataset: dict, shard_index: int, settings: Settings, language: str 
 
 def qc_report(dataset: dict, settings: Settings, language: str = "en", log_to_mlflow: bool = True) -> dict:
     """Whole-set QC decisions, the JSON/HTML report, and the MLflow run. Raises QCRejected on failure."""
-    from voice_lib.qc import QCReport, load_shard_result, summarize
+    from voice_lib.qc import load_shard_result, summarize
     from voice_lib.report import log_qc_report, render_qc_report
     from voice_lib.transcripts import read_transcripts
 
