@@ -1,0 +1,175 @@
+"""canary_promotion end to end: real Airflow (`airflow dags test`), real MLflow, the real model server
+with live traffic. A good candidate walks every step to production; a failing one is rolled back at the
+first step and never receives traffic again; a manual rollback takes traffic off the canary in time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from test_serving import Stack, tiny_base  # the same tiny base and adapter registration as the server tests
+from serving.tenants import TenantDirectory
+from voice_lib.config import Settings
+from voice_lib.registry import Registry
+from voice_lib.train import save_base
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+class Traffic:
+    """Distinct users hitting /v1/tts until stopped; remembers (time, version, variant, status)."""
+
+    def __init__(self, url: str, key: str, voice_id: str):
+        self.url, self.key, self.voice_id = url, key, voice_id
+        self.log: list[tuple[float, str, str, int]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=30) as client:
+            while not self.stop.is_set():
+                r = client.post("/v1/tts", json={"text": "Hello there.", "voice_id": self.voice_id,
+                                                 "user_id": uuid.uuid4().hex})
+                self.log.append((time.time(), r.headers.get("X-Voice-Version", ""), r.headers.get("X-Voice-Variant", ""), r.status_code))
+
+    def __enter__(self) -> "Traffic":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def env(mlflow_server: str, tmp_path_factory):
+    from voice_lib.training_pipeline import sha256_file
+
+    home = tmp_path_factory.mktemp("canary-home")
+    port = 0
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    base = tiny_base()
+    base_dir = save_base(base, home / "base", {"feature_config": {"sample_rate": 16000}}).parent
+    settings = Settings(home=home, mlflow_tracking_uri=mlflow_server)
+    settings = settings.model_copy(update={
+        "serving": settings.serving.model_copy(update={"poll_seconds": 1.0, "breaker_min_requests": 8,
+                                                       "breaker_max_p95_ms": 60000.0, "base_dir": base_dir, "port": port}),
+        "release": settings.release.model_copy(update={"min_requests": 5, "poke_seconds": 2.0, "server_url": url})})
+    lineage = {"base_model": "voice-base", "base_version": "shipped", "base_sha256": sha256_file(base_dir / "model.safetensors"),
+               "data_sha256": "d" * 64, "code_version": "test", "lora_rank": "4"}
+    voice = f"cdag-{uuid.uuid4().hex[:8]}"
+    registry = Registry(settings)
+    key = TenantDirectory(settings.resolved_tenants_file).create_key("t", ["*"], admin=True, rate_per_minute=1_000_000)[0]
+    from voice_lib.stack import settings_env
+
+    proc_env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1"}
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "voice_lib.cli", "serve", "--port", str(port)], env=proc_env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    stack = Stack(url, registry, voice, voice, {"t": key, "ops": key}, proc, settings, base, home / "work", lineage)
+    try:
+        stack.register(voice, 1)
+        registry.promote(f"voice-{voice}", 1)
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield stack
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def _canary_promotion(settings: Settings, voice: str, version: str) -> subprocess.CompletedProcess:
+    from voice_lib.stack import _executable, airflow_env
+
+    e = airflow_env(settings)
+    subprocess.run([_executable("airflow"), "db", "migrate"], env=e, check=True, capture_output=True, timeout=300)
+    conf = {"voice_id": voice, "version": version, "steps": [50, 100], "window_seconds": 4, "quality_probe": False}
+    return subprocess.run([_executable("airflow"), "dags", "test", "canary_promotion", "-c", json.dumps(conf)],
+                          env=e, capture_output=True, text=True, timeout=400)
+
+
+def _decisions(run: subprocess.CompletedProcess) -> str:
+    """The rollout's own log lines, for a readable failure message."""
+    lines = (run.stdout + run.stderr).splitlines()
+    return "\n".join(l[:300] for l in lines if "release voice-" in l or "RELEASE ALERT" in l or "Error" in l)[-6000:]
+
+
+def test_good_candidate_walks_all_steps_to_production(env: Stack):
+    voice, name = env.a, f"voice-{env.a}"
+    v2 = env.register(voice, 2)
+    env.registry.mark_candidate(name, v2)
+    with Traffic(env.url, env.keys["t"], voice) as traffic:
+        run = _canary_promotion(env.settings, voice, v2)
+    assert run.returncode == 0, _decisions(run)
+    aliases = env.registry.aliases(name)
+    assert aliases["production"] == v2 and aliases["previous"] == "1" and "canary" not in aliases
+    served = {(v, var) for _, v, var, status in traffic.log if status == 200}
+    assert (v2, "canary") in served and ("1", "production") in served  # the canary really took traffic
+    from voice_lib.release import ReleaseHistory
+
+    outcomes = [r["outcome"] for r in reversed(ReleaseHistory(env.settings.resolved_audit_url).rows(voice))]
+    assert outcomes[0] == "advanced" and outcomes[-1] == "promoted"
+
+
+def test_failing_candidate_is_rolled_back_at_the_first_step(env: Stack):
+    voice, name = env.a, f"voice-{env.a}"
+    production = env.registry.aliases(name)["production"]
+    bad = env.register(voice, 3, scale=float("nan"))  # its outputs are NaN: every canary request fails
+    env.registry.mark_candidate(name, bad)
+    with Traffic(env.url, env.keys["t"], voice) as traffic:
+        run = _canary_promotion(env.settings, voice, bad)
+        rolled_back_at = time.time()
+        time.sleep(3 * env.settings.serving.poll_seconds)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0 and "rolled_back" in output
+    state = env.registry.release_state(name)
+    assert "canary" not in state["aliases"] and state["canary_weight"] == 0 and state["aliases"]["production"] == production
+    tags = env.registry.version(name, bad).tags
+    assert tags["rolled_back"] == "true" and tags["reason"]
+    assert all(status == 200 for _, _, _, status in traffic.log)  # production users never saw an error
+    late = [entry for entry in traffic.log if entry[0] > rolled_back_at + 2 * env.settings.serving.poll_seconds]
+    assert late and all(v != bad for _, v, _, _ in late)  # never again receives traffic
+
+
+def test_manual_rollback_takes_traffic_off_the_canary_within_the_limit(env: Stack):
+    voice, name = env.a, f"voice-{env.a}"
+    v4 = env.register(voice, 4)
+    env.registry.set_canary(name, v4, 50)
+    env.wait("canary loaded", lambda: env.status()["voices"][voice]["canary"])
+    with Traffic(env.url, env.keys["t"], voice) as traffic:
+        env.wait("canary traffic", lambda: any(v == v4 for _, v, _, _ in traffic.log), timeout=30)
+        started = time.time()
+        result = subprocess.run([sys.executable, "-m", "voice_lib.cli", "rollback", voice, "--reason", "test"],
+                                env={**os.environ, **__import__("voice_lib.stack", fromlist=["x"]).settings_env(env.settings)},
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        env.wait("canary gone", lambda: any(t > started and v != v4 for t, v, _, _ in traffic.log) and
+                 not [e for e in traffic.log[-5:] if e[1] == v4], timeout=30)
+        time.sleep(2)
+    last_canary = max(t for t, v, _, _ in traffic.log if v == v4)
+    seconds = last_canary - started
+    print(f"manual rollback: last canary response {seconds:.2f} s after `voiceops rollback` (limit 30 s, goal 10 s)")
+    assert seconds <= 30
