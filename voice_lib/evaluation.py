@@ -121,7 +121,7 @@ class EvalResult:
 
     def to_json(self) -> dict:
         """Plain JSON types only: NaN becomes null."""
-        return _clean({
+        return json_safe({
             "passed": self.passed, "systems": self.systems, "thresholds": self.thresholds,
             "aggregates": self.aggregates, "failures": [g.message for g in self.failures],
             "gates": [asdict(g) | {"env_var": g.env_var} for g in self.gates],
@@ -129,15 +129,16 @@ class EvalResult:
         })
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """NaN and numpy scalars → JSON-safe values (None, int, float); task results must be strict JSON."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, (np.floating, np.integer, np.bool_)):
-        return _clean(obj.item())
+        return json_safe(obj.item())
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 

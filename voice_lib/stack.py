@@ -223,6 +223,49 @@ def airflow_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def postgres_sqlalchemy_urls(url: str) -> tuple[str, str]:
+    """(sync, async) SQLAlchemy URLs on psycopg 3 for a postgresql:// URL (any driver suffix is replaced).
+
+    Airflow 3.3 derives its async engine URL as postgresql+asyncpg://, a driver we don't install;
+    psycopg 3 (already our Postgres driver) does both sync and async.
+    """
+    scheme, rest = url.split("://", 1)
+    if scheme.split("+", 1)[0] not in ("postgresql", "postgres"):
+        raise StackError(f"Not a PostgreSQL URL: {url!r}")
+    return f"postgresql+psycopg://{rest}", f"postgresql+psycopg_async://{rest}"
+
+
+def airflow_celery_env(
+    settings: Settings,
+    *,
+    database_url: str,
+    broker_url: str,
+    queue: str = "default",
+    result_backend: str | None = None,
+) -> dict[str, str]:
+    """``airflow_env`` for the production shape: PostgreSQL metadata and CeleryExecutor on a broker.
+
+    For running the components separately (`airflow api-server`, `scheduler`, `dag-processor`,
+    `celery worker --queues <queue>`), not `standalone`. Tasks go to ``queue`` unless they name another;
+    Celery results default to the metadata database (``db+postgresql+psycopg://...``).
+    """
+    sync_url, async_url = postgres_sqlalchemy_urls(database_url)
+    env = airflow_env(settings)
+    env.update(
+        {
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sync_url,
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": async_url,
+            "AIRFLOW__CELERY__BROKER_URL": broker_url,
+            "AIRFLOW__CELERY__RESULT_BACKEND": result_backend or f"db+{sync_url}",
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(settings.airflow_parallelism),
+            "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
+            "AIRFLOW__API__WORKERS": "1",
+        }
+    )
+    return env
+
+
 def _passwords_file(settings: Settings) -> Path:
     return _airflow_home(settings) / "simple_auth_manager_passwords.json.generated"
 

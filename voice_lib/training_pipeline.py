@@ -252,13 +252,13 @@ def held_out_clips(settings: Settings, trained: dict) -> list:
 
 def evaluate_voice(settings: Settings, trained: dict) -> dict:
     """Base vs adapted on the held-out clips; metrics and the HTML report go to the training run."""
-    from voice_lib.evaluation import check_gates, evaluate, log_eval_to_mlflow
+    from voice_lib.evaluation import check_gates, evaluate, json_safe, log_eval_to_mlflow
     from voice_lib.inference import Synthesizer
 
     store = artifact_store(settings)
     marker = f"{trained['model_prefix']}/evaluation.json"
     if store.exists(marker):
-        return json.loads(store.read_bytes(marker))
+        return json_safe(json.loads(store.read_bytes(marker)))
     model_dir = fetch_voice_model(settings, trained)
     speaker = np.load(model_dir / "speaker_embedding.npy")
     base_dir = Path(trained["base_dir"])
@@ -272,7 +272,9 @@ def evaluate_voice(settings: Settings, trained: dict) -> dict:
     failures = [str(f) for f in check_gates(result.aggregates, settings)]
     if trained.get("run_id"):
         log_eval_to_mlflow(result, out_dir, settings, trained["run_id"])
-    summary = {"aggregates": result.aggregates, "gate_failures": failures, "passed": not failures,
+    # NaN (metrics that don't apply, e.g. PESQ of the real recordings) becomes null: the summary is a task's
+    # return value, and Airflow's Execution API only takes strict JSON.
+    summary = {"aggregates": json_safe(result.aggregates), "gate_failures": failures, "passed": not failures,
                "report_dir": str(out_dir)}
     for path in out_dir.rglob("*"):
         if path.is_file():
@@ -317,7 +319,7 @@ def register_voice(settings: Settings, trained: dict, evaluation: dict) -> dict:
 
 def evaluate_registered(settings: Settings, voice_id: str, alias_or_version: str) -> dict:
     """Evaluate a registered version again (same held-out clips, same gates) without registering anything."""
-    from voice_lib.evaluation import check_gates, evaluate
+    from voice_lib.evaluation import check_gates, evaluate, json_safe
     from voice_lib.inference import Synthesizer, load_registered_voice
 
     adapted, meta = load_registered_voice(settings, voice_id, alias_or_version)
@@ -328,4 +330,4 @@ def evaluate_registered(settings: Settings, voice_id: str, alias_or_version: str
     shutil.rmtree(out_dir, ignore_errors=True)
     result = evaluate({"base": base, "adapted": adapted}, held_out_clips(settings, meta), speaker, settings, out_dir)
     failures = [str(f) for f in check_gates(result.aggregates, settings)]
-    return {"aggregates": result.aggregates, "gate_failures": failures, "passed": not failures, "report_dir": str(out_dir)}
+    return {"aggregates": json_safe(result.aggregates), "gate_failures": failures, "passed": not failures, "report_dir": str(out_dir)}

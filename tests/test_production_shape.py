@@ -1,0 +1,292 @@
+"""The production shape, natively: MLflow on PostgreSQL + S3, Airflow on PostgreSQL with a CeleryExecutor
+on Redis and a real Celery worker, every component its own process, onboarding the fixture voice end to end.
+
+Each run gets its own PostgreSQL databases, its own Redis database number and its own Celery queue, and
+gives them all back (databases dropped, Redis DB flushed, process groups killed) even when it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port
+from rich.console import Console
+
+from voice_lib.config import EvalSettings, Settings
+
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+REDIS_START = f"redis-server --daemonize yes --bind {REDIS_HOST} --port {REDIS_PORT}"
+CLAIM_KEY = "voiceops-test:claimed-by"
+BUDGET_SECONDS = 330  # the whole test, so the run has what start-up left of it
+STOP_GRACE_SECONDS = 20.0
+
+
+def _pg_admin():
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        return psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True,
+                               connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT} ({exc}); start it with: {PG_START}")
+
+
+def _claim_redis_db(token: str):
+    """A Redis client on an empty database number nobody else claimed (0 is left to people)."""
+    redis = pytest.importorskip("redis")
+    try:
+        redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=3).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"Redis is not reachable at {REDIS_HOST}:{REDIS_PORT} ({exc}); start it with: {REDIS_START}")
+    numbers = list(range(1, 16))
+    random.shuffle(numbers)
+    for number in numbers:
+        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=number, socket_connect_timeout=3)
+        if client.set(CLAIM_KEY, token, nx=True, ex=3600):
+            if client.dbsize() == 1:  # only our claim: the DB was empty, and now it is ours
+                return client, number
+            client.delete(CLAIM_KEY)  # someone's data without a claim: not ours to use, or to flush
+    pytest.skip("No free Redis database number (1-15) to run the Celery broker on")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+class Components:
+    """Airflow components as separate processes, each the leader of its own process group."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def log(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with self.log(name).open("wb") as fh:
+            self.procs[name] = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=fh,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log(name).read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def tails(self, lines: int = 25) -> str:
+        return "\n".join(f"----- {name} -----\n{self.tail(name, lines)}" for name in self.procs)
+
+    def check_running(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited with {proc.returncode}:\n{self.tail(name, 60)}")
+
+    def stop_all(self) -> None:
+        """SIGTERM every group at once, SIGKILL what is left after the grace period; reap the leaders."""
+        for sig, grace in ((signal.SIGTERM, STOP_GRACE_SECONDS), (signal.SIGKILL, 5.0)):
+            for proc in self.procs.values():
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                for proc in self.procs.values():
+                    proc.poll()  # reap the leader, or its zombie keeps the group "alive"
+                if not any(_group_alive(proc.pid) for proc in self.procs.values()):
+                    break
+                time.sleep(0.2)
+        for proc in self.procs.values():
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _wait(what: str, check, deadline: float, components: Components, interval: float = 1.0):
+    last = None
+    while time.monotonic() < deadline:
+        components.check_running()
+        try:
+            last = check()
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            last = exc
+        else:
+            if last is True or (last and not isinstance(last, (str, Exception))):
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"{what} not reached in time (last: {last!r})\n{components.tails()}")
+
+
+def _task_log_tails(airflow_home: Path, lines: int = 30) -> str:
+    out = []
+    for path in sorted((airflow_home / "logs").rglob("attempt=*.log")):
+        text = path.read_text(errors="replace")
+        if "error" in text.lower():
+            out.append(f"----- {path.relative_to(airflow_home)} -----\n" + "\n".join(text.splitlines()[-lines:]))
+    return "\n".join(out[-6:])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_onboarding_on_the_production_shape(tmp_path, s3_endpoint, s3_bucket, clean_voice):
+    pytest.importorskip("airflow.providers.celery", reason="install the airflow extra: pip install -e '.[airflow]'")
+    import boto3
+    import psycopg
+    from mlflow import MlflowClient
+
+    from voice_lib import stack
+    from voice_lib.airflow_client import trigger_and_follow
+    from voice_lib.storage import artifact_store
+
+    started = time.monotonic()
+    deadline = started + BUDGET_SECONDS
+    token = uuid.uuid4().hex[:10]
+    admin = _pg_admin()
+    try:
+        redis_client, redis_db = _claim_redis_db(token)
+    except BaseException:  # skipped: nothing of ours exists yet but this connection
+        admin.close()
+        raise
+    airflow_db, mlflow_db = f"voiceops_airflow_{token}", f"voiceops_mlflow_{token}"
+    queue = f"voiceops-{token}"
+    voice_id = "prod-slt"
+    pg_url = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}"
+
+    relaxed = EvalSettings().model_copy(update={  # the gates of tests/test_dag.py: a 30-step tune must pass
+        "min_speaker_similarity": 0.0, "min_similarity_gain_over_base": -1.0, "max_wer_gap_over_real": 1.0,
+        "min_pesq": 1.0, "min_stoi": 0.0, "max_bad_output_rate": 1.0, "max_rtf": 5.0})
+    settings = Settings(
+        home=tmp_path / "home",
+        storage_uri=f"s3://{s3_bucket}/store", s3_endpoint_url=s3_endpoint,
+        s3_access_key_id="test", s3_secret_access_key="test",
+        mlflow_port=free_port(), mlflow_backend_store_uri=f"{pg_url}/{mlflow_db}",
+        mlflow_artifacts_destination=f"s3://{s3_bucket}/mlflow",
+        airflow_port=free_port(), airflow_parallelism=2, eval=relaxed,
+    )
+    airflow_home = settings.home / "airflow"
+    components = Components(settings.log_dir)
+    console = Console(stderr=True)
+    try:
+        for db in (airflow_db, mlflow_db):
+            admin.execute(f'CREATE DATABASE "{db}"')
+        # MLflow the way `voiceops up` starts it, here on PostgreSQL + S3; it boots while Airflow migrates.
+        stack.up(settings, services=("mlflow",), wait=False)
+
+        stack._prepare_airflow(settings)  # admin password + shared JWT secret, as `voiceops up` writes them
+        env = stack.airflow_celery_env(settings, database_url=f"{pg_url}/{airflow_db}",
+                                       broker_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}", queue=queue)
+        airflow = stack._executable("airflow")
+        migrate = subprocess.run([airflow, "db", "migrate"], check=False, env=env, cwd=settings.home,
+                                 capture_output=True, text=True, timeout=300)
+        assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
+        migrated = time.monotonic()
+
+        worker_name = f"{queue}@%h"
+        for name, args in {
+            "api-server": ["api-server"],
+            "scheduler": ["scheduler"],
+            "dag-processor": ["dag-processor"],
+            "celery-worker": ["celery", "worker", "--queues", queue, "--celery-hostname", worker_name,
+                              "--concurrency", str(settings.airflow_parallelism), "--skip-serve-logs",
+                              "--without-mingle", "--without-gossip"],
+        }.items():
+            components.start(name, [airflow, *args], env, settings.home)
+
+        stack.up(settings, services=("mlflow",), timeout=max(30.0, deadline - time.monotonic()))
+        api = settings.airflow_url
+        def airflow_healthy():
+            healthy, detail = stack._probe("airflow", api)
+            return healthy or detail
+
+        _wait("Airflow healthy (metadatabase, scheduler, dag_processor)", airflow_healthy, deadline, components)
+        headers = {"Authorization": f"Bearer {stack.airflow_api_token(settings)}"}
+        _wait("voice_onboarding parsed and unpaused",
+              lambda: httpx.get(f"{api}/api/v2/dags/voice_onboarding", headers=headers, timeout=5)
+              .json().get("is_paused") is False, deadline, components)
+        ready = time.monotonic()
+
+        conf = {"voice_id": voice_id, "data_uri": str(clean_voice), "language": "en", "min_speech_seconds": 60,
+                "shards": 2, "lora_rank": 4, "train_steps": 30}
+        state = trigger_and_follow(settings, "voice_onboarding", conf, console,
+                                   timeout=max(60.0, deadline - time.monotonic()))
+        finished = time.monotonic()
+        assert state == "success", (f"run ended {state}\n{_task_log_tails(airflow_home)}\n{components.tails()}")
+        components.check_running()
+
+        # --- Airflow: metadata in PostgreSQL, every task on our queue, run by the Celery worker ---------
+        assert not (airflow_home / "airflow.db").exists()
+        runs = httpx.get(f"{api}/api/v2/dags/voice_onboarding/dagRuns", headers=headers, timeout=10).json()
+        run_id = runs["dag_runs"][0]["dag_run_id"]
+        tis = httpx.get(f"{api}/api/v2/dags/voice_onboarding/dagRuns/{run_id}/taskInstances", headers=headers,
+                        timeout=10).json()["task_instances"]
+        ran = [ti for ti in tis if ti["state"] == "success"]
+        assert {"ingest", "qc_shard", "qc_report", "features_shard", "features_manifest", "train", "evaluate",
+                "register"} <= {ti["task_id"] for ti in ran}
+        assert all(ti["state"] in ("success", "skipped") for ti in tis), [(t["task_id"], t["state"]) for t in tis]
+        assert {ti["queue"] for ti in ran} == {queue}
+        with psycopg.connect(f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{airflow_db}") as conn:
+            rows = conn.execute("SELECT task_id, state, queue FROM task_instance WHERE dag_id = 'voice_onboarding'"
+                                ).fetchall()
+            assert {r[2] for r in rows if r[1] == "success"} == {queue} and len(rows) == len(tis)
+            # The worker wrote each task's Celery result to the result backend (this database).
+            celery_done = conn.execute("SELECT count(*) FROM celery_taskmeta WHERE status = 'SUCCESS'").fetchone()[0]
+        assert celery_done >= len(ran), (celery_done, len(ran))
+        worker_log = components.log("celery-worker").read_text(errors="replace")
+        for task_id in {ti["task_id"] for ti in ran}:
+            assert f"task_id='{task_id}'" in worker_log, f"{task_id} not in the worker log:\n{worker_log[-3000:]}"
+        assert redis_client.exists(f"_kombu.binding.{queue}"), "the broker queue is not in our Redis DB"
+
+        # --- MLflow: registry tables in PostgreSQL, the candidate alias, artifacts in the moto bucket -----
+        with psycopg.connect(f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{mlflow_db}") as conn:
+            versions = conn.execute("SELECT count(*) FROM model_versions WHERE name = %s",
+                                    (f"voice-{voice_id}",)).fetchone()[0]
+            alias = conn.execute("SELECT version FROM registered_model_aliases WHERE name = %s AND alias = %s",
+                                 (f"voice-{voice_id}", "candidate")).fetchone()
+        assert versions >= 1 and alias is not None
+        client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+        candidate = client.get_model_version_by_alias(f"voice-{voice_id}", "candidate")
+        assert str(candidate.version) == str(alias[0])
+        s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
+                          aws_secret_access_key="test")
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket, Prefix="mlflow/")
+                for o in page.get("Contents", [])]
+        assert keys, "no MLflow artifacts in the bucket"
+        assert any(candidate.run_id in k for k in keys), (candidate.run_id, keys[:20])
+        assert any(k.endswith("report.html") for k in keys), keys[:20]
+
+        # --- VoiceOps storage on the same S3 server --------------------------------------------------------
+        store = artifact_store(settings)
+        assert store.uri.startswith("s3://")
+        assert any(k.endswith("/manifest.json") for k in store.list(f"voices/{voice_id}"))
+
+        print(f"production shape: migrate {migrated - started:.0f} s, components ready {ready - migrated:.0f} s, "
+              f"onboarding run {finished - ready:.0f} s, total {time.monotonic() - started:.0f} s "
+              f"({len(ran)} task instances on Celery queue {queue}, Redis DB {redis_db})")
+    finally:
+        components.stop_all()
+        stack.down(settings)
+        for db in (airflow_db, mlflow_db):
+            try:
+                admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+            except psycopg.Error as exc:  # keep cleaning up; report it below
+                print(f"could not drop {db}: {exc}")
+        admin.close()
+        if redis_client.get(CLAIM_KEY) == token.encode():
+            redis_client.flushdb()  # only our database number
+        redis_client.close()
