@@ -10,7 +10,7 @@ from voice_lib.config import Settings
 
 
 # The CPU reference base shipped in the repo is small and briefly trained: its clones sound like the
-# speaker (GE2E similarity ~0.75, +0.25 over the base) but are not yet intelligible (ASR WER ~0.95; see
+# speaker (GE2E similarity 0.61-0.84, up to +0.26 over the base) but are not yet intelligible (ASR WER 0.6-0.9; see
 # docs/model.md). The release gates (VOICEOPS_EVAL__*) would rightly reject them, so the demo uses this
 # relaxed profile to show the whole path, and says so. Real releases keep the defaults.
 DEMO_GATES = {"min_pesq": 1.0, "max_wer_gap_over_real": 1.0, "min_stoi": 0.3, "min_speaker_similarity": 0.6,
