@@ -270,7 +270,7 @@ def start_rollout(settings: Settings, voice_id: str, version: str | None, steps:
     else:
         registry.set_canary(name, version, steps[0])
         registry.set_release_progress(name, release_version=str(version), release_step=0,
-                                      release_step_started=f"{time.time():.0f}", release_extensions=0,
+                                      release_step_started=f"{time.time():.3f}", release_extensions=0,
                                       release_steps=",".join(map(str, steps)))
         decision = Decision(voice_id, str(version), 0, steps[0], "advanced", detail=f"canary at {steps[0]}%")
     _record(settings, registry, decision)
@@ -343,7 +343,7 @@ def advance_rollout(settings: Settings, voice_id: str, version: str, source: Met
     if any(c.status == "inconclusive" for c in checks):
         extensions = int(progress.get("release_extensions", 0))
         if extensions < cfg.max_extensions:
-            registry.set_release_progress(name, release_step_started=f"{now:.0f}", release_extensions=extensions + 1)
+            registry.set_release_progress(name, release_step_started=f"{now:.3f}", release_extensions=extensions + 1)
             return decide("extended", f"inconclusive, window extended ({extensions + 1}/{cfg.max_extensions})", checks)
         registry.pause(name)
         decision = decide("paused", f"still inconclusive after {extensions} extensions: paused for a human", checks)
@@ -359,5 +359,5 @@ def advance_rollout(settings: Settings, voice_id: str, version: str, source: Met
     step += 1
     weight = steps[step]
     registry.set_canary_weight(name, weight)
-    registry.set_release_progress(name, release_step=step, release_step_started=f"{now:.0f}", release_extensions=0)
+    registry.set_release_progress(name, release_step=step, release_step_started=f"{now:.3f}", release_extensions=0)
     return decide("advanced", f"step passed; canary now at {weight}%", checks)
