@@ -15,6 +15,7 @@ import uuid
 import httpx
 import pytest
 
+from conftest import free_port
 from test_serving import Stack, tiny_base  # the same tiny base and adapter registration as the server tests
 from serving.tenants import TenantDirectory
 from voice_lib.config import Settings
@@ -54,12 +55,7 @@ def env(mlflow_server: str, tmp_path_factory):
     from voice_lib.training_pipeline import sha256_file
 
     home = tmp_path_factory.mktemp("canary-home")
-    port = 0
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     base = tiny_base()
     base_dir = save_base(base, home / "base", {"feature_config": {"sample_rate": 16000}}).parent

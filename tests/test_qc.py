@@ -21,6 +21,8 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
+
+from voice_lib.speech import word_error_rate
 import soundfile as sf
 
 from voice_lib import corpus
@@ -93,19 +95,6 @@ def add_noise(audio: np.ndarray, snr_db: float, seed: int) -> np.ndarray:
     return (noisy * min(1.0, 0.9 / np.abs(noisy).max())).astype(np.float32)  # no clipping
 
 
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    ref, hyp = words(reference), words(hypothesis)
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1] / max(1, len(ref))
 
 
 # --- the clean set, analysed once ----------------------------------------------------------------
@@ -361,7 +350,7 @@ def test_long_untranscribed_recording_is_sliced_and_transcribed(tmp_path: Path) 
         holders = [c for c in clips if c["start"] <= start + 0.05 and end - 0.05 <= c["end"]]
         assert len(holders) == 1, (start, end, [(c["start"], c["end"]) for c in clips])
     hypothesis = " ".join(c["text"] for c in clips)
-    assert wer(" ".join(rec.texts), hypothesis) < 0.6, hypothesis  # measured 0.16
+    assert word_error_rate(" ".join(rec.texts), hypothesis) < 0.6, hypothesis  # measured 0.16
 
 
 def test_gpt_sovits_list_with_absolute_paths_from_another_machine(clean_voice: Path, tmp_path: Path) -> None:

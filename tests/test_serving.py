@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import free_port
 from serving.multilora import AdapterWeights, LoraBank, install
 from serving.pool import BaseBundle, SynthesisError, SynthesisJob, VoiceRoute, run_batch
 from serving.routing import CANARY, PRODUCTION, choose
@@ -74,14 +75,6 @@ def make_adapter(base: VoiceModel, out: Path, seed: int, scale: float = 0.3, met
     np.save(out / "speaker_embedding.npy", np.random.default_rng(seed).standard_normal(256).astype(np.float32))
     (out / "voice.json").write_text(json.dumps({"seed": seed, **(meta or {})}))
     return out
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def phoneme_ids(text: str) -> list[int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,13 +11,8 @@ import httpx
 import pytest
 
 from voice_lib import stack
+from conftest import free_port
 from voice_lib.config import Settings
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _group_gone(pgid: int, timeout: float = 10.0) -> bool:
@@ -35,7 +29,7 @@ def _group_gone(pgid: int, timeout: float = 10.0) -> bool:
 
 @pytest.mark.slow
 def test_mlflow_up_idempotent_down(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     settings = Settings(home=tmp_path / "home", mlflow_port=port, mlflow_tracking_uri=f"http://127.0.0.1:{port}")
     try:
         started = stack.up(settings, services=("mlflow",), timeout=90)
@@ -71,7 +65,7 @@ def test_mlflow_up_idempotent_down(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_airflow_up_token_api_down(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     dags = tmp_path / "dags"
     dags.mkdir()
     settings = Settings(
@@ -114,7 +108,7 @@ def test_airflow_up_token_api_down(tmp_path: Path) -> None:
 
 
 def test_stale_pid_file_is_reported_and_cleaned(tmp_path: Path) -> None:
-    settings = Settings(home=tmp_path / "home", mlflow_port=_free_port())
+    settings = Settings(home=tmp_path / "home", mlflow_port=free_port())
     pid_file = settings.home / "run" / "mlflow.pid"
     pid_file.parent.mkdir(parents=True)
     # A live pid that is not an mlflow process (a recycled pid) must neither count nor be killed.
