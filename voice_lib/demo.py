@@ -43,23 +43,10 @@ def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, tr
     if state != "success":
         console.print(f"[red]voice_onboarding ended {state}[/red]; the log above names the failing task and why.")
         return 1
-    console.rule(f"4/{total} synthesis with the registered candidate")
     registry = Registry(settings)
     candidate = registry.version_by_alias(f"voice-{voice_id}", "candidate")
-    synth, meta = load_registered_voice(settings, voice_id, "candidate")
-    wav = settings.home / "demo" / f"{voice_id}-v{candidate.version}.wav"
-    text = "Hello! This voice was cloned from seventy five seconds of recordings."
-    result = synth.synthesize(text)
-    write_wav(wav, result.audio, result.sample_rate)
-
-    dataset = onboarding.ingest(voice_id, str(data), settings)  # cached: the stored dataset's handle
-    store = artifact_store(settings)
-    qc = json.loads(store.read_bytes(f"{onboarding.qc_prefix(voice_id, dataset['data_sha256'], settings, 'en')}/report.json"))
-    model_prefix = f"voices/{voice_id}/models/{meta['training_key']}"
-    evaluation = json.loads(store.read_bytes(f"{model_prefix}/evaluation.json"))
-    adapted, base = evaluation["aggregates"].get("adapted", {}), evaluation["aggregates"].get("base", {})
     if release:
-        console.rule(f"5/{total} release")
+        console.rule(f"4/{total} release")
         from voice_lib.demo_release import short_canary_release
 
         if short_canary_release(settings, voice_id, candidate.version, console) != 0:
@@ -72,15 +59,30 @@ def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, tr
             second = registry.version_by_alias(f"voice-{voice_id}", "candidate")
             if short_canary_release(settings, voice_id, second.version, console) != 0:
                 return 1
+    alias = "production" if release else "candidate"
+    console.rule(f"{total}/{total} synthesis with voice-{voice_id}@{alias}")
+    served = registry.version_by_alias(f"voice-{voice_id}", alias)
+    synth, meta = load_registered_voice(settings, voice_id, alias)
+    wav = settings.home / "demo" / f"{voice_id}-v{served.version}.wav"
+    result = synth.synthesize("Hello! This voice was cloned from seventy five seconds of recordings.")
+    write_wav(wav, result.audio, result.sample_rate)
+
+    dataset = onboarding.ingest(voice_id, str(data), settings)  # cached: the stored dataset's handle
+    store = artifact_store(settings)
+    qc = json.loads(store.read_bytes(f"{onboarding.qc_prefix(voice_id, dataset['data_sha256'], settings, 'en')}/report.json"))
+    model_prefix = f"voices/{voice_id}/models/{meta['training_key']}"
+    evaluation = json.loads(store.read_bytes(f"{model_prefix}/evaluation.json"))
+    adapted, base = evaluation["aggregates"].get("adapted", {}), evaluation["aggregates"].get("base", {})
     out = Console()
     out.rule("demo done")
-    out.print(f"voice-{voice_id} version {candidate.version}: aliases {registry.aliases(f'voice-{voice_id}')}")
-    out.print(f"speaker similarity adapted {adapted.get('speaker_similarity', float('nan')):.3f} vs base "
-              f"{base.get('speaker_similarity', float('nan')):.3f}; WER {adapted.get('wer', float('nan')):.2f}")
+    out.print(f"voice-{voice_id}: aliases {registry.aliases(f'voice-{voice_id}')}; shown below: version {served.version}")
+    out.print(f"speaker similarity adapted {adapted.get('speaker_similarity') or float('nan'):.3f} vs base "
+              f"{base.get('speaker_similarity') or float('nan'):.3f}; WER {adapted.get('wer') or float('nan'):.2f}")
     out.print(f"synthesised:        {wav}")
     out.print(f"QC report:          {qc['report_html']}")
     out.print(f"evaluation report:  {store.uri}/{model_prefix}/eval_report/report.html")
     if qc.get("mlflow_run_url"):
         out.print(f"QC run in MLflow:   {qc['mlflow_run_url']}")
+    out.print(f"release history:    voiceops status {voice_id}")
     out.print(f"MLflow UI:          {settings.mlflow_tracking_uri}  (stop with `voiceops down`)")
     return 0
