@@ -1,0 +1,591 @@
+"""Shared helpers of the serving benchmarks (serving.py, scaling.py, rollback_time.py).
+
+Everything runs on loopback: a private MLflow server (voice_lib.stack.up in a temporary home), voices
+made from LoRA adapters of the shipped base (voice_lib/assets/base, the real model size) registered
+through voice_lib.registry.Registry, model servers started as `python -m voice_lib.cli serve` in their own
+process groups, and a closed-loop load generator with bounded request counts and time limits.
+
+``Bench`` owns every process it starts and stops them (and the MLflow server) on exit, on Ctrl-C and on
+SIGTERM; it only ever signals the process groups it created itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import wave
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+# The repository root first: benchmarks/serving.py must not shadow the serving package.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if p != str(ROOT)]
+
+LORA_RANK = 8
+LORA_B_SCALE = 0.02  # std of the random lora_B entries: a modest perturbation, like a trained adapter
+
+# --- text ---------------------------------------------------------------------------------------------
+
+_NAMES = ["Alice", "Brian", "Carmen", "David", "Elena", "Frank", "Grace", "Henry", "Irene", "James", "Karen", "Louis"]
+_ADJ = ["heavy", "small", "yellow", "wooden", "broken", "shiny", "quiet", "ancient", "narrow", "gentle", "purple", "frozen"]
+_NOUN = ["package", "letter", "carpet", "bicycle", "painting", "machine", "basket", "window", "lantern", "guitar", "kettle", "mirror"]
+_PLACE = ["station", "library", "harbour", "market", "museum", "garden", "airport", "hospital", "theatre", "bakery", "office", "river"]
+_DAY = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_NUM = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+STREAM_TEXT = ("This is the first sentence of a short answer. Here comes a second one, a little longer than the first. "
+               "And a third sentence, to finish the reply.")
+SHORT_TEXT = "Hello there, this is a quick test."
+
+
+def sentence_20(i: int) -> str:
+    """The i-th distinct 20-word sentence (deterministic; distinct texts so the frontend cache does not hide phonemisation)."""
+    r = random.Random(i)
+    text = (f"Please tell {r.choice(_NAMES)} that the {r.choice(_ADJ)} {r.choice(_NOUN)} will arrive again at the "
+            f"{r.choice(_PLACE)} on {r.choice(_DAY)} morning, just before {r.choice(_NUM)} o'clock.")
+    assert len(text.split()) == 20, text
+    return text
+
+
+# --- machine facts and results ---------------------------------------------------------------------
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine_facts() -> dict[str, Any]:
+    import torch
+
+    cpu = ""
+    try:
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+    except OSError:
+        pass
+    mem = 0
+    try:
+        mem = int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) * 1024
+    except (OSError, StopIteration):
+        pass
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip())
+    la = loadavg()
+    n = os.cpu_count() or 1
+    return {"nproc": n, "loadavg_at_start": la, "under_load": la[0] >= 0.5 * n, "cpu_model": cpu,
+            "mem_total_bytes": mem, "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads_in_driver": torch.get_num_threads(), "platform": platform.platform(),
+            "git_commit": git + ("-dirty" if dirty else ""), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def load_note(facts: dict[str, Any]) -> str:
+    la = facts["loadavg_at_start"]
+    if facts["under_load"]:
+        return (f"MEASURED UNDER LOAD: load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} at start on {facts['nproc']} CPUs "
+                "(other jobs share the machine); absolute numbers are pessimistic, side-by-side ratios are the result.")
+    return f"load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} at start on {facts['nproc']} CPUs"
+
+
+def write_results(name: str, payload: dict[str, Any], quick: bool, out: Path | None = None) -> Path:
+    path = out or RESULTS / (f"{name}.quick.json" if quick else f"{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**payload, "loadavg_at_end": loadavg(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (as serving/breaker.py and serving/audit.py compute p95)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def fmt(value: float | None, digits: int = 0, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}{unit}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of a process (/proc/<pid>/status)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def peak_rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def metric_value(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+class Proc:
+    """A child process in its own session (process group == pid), stopped by that group id only."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> None:
+        self.name, self.log_path = name, log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(self.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self._log.close()
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOICEOPS_")}
+    env.update({"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **extra})
+    return env
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.25,
+               proc: Proc | None = None) -> float:
+    started = time.monotonic()
+    while True:
+        try:
+            if check():
+                return time.monotonic() - started
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{proc.name} exited while waiting for {what}:\n{proc.tail()}")
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}"
+                               + (f"\n{proc.tail()}" if proc is not None else ""))
+        time.sleep(interval)
+
+
+# --- voices --------------------------------------------------------------------------------------
+
+@dataclass
+class BaseInfo:
+    path: Path
+    sha256: str
+    lineage: dict[str, str]
+
+
+def shipped_base() -> BaseInfo:
+    from voice_lib.training_pipeline import SHIPPED_BASE, sha256_file
+
+    sha = sha256_file(SHIPPED_BASE / "model.safetensors")
+    lineage = {"base_model": "voice-base", "base_version": "shipped", "base_sha256": sha, "data_sha256": "b" * 64,
+               "code_version": "benchmark", "lora_rank": str(LORA_RANK)}
+    return BaseInfo(SHIPPED_BASE, sha, lineage)
+
+
+_BASE_MODEL_CACHE: dict[str, Any] = {}
+
+
+def make_adapter(base_info: BaseInfo, out: Path, seed: int, scale: float = LORA_B_SCALE) -> Path:
+    """A peft LoRA (rank 8) of the shipped base with random lora_B (scale NaN: a broken adapter), saved the way
+    training saves it (save_pretrained + speaker_embedding.npy + voice.json), as tests/test_serving.py does.
+
+    Deterministic in ``seed``. A healthy adapter (finite scale) is checked with one synthesis through the
+    serving engine: if its audio would be flagged bad (silent or clipped, as a random adapter occasionally is),
+    the next draw is taken, so a "healthy" voice never trips a canary breaker on bad audio."""
+    import numpy as np
+    import torch
+
+    from serving.engine import BaseBundle, SynthesisJob, run_batch
+    from serving.multilora import LoraBank
+    from voice_lib.features import FeatureConfig
+    from voice_lib.train import load_base, lora_model
+
+    if "base" not in _BASE_MODEL_CACHE:
+        from voice_lib.text import phonemes_to_ids, phonemize
+
+        _BASE_MODEL_CACHE["base"] = load_base(base_info.path)
+        cfg = json.loads((base_info.path / "config.json").read_text())["feature_config"]
+        _BASE_MODEL_CACHE["fc"] = FeatureConfig(**cfg)
+        _BASE_MODEL_CACHE["ids"] = phonemes_to_ids(phonemize("Hello, this is a short warm up sentence.", "en"))
+    for attempt in range(10):
+        draw = seed + 1_000_003 * attempt
+        torch.manual_seed(draw)  # peft initialises lora_A from the global generator
+        peft_model = lora_model(copy.deepcopy(_BASE_MODEL_CACHE["base"]), rank=LORA_RANK)
+        g = torch.Generator().manual_seed(draw)
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.data = torch.full(p.shape, float("nan")) if math.isnan(scale) else torch.randn(p.shape, generator=g) * scale
+        speaker = np.random.default_rng(draw).standard_normal(256).astype(np.float32)
+        if math.isnan(scale):
+            break
+        bundle = BaseBundle("check", peft_model.get_base_model().eval(), {}, _BASE_MODEL_CACHE["fc"], "check")
+        job = SynthesisJob(_BASE_MODEL_CACHE["ids"], 1.0, bundle, LoraBank([], {}), 0, torch.from_numpy(speaker))
+        result = dict(run_batch([job]))[0]
+        if not isinstance(result, Exception) and result.bad is None:
+            break
+    else:
+        raise RuntimeError(f"no usable adapter drawn for seed {seed}")
+    peft_model.save_pretrained(str(out))
+    np.save(out / "speaker_embedding.npy", speaker)
+    (out / "voice.json").write_text(json.dumps({"seed": seed, "draw": draw, "lora_b_scale": scale,
+                                                "base_sha256": base_info.sha256,
+                                                "base_version": base_info.lineage["base_version"]}))
+    return out
+
+
+# --- the bench: MLflow, servers, cleanup ---------------------------------------------------------------
+
+class Bench:
+    """Temporary home + private MLflow + the servers a benchmark starts; ``close()`` stops everything."""
+
+    def __init__(self, name: str, keep: bool = False) -> None:
+        self.name, self.keep = name, keep
+        self.home = Path(tempfile.mkdtemp(prefix=f"voiceops-bench-{name}-"))
+        self.procs: list[Proc] = []
+        self.settings = None
+        self._closed = False
+        self.base = shipped_base()
+        self.tenants_file = self.home / "tenants.json"
+        self.key = ""
+        self._prev_handlers: dict[int, Any] = {}
+        atexit.register(self.close)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._prev_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.close()
+        raise SystemExit(128 + signum)
+
+    # MLflow ----------------------------------------------------------------------------------
+    def start_mlflow(self, extra_env: dict[str, str] | None = None) -> str:
+        from serving.tenants import TenantDirectory
+        from voice_lib import stack
+        from voice_lib.config import Settings
+
+        os.environ.update(extra_env or {})  # stack.up passes the caller's environment to MLflow
+        port = free_port()
+        self.settings = Settings(home=self.home / "mlflow-home", mlflow_port=port,
+                                 mlflow_tracking_uri=f"http://127.0.0.1:{port}")
+        stack.up(self.settings, services=("mlflow",), timeout=180)
+        self.key = TenantDirectory(self.tenants_file).create_key("bench", ["*"], admin=True,
+                                                                 rate_per_minute=10_000_000)[0]
+        return self.settings.mlflow_tracking_uri
+
+    @property
+    def registry(self):
+        from voice_lib.registry import Registry
+
+        return Registry(self.settings)
+
+    def register(self, voice_id: str, folder: Path, registry: Any = None) -> str:
+        """Log ``folder`` as a run's artifacts and register it as a new version of voice-<voice_id>."""
+        from voice_lib.report import experiment_id, mlflow_client
+
+        client = mlflow_client(self.settings)
+        run_id = client.create_run(experiment_id(client, f"bench-voice-{voice_id}")).info.run_id
+        client.log_artifacts(run_id, str(folder), "voice")
+        tags = {**self.base.lineage, "training_key": f"{voice_id}-{uuid.uuid4().hex[:10]}"}
+        return (registry or self.registry).register(f"voice-{voice_id}", run_id, "voice", tags).version
+
+    def make_and_register(self, items: Sequence[tuple[str, int, float]], workers: int = 4,
+                          promote: bool = True) -> list[str]:
+        """[(voice_id, seed, scale)] -> versions; adapters are made here, registrations run in parallel.
+        With ``promote`` each new version becomes its voice's production version (what the server serves)."""
+        folders = []
+        for voice_id, seed, scale in items:
+            folders.append(make_adapter(self.base, self.home / "adapters" / f"{voice_id}-{seed}", seed, scale))
+        local = threading.local()
+
+        def one(args: tuple[tuple[str, int, float], Path]) -> str:
+            if not hasattr(local, "registry"):
+                local.registry = self.registry
+            version = self.register(args[0][0], args[1], local.registry)
+            if promote:
+                local.registry.promote(f"voice-{args[0][0]}", version)
+            return version
+
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(one, zip(items, folders)))
+
+    # servers -----------------------------------------------------------------------------------
+    def start_server(self, name: str, serving: dict[str, Any], threads: int | None = None) -> "Server":
+        port = free_port()
+        home = self.home / f"server-{name}"
+        home.mkdir(parents=True, exist_ok=True)
+        env = {"VOICEOPS_HOME": str(home), "VOICEOPS_MLFLOW_TRACKING_URI": self.settings.mlflow_tracking_uri,
+               "VOICEOPS_SERVING__TENANTS_FILE": str(self.tenants_file)}
+        env.update({f"VOICEOPS_SERVING__{k.upper()}": str(v) for k, v in serving.items()})
+        if threads:
+            env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+        proc = Proc(name, [sys.executable, "-m", "voice_lib.cli", "serve", "--port", str(port), "--host", "127.0.0.1"],
+                    child_env(env), home, home / "server.log")
+        self.procs.append(proc)
+        return Server(name, f"http://127.0.0.1:{port}", proc, self.key, {**serving, "torch_threads": threads or "default"})
+
+    def start_process(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Proc:
+        home = self.home / f"proc-{name}"
+        home.mkdir(parents=True, exist_ok=True)
+        proc = Proc(name, cmd, child_env(env or {}), home, home / "out.log")
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        proc.stop()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for proc in reversed(self.procs):
+            try:
+                proc.stop()
+            except Exception as exc:  # noqa: BLE001 - keep stopping the others
+                print(f"stopping {proc.name}: {exc}", file=sys.stderr)
+        self.procs.clear()
+        if self.settings is not None:
+            from voice_lib import stack
+
+            try:
+                stack.down(self.settings)
+            except Exception as exc:  # noqa: BLE001
+                print(f"stopping MLflow: {exc}", file=sys.stderr)
+        if not self.keep:
+            shutil.rmtree(self.home, ignore_errors=True)
+        else:
+            print(f"kept {self.home}", file=sys.stderr)
+        for sig, handler in self._prev_handlers.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Server:
+    """A running `voiceops serve` (or a baseline) process and how to talk to it."""
+
+    name: str
+    url: str
+    proc: Proc
+    key: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def status(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/v1/admin/status", headers=self.auth, timeout=10).json()
+
+    def status_plain(self) -> dict[str, Any]:
+        """GET /status of a baseline server (no auth)."""
+        return httpx.get(f"{self.url}/status", timeout=10).json()
+
+    def reload(self) -> dict[str, Any]:
+        r = httpx.post(f"{self.url}/v1/admin/reload", headers=self.auth, timeout=120)
+        r.raise_for_status()
+        return r.json()
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
+
+    def rss(self) -> int:
+        return rss_bytes(self.proc.pid)
+
+    def wait_voices(self, voice_ids: Iterable[str], timeout: float = 300) -> float:
+        wanted = set(voice_ids)
+        try:
+            return wait_until(f"{self.name} serving {len(wanted)} voices",
+                              lambda: wanted <= set(self.status().get("voices", {})), timeout, 0.5, self.proc)
+        except TimeoutError as exc:
+            try:
+                st = self.status()
+                detail = {k: st.get(k) for k in ("last_error", "degraded", "adapters_loaded", "generation")}
+            except (httpx.HTTPError, ValueError) as err:
+                detail = {"status": f"unavailable: {err}"}
+            raise TimeoutError(f"{exc}\nserver status: {detail}") from None
+
+
+# --- load ------------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    started: float
+    ended: float
+    status: int
+    audio_seconds: float = 0.0
+    first_byte: float | None = None  # streamed: seconds to the first body bytes
+    variant: str | None = None
+    version: str | None = None
+    fallback: bool = False
+    error: str | None = None
+
+    @property
+    def latency(self) -> float:
+        return self.ended - self.started
+
+
+def wav_seconds(body: bytes) -> float:
+    import io
+
+    try:
+        with wave.open(io.BytesIO(body)) as w:
+            return w.getnframes() / w.getframerate()
+    except (wave.Error, EOFError):
+        return 0.0
+
+
+def post_tts(client: httpx.Client, url: str, headers: dict[str, str], body: dict[str, Any],
+             timeout: float = 120) -> Result:
+    started = time.perf_counter()
+    try:
+        if body.get("stream"):
+            first = None
+            n = 0
+            with client.stream("POST", f"{url}/v1/tts", json=body, headers=headers, timeout=timeout) as r:
+                for chunk in r.iter_bytes():
+                    if chunk and first is None:
+                        first = time.perf_counter() - started
+                    n += len(chunk)
+                sr = int(r.headers.get("X-Sample-Rate", "16000"))
+                h = r.headers
+            audio = max(0, n - 44) / 2 / sr if body.get("format", "wav") == "wav" else n / 2 / sr
+            return Result(started, time.perf_counter(), r.status_code, audio, first, h.get("X-Voice-Variant"),
+                          h.get("X-Voice-Version"), "X-Voice-Fallback" in h)
+        r = client.post(f"{url}/v1/tts", json=body, headers=headers, timeout=timeout)
+        ended = time.perf_counter()
+        audio = wav_seconds(r.content) if r.status_code == 200 else 0.0
+        return Result(started, ended, r.status_code, audio, None, r.headers.get("X-Voice-Variant"),
+                      r.headers.get("X-Voice-Version"), "X-Voice-Fallback" in r.headers,
+                      None if r.status_code == 200 else r.text[:200])
+    except httpx.HTTPError as exc:
+        return Result(started, time.perf_counter(), 0, error=f"{type(exc).__name__}: {exc}")
+
+
+def run_load(url: str, headers: dict[str, str], body_for: Callable[[int], dict[str, Any]], concurrency: int,
+             requests: int, max_seconds: float, path_post: Callable[..., Result] = post_tts) -> list[Result]:
+    """Closed loop: ``concurrency`` workers send ``requests`` requests in total (body_for(i) for the i-th), each
+    waiting for its answer before the next; stops early after ``max_seconds``. Bounded in count and time."""
+    counter = iter(range(requests))
+    lock = threading.Lock()
+    results: list[Result] = []
+    deadline = time.perf_counter() + max_seconds
+
+    def worker() -> None:
+        with httpx.Client() as client:
+            while time.perf_counter() < deadline:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                res = path_post(client, url, headers, body_for(i))
+                with lock:
+                    results.append(res)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max_seconds + 150)
+    return sorted(results, key=lambda r: r.started)
+
+
+def summarize(results: Sequence[Result]) -> dict[str, Any]:
+    ok = [r for r in results if r.status == 200]
+    lat = [r.latency * 1000 for r in ok]
+    window = (max(r.ended for r in results) - min(r.started for r in results)) if results else 0.0
+    audio = sum(r.audio_seconds for r in ok)
+    return {"requests": len(results), "ok": len(ok), "errors": len(results) - len(ok),
+            "p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95), "mean_ms": statistics.fmean(lat) if lat else None,
+            "max_ms": max(lat) if lat else None, "window_s": window,
+            "requests_per_s": len(ok) / window if window else None,
+            "audio_seconds_per_s": audio / window if window else None,
+            "mean_audio_seconds": audio / len(ok) if ok else None,
+            "error_samples": sorted({(r.error or str(r.status))[:160] for r in results if r.status != 200})[:3]}
+
+
+def merge_summaries(parts: Sequence[Sequence[Result]]) -> dict[str, Any]:
+    """Latency percentiles over all rounds; throughput as the sum of requests over the sum of round windows."""
+    every = [r for p in parts for r in p]
+    s = summarize(every)
+    windows = [summarize(p)["window_s"] for p in parts if p]
+    total = sum(windows)
+    ok = [r for r in every if r.status == 200]
+    s["window_s"] = total
+    s["requests_per_s"] = len(ok) / total if total else None
+    s["audio_seconds_per_s"] = sum(r.audio_seconds for r in ok) / total if total else None
+    s["per_round_requests_per_s"] = [summarize(p)["requests_per_s"] for p in parts if p]
+    return s
+
+
+def results_json(results: Sequence[Result]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in results]
