@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The repository root first, and not this folder: benchmarks/serving.py would shadow the serving package.
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if p not in (str(ROOT), str(Path(__file__).resolve().parent))]
 
-from pydantic import BaseModel  # noqa: E402
+from pydantic import BaseModel
 
 
 class TTSRequest(BaseModel):  # module level: FastAPI resolves the (postponed) annotation from the module

@@ -76,19 +76,18 @@ def loadavg() -> list[float]:
 def machine_facts() -> dict[str, Any]:
     import torch
 
-    cpu = ""
+    cpu, mem = "", 0
     try:
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
-    except OSError:
-        pass
-    mem = 0
-    try:
-        mem = int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) * 1024
+        cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                    if l.startswith("model name")), "")
+        mem = int(next(l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines()
+                       if l.startswith("MemTotal"))) * 1024
     except (OSError, StopIteration):
         pass
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                         check=False).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip())
+                                capture_output=True, text=True, check=False).stdout.strip())
     la = loadavg()
     n = os.cpu_count() or 1
     return {"nproc": n, "loadavg_at_start": la, "under_load": la[0] >= 0.5 * n, "cpu_model": cpu,
@@ -154,24 +153,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _proc_status_kb(pid: int, field_name: str) -> int | None:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    return None
+
+
 def rss_bytes(pid: int) -> int:
     """VmRSS of a process (/proc/<pid>/status)."""
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    kb = _proc_status_kb(pid, "VmRSS")
+    if kb is None:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return kb * 1024
 
 
 def peak_rss_bytes(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """VmHWM (peak resident memory) of a process."""
+    return (_proc_status_kb(pid, "VmHWM") or 0) * 1024
 
 
 def metric_value(text: str, name: str) -> float | None:
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             return float(line.rsplit(" ", 1)[1])
     return None
 
@@ -182,7 +186,7 @@ class Proc:
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> None:
         self.name, self.log_path = name, log
         log.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log, "wb")
+        self._log = open(log, "wb")  # noqa: SIM115 - the child writes to it until stop() closes it
         self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
@@ -378,7 +382,7 @@ class Bench:
             return list(pool.map(one, zip(items, folders)))
 
     # servers -----------------------------------------------------------------------------------
-    def start_server(self, name: str, serving: dict[str, Any], threads: int | None = None) -> "Server":
+    def start_server(self, name: str, serving: dict[str, Any], threads: int | None = None) -> Server:
         port = free_port()
         home = self.home / f"server-{name}"
         home.mkdir(parents=True, exist_ok=True)

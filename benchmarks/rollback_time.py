@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from collections import Counter
 import random
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     LORA_B_SCALE,
     Bench,
     Result,
@@ -195,7 +195,7 @@ def main() -> None:
                             "breaker_max_p95_ms 2000 (ServingSettings defaults)",
         "mlflow_env": {"MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true", "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
                        "MLFLOW_WEBHOOK_CACHE_TTL": "1"},
-        "text": "short phrases (3-7 words)", "goal_s": GOAL_S, "limit_s": LIMIT_S,
+        "text": "short phrases (3-7 words)", "goal_s": GOAL_S, "limit_s": LIMIT_S, "lora_b_scale": LORA_B_SCALE,
         "rollback_trigger_delay": "uniform(0, poll_seconds) after >= 5 canary responses (random poll phase)",
     }
     print(load_note(facts), flush=True)

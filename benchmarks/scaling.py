@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     LORA_B_SCALE,
     LORA_RANK,
     Bench,
@@ -103,9 +103,9 @@ def main() -> None:
             servers += [start_baseline(bench, mode, vdir, n) for mode in baselines]
             servers[0].wait_voices(voices, 300)
             for s in servers[1:]:
-                wait_until(f"{s.name} with {n} voices", lambda s=s: len(s.status_plain()["voices"]) == n, 600, 0.5, s.proc)
+                wait_until(f"{s.name} with {n} voices", lambda s=s, n=n: len(s.status_plain()["voices"]) == n, 600, 0.5, s.proc)
             for s in servers:
-                body = lambda i, n=n: {"text": sentence_20(90_000 + i), "voice_id": voices[i % n], "user_id": f"w{i}"}
+                body = lambda i, n=n, vs=voices: {"text": sentence_20(90_000 + i), "voice_id": vs[i % n], "user_id": f"w{i}"}
                 res = run_load(s.url, s.auth, body, 4, max(12, n), 300)
                 if any(r.status != 200 for r in res):
                     bad = next(r for r in res if r.status != 200)
@@ -114,7 +114,8 @@ def main() -> None:
             for rnd in range(params["rounds"]):
                 order = servers[rnd % len(servers):] + servers[: rnd % len(servers)]
                 for s in order:
-                    body = lambda i, o=offset: {"text": sentence_20(o + i), "voice_id": voices[i % n], "user_id": f"u{o + i}"}
+                    body = lambda i, o=offset, n=n, vs=voices: {"text": sentence_20(o + i), "voice_id": vs[i % n],
+                                                                 "user_id": f"u{o + i}"}
                     parts[s.name].append(run_load(s.url, s.auth, body, params["concurrency"], params["requests_per_round"],
                                                   params["max_seconds_per_load"]))
                 offset += params["requests_per_round"]

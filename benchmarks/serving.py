@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     LORA_B_SCALE,
     LORA_RANK,
     Bench,
@@ -42,8 +42,8 @@ from common import (  # noqa: E402
     machine_facts,
     median,
     merge_summaries,
-    peak_rss_bytes,
     metric_value,
+    peak_rss_bytes,
     percentile,
     ratio,
     run_load,
@@ -281,8 +281,8 @@ def main() -> None:
                   fmt(m["per_voice_vmrss_bytes"] / MB, 2), fmt((m["per_voice_metric_resident_bytes"] or 0) / MB, 2),
                   fmt(m["eleven_voices_after_traffic"]["vmrss_bytes"] / MB, 1),
                   fmt(m["per_voice_after_traffic_vmrss_bytes"] / MB, 2),
-                  f"{fmt((m['one_voice']['drift_last_pass_bytes'] or 0) / MB, 1)} / "
-                  f"{fmt((m['eleven_voices_after_traffic']['drift_last_pass_bytes'] or 0) / MB, 1)}",
+                  (f"{fmt((m['one_voice']['drift_last_pass_bytes'] or 0) / MB, 1)} / "
+                   f"{fmt((m['eleven_voices_after_traffic']['drift_last_pass_bytes'] or 0) / MB, 1)}"),
                   fmt(m["after_load"]["vmrss_bytes"] / MB, 1)]
                  for n, m in mem.items()]))
     print("MB/extra voice = (RSS right after reloading with 11 voices - RSS with 1 voice after warm-up) / 10; "
