@@ -224,7 +224,7 @@ def qc(
         raise typer.Exit(EXIT_REJECTED) from exc
     except onboarding.QCRejected:
         passed = False
-    store_report = _load_report(dataset, settings, language)
+    store_report = onboarding.load_qc_report(dataset, settings, language)
     _print_verdict(store_report, as_json)
     raise typer.Exit(EXIT_PASSED if passed else EXIT_REJECTED)
 
@@ -240,14 +240,6 @@ def _mlflow_reachable(settings: Settings) -> bool:
         console.print(f"[yellow]MLflow at {settings.mlflow_tracking_uri} is not reachable: the report is stored locally only "
                       "(start the stack with `voiceops up`).[/yellow]")
     return ok
-
-
-def _load_report(dataset: dict, settings: Settings, language: str) -> dict:
-    from voice_lib.onboarding import qc_prefix
-    from voice_lib.storage import artifact_store
-
-    store = artifact_store(settings)
-    return json.loads(store.read_bytes(f"{qc_prefix(dataset['voice_id'], dataset['data_sha256'], settings, language)}/report.json"))
 
 
 def _print_verdict(report: dict, as_json: bool) -> None:

@@ -69,7 +69,7 @@ def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, tr
 
     dataset = onboarding.ingest(voice_id, str(data), settings)  # cached: the stored dataset's handle
     store = artifact_store(settings)
-    qc = json.loads(store.read_bytes(f"{onboarding.qc_prefix(voice_id, dataset['data_sha256'], settings, 'en')}/report.json"))
+    qc = onboarding.load_qc_report(dataset, settings, "en")
     model_prefix = f"voices/{voice_id}/models/{meta['training_key']}"
     evaluation = json.loads(store.read_bytes(f"{model_prefix}/evaluation.json"))
     adapted, base = evaluation["aggregates"].get("adapted", {}), evaluation["aggregates"].get("base", {})

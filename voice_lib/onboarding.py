@@ -92,6 +92,20 @@ def ingest(voice_id: str, data_uri: str, settings: Settings, shards: int = 2) ->
     }
 
 
+def _transcript_files(files: list[str]) -> list[str]:
+    """Every staged file that is not audio: the transcript layouts (voice_lib.transcripts) pick theirs."""
+    from voice_lib.audio import AUDIO_EXTENSIONS
+
+    return [f for f in files if not f.lower().endswith(AUDIO_EXTENSIONS)]
+
+
+def load_qc_report(dataset: dict, settings: Settings, language: str = "en") -> dict:
+    """The stored QC report (report.json) of a dataset handle returned by ``ingest``."""
+    store = artifact_store(settings)
+    key = f"{qc_prefix(dataset['voice_id'], dataset['data_sha256'], settings, language)}/report.json"
+    return json.loads(store.read_bytes(key))
+
+
 def _download_raw(store: Store, prefix: str, rels: list[str], dest: Path) -> None:
     for rel in rels:
         target = dest / rel
@@ -116,8 +130,7 @@ def qc_shard(dataset: dict, shard_index: int, settings: Settings, language: str 
     rels = dataset["shards"][shard_index]
     work = _work_dir(settings, voice_id, sha[:16], f"qc-shard-{shard_index}")
     raw = work / "raw"
-    transcript_files = [f for f in dataset["files"] if not f.lower().endswith((".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus"))]
-    _download_raw(store, dataset_prefix(voice_id, sha), rels + transcript_files, raw)
+    _download_raw(store, dataset_prefix(voice_id, sha), rels + _transcript_files(dataset["files"]), raw)
     index = read_transcripts(raw, dataset["files"])
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
@@ -157,8 +170,7 @@ def qc_report(dataset: dict, settings: Settings, language: str = "en", log_to_ml
         for c in clips:
             embeddings[c.clip_id] = np.load(io.BytesIO(store.read_bytes(f"{qc_key}/embeddings/{c.clip_id}.npy")))
         work = _work_dir(settings, voice_id, sha[:16], "qc-report")
-        transcript_files = [f for f in dataset["files"] if f.lower().endswith((".list", ".csv", ".txt", ".lab"))]
-        _download_raw(store, dataset_prefix(voice_id, sha), transcript_files, work / "raw")
+        _download_raw(store, dataset_prefix(voice_id, sha), _transcript_files(dataset["files"]), work / "raw")
         problems = read_transcripts(work / "raw", dataset["files"]).problems
         report = summarize(voice_id, clips, embeddings, failures, problems, settings, language, sha, dataset.get("skipped"))
         report_dir = work / "report"
