@@ -7,6 +7,8 @@ in it, the breaker trips when any of these is exceeded:
 - error rate (non-finite output, exceptions, timeouts) > ``breaker_max_error_rate``
 - p95 latency of the successful requests > ``breaker_max_p95_ms``
 - bad-audio rate (silent or clipped output) > ``breaker_max_bad_audio_rate``
+- canary p95 > ``breaker_max_latency_ratio`` x the production p95 of the same voice in the same window
+  (production latencies are observed with ``observe_production``, never judged)
 
 Tripping takes effect in this process at once (routing reads ``is_open`` on every request, so the
 canary's effective weight is 0 from the next request on), is exported as a metric and logged, and is
@@ -47,7 +49,7 @@ class _Sample:
 class _State:
     samples: deque = field(default_factory=deque)
     open: bool = False
-    code: str | None = None  # error_rate | p95_latency | bad_audio | registry
+    code: str | None = None  # error_rate | p95_latency | latency_ratio | bad_audio | registry
     reason: str | None = None
     tripped_at: float | None = None
 
@@ -70,6 +72,7 @@ class CanaryBreaker:
         self._clock = clock
         self._lock = threading.Lock()
         self._states: dict[Key, _State] = {}
+        self._production: dict[str, deque] = {}  # voice_id -> (at, latency_ms) of production requests
         self._writes: queue.Queue = queue.Queue()
         self._writer: threading.Thread | None = None
         self.registry_writes_done = 0
@@ -90,7 +93,7 @@ class CanaryBreaker:
                 return None
             state.samples.append(_Sample(now, latency_ms, error, bad_audio))
             self._prune(state, now)
-            found = self._verdict(state)
+            found = self._verdict(state, self._production_p95(voice_id, now))
             if found is None:
                 return None
             state.open, (state.code, state.reason), state.tripped_at = True, found, time.time()
@@ -103,12 +106,27 @@ class CanaryBreaker:
         self._persist(voice_id, version, state.reason or "")
         return state.reason
 
+    def observe_production(self, voice_id: str, latency_ms: float) -> None:
+        """A production request's latency: the yardstick of the latency-ratio rule (never trips anything)."""
+        now = self._clock()
+        with self._lock:
+            window = self._production.setdefault(voice_id, deque())
+            window.append((now, latency_ms))
+            horizon = now - self.settings.breaker_window_seconds
+            while window and window[0][0] < horizon:
+                window.popleft()
+
+    def _production_p95(self, voice_id: str, now: float) -> float | None:
+        horizon = now - self.settings.breaker_window_seconds
+        values = [ms for at, ms in self._production.get(voice_id, ()) if at >= horizon]
+        return _p95(values) if len(values) >= self.settings.breaker_min_requests else None
+
     def _prune(self, state: _State, now: float) -> None:
         horizon = now - self.settings.breaker_window_seconds
         while state.samples and state.samples[0].at < horizon:
             state.samples.popleft()
 
-    def _verdict(self, state: _State) -> tuple[str, str] | None:
+    def _verdict(self, state: _State, production_p95: float | None = None) -> tuple[str, str] | None:
         s, samples = self.settings, list(state.samples)
         n = len(samples)
         if n < s.breaker_min_requests:
@@ -123,6 +141,9 @@ class CanaryBreaker:
         p95 = _p95([x.latency_ms for x in samples if not x.error])
         if p95 is not None and p95 > s.breaker_max_p95_ms:
             return "p95_latency", f"p95 latency {p95:.0f} ms > {s.breaker_max_p95_ms:.0f} ms {window}"
+        if p95 is not None and production_p95 and p95 > s.breaker_max_latency_ratio * production_p95:
+            return "latency_ratio", (f"p95 latency {p95:.0f} ms is {p95 / production_p95:.1f}x production's "
+                                     f"{production_p95:.0f} ms (limit {s.breaker_max_latency_ratio:g}x) {window}")
         return None
 
     # --- state for routing, status and reloads --------------------------------------------------
@@ -141,9 +162,10 @@ class CanaryBreaker:
             state = self._states.get((voice_id, version)) or _State()
             self._prune(state, self._clock())
             samples = list(state.samples)
+            production_p95 = self._production_p95(voice_id, self._clock())
         n = len(samples)
         return {"open": state.open, "code": state.code, "reason": state.reason, "tripped_at": state.tripped_at,
-                "window": {"requests": n,
+                "window": {"requests": n, "production_p95_ms": production_p95,
                            "error_rate": sum(x.error for x in samples) / n if n else 0.0,
                            "bad_audio_rate": sum(x.bad_audio for x in samples) / n if n else 0.0,
                            "p95_ms": _p95([x.latency_ms for x in samples if not x.error])}}
@@ -153,6 +175,9 @@ class CanaryBreaker:
         with self._lock:
             for key in [k for k in self._states if k not in keys]:
                 del self._states[key]
+            voices = {voice for voice, _ in keys}
+            for voice in [v for v in self._production if v not in voices]:
+                del self._production[voice]
 
     # --- registry write, off the request path -----------------------------------------------------
 

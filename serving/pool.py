@@ -56,6 +56,7 @@ class LoadedVersion:
     tags: Mapping[str, str]
     loaded_at: float
     warmup: Mapping[str, Any] = field(default_factory=dict)
+    fault: str | None = None  # game-day fault injection (serving.fault_injection): raise | silence | slow:<factor>
 
     @property
     def key(self) -> Key:
@@ -293,7 +294,11 @@ class VoicePool:
         LoraBank([((voice_id, version), weights)], base.shapes)  # fails now if shapes do not fit the base
         if info.tags.get("breaker_tripped") == "true" and self.breaker is not None:
             self.breaker.restore(voice_id, version, info.tags.get("breaker_reason", "tripped earlier"))
-        return LoadedVersion(voice_id, version, base.sha256, speaker, weights, dict(info.tags), time.time())
+        fault = info.tags.get("fault_injection") if self.settings.serving.fault_injection else None
+        if fault:
+            log.warning("fault injection %r is active for %s version %s (serving.fault_injection is on)", fault, name, version)
+        return LoadedVersion(voice_id, version, base.sha256, speaker, weights, dict(info.tags), time.time(),
+                             fault=parse_fault(fault) if fault else None)
 
     def _resolve_base(self, lineage: Mapping[str, Any], name: str, version: str) -> BaseBundle:
         """The exact base a version was trained on (by sha256): never serve an adapter on another base."""
@@ -363,6 +368,20 @@ class VoicePool:
                                                      "audio_seconds": round(len(out.audio) / out.sample_rate, 3),
                                                      "bad_audio": out.bad})
         return kept
+
+
+def parse_fault(value: str) -> str:
+    """Validate a ``fault_injection`` tag: ``raise``, ``silence`` or ``slow:<factor>`` (factor > 1)."""
+    kind, _, arg = value.strip().partition(":")
+    if kind in ("raise", "silence") and not arg:
+        return kind
+    if kind == "slow":
+        try:
+            if float(arg) > 1:
+                return f"slow:{float(arg):g}"
+        except ValueError:
+            pass
+    raise ValueError(f"fault_injection tag {value!r} is not one of raise, silence, slow:<factor greater than 1>")
 
 
 def _signature(routes: Mapping[str, VoiceRoute]) -> tuple:

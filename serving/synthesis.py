@@ -15,12 +15,13 @@ import io
 import struct
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from serving.batcher import BatcherClosed, MicroBatcher
+from serving.engine import SynthesisError, bad_audio_kind
 from serving.pool import LoadedVersion, Snapshot, SynthesisOutput, VoiceRoute
 from serving.routing import CANARY, PRODUCTION, Decision
 from voice_lib.text import TextError, phonemes_to_ids, phonemize, split_sentences
@@ -128,11 +129,13 @@ class Synthesis:
 
     async def _run(self, snap: Snapshot, version: LoadedVersion, chunks: Sequence[Sequence[int]],
                    speed: float) -> list[SynthesisOutput]:
+        started = time.perf_counter()
         try:
             futures = [self.batcher.submit(snap.job(version, ids, speed)) for ids in chunks]
         except BatcherClosed:
             raise ServingError(503, "shutting_down", "the server is shutting down; retry on another replica") from None
-        return list(await asyncio.wait_for(asyncio.gather(*futures), self.timeout))
+        outputs = list(await asyncio.wait_for(asyncio.gather(*futures), self.timeout))
+        return await _inject_fault(version, outputs, time.perf_counter() - started) if version.fault else outputs
 
     async def synthesize(self, snap: Snapshot, route: VoiceRoute, decision: Decision, chunks: Sequence[Sequence[int]],
                          speed: float, ctx: RequestContext) -> Served:
@@ -159,6 +162,8 @@ class Synthesis:
                 return await self._fallback(snap, route, decision, chunks, speed,
                                             f"canary version {decision.version.version} produced {served.bad} audio")
             self.breaker.record(route.voice_id, decision.version.version, (time.perf_counter() - started) * 1000)
+        elif route.canary is not None:
+            self.breaker.observe_production(route.voice_id, (time.perf_counter() - started) * 1000)
         return served
 
     async def _fallback(self, snap: Snapshot, route: VoiceRoute, decision: Decision, chunks: Sequence[Sequence[int]],
@@ -211,3 +216,20 @@ class Synthesis:
                     raise
 
         return first, rest()
+
+
+async def _inject_fault(version: LoadedVersion, outputs: list[SynthesisOutput], took: float) -> list[SynthesisOutput]:
+    """Game-day faults (serving.fault_injection): the version fails, goes silent, or answers ``factor`` x slower.
+
+    Silence goes through the same bad-audio check as real output; slowness waits without using the CPU, so
+    the other versions on this server keep their speed, as on a replica where only the canary is slow.
+    """
+    kind, _, arg = (version.fault or "").partition(":")
+    if kind == "raise":
+        raise SynthesisError(f"fault injection on version {version.version}: raise")
+    if kind == "silence":
+        return [replace(o, audio=np.zeros_like(o.audio), bad=bad_audio_kind(np.zeros_like(o.audio), -50.0, 1.0))
+                for o in outputs]
+    if kind == "slow":
+        await asyncio.sleep((float(arg) - 1) * took)
+    return outputs

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import free_port
+from serving_stack import SECRET, TEXT, ServerStack, make_adapter, phoneme_ids, running_stack, tiny_base
 from serving.multilora import AdapterWeights, LoraBank, install
 from serving.pool import BaseBundle, SynthesisError, SynthesisJob, VoiceRoute, run_batch
 from serving.routing import CANARY, PRODUCTION, choose
@@ -44,41 +44,6 @@ from voice_lib.text import SYMBOLS, phonemes_to_ids, phonemize
 from voice_lib.train import feature_matrix, lora_model, save_base
 
 pytestmark = pytest.mark.timeout(300)
-SECRET = "webhook-test-secret"
-TEXT = "Hello there."
-
-
-# --- tiny models ------------------------------------------------------------------------------------
-
-def tiny_base(seed: int = 0) -> VoiceModel:
-    """Random weights, but feature statistics of a real WORLD analysis so outputs sound like (buzzy) audio."""
-    sr = 16000
-    t = np.arange(sr) / sr
-    phase = 2 * np.pi * np.cumsum(140 + 20 * np.sin(2 * np.pi * 1.5 * t)) / sr
-    x = (sum(np.sin(k * phase) / k for k in range(1, 20)) * 0.1 * (0.6 + 0.4 * np.sin(6 * np.pi * t))).astype(np.float32)
-    m = feature_matrix(ClipFeatures([], np.zeros(1, np.int32), *world_analysis(x, FeatureConfig(f0_method="dio")), "k"))
-    torch.manual_seed(seed)
-    model = VoiceModel(ModelConfig(d_model=64, ffn_dim=128, encoder_layers=1, decoder_layers=1, n_symbols=len(SYMBOLS)))
-    model.feature_mean.copy_(torch.from_numpy(m.mean(0)))
-    model.feature_std.copy_(torch.from_numpy(np.maximum(m.std(0), 1e-3) * 0.3))
-    return model.eval()
-
-
-def make_adapter(base: VoiceModel, out: Path, seed: int, scale: float = 0.3, meta: dict | None = None) -> Path:
-    """A peft LoRA (rank 4) of ``base`` with random lora_B (scale NaN: a broken adapter), saved like training does."""
-    peft_model = lora_model(copy.deepcopy(base), rank=4)  # peft injects into the model it wraps: use a copy
-    g = torch.Generator().manual_seed(seed)
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.full(p.shape, float("nan")) if math.isnan(scale) else torch.randn(p.shape, generator=g) * scale
-    peft_model.save_pretrained(str(out))
-    np.save(out / "speaker_embedding.npy", np.random.default_rng(seed).standard_normal(256).astype(np.float32))
-    (out / "voice.json").write_text(json.dumps({"seed": seed, **(meta or {})}))
-    return out
-
-
-def phoneme_ids(text: str) -> list[int]:
-    return phonemes_to_ids(phonemize(text, "en"))
 
 
 # --- multi-LoRA, batching, routing, breaker: no server ------------------------------------------------
@@ -170,6 +135,24 @@ def test_breaker_trips_on_error_rate_latency_and_bad_audio_only_after_enough_req
     assert breaker.state("c", "2")["code"] == "bad_audio"
 
 
+def test_breaker_trips_on_a_canary_several_times_slower_than_production() -> None:
+    from serving.breaker import CanaryBreaker
+
+    breaker = CanaryBreaker(ServingSettings(breaker_min_requests=10, breaker_max_p95_ms=60_000, breaker_max_latency_ratio=2.0))
+    for _ in range(9):
+        breaker.record("v", "2", 900)  # no production yardstick yet: nothing to compare against
+    for _ in range(20):
+        breaker.observe_production("v", 300)
+    assert "latency" in breaker.record("v", "2", 900)  # the 10th: p95 900 ms is 3x production's 300 ms
+    assert breaker.is_open("v", "2") and breaker.state("v", "2")["code"] == "latency_ratio"
+    assert "3.0x production's 300 ms" in breaker.state("v", "2")["reason"]
+    for _ in range(20):
+        breaker.observe_production("w", 300)
+    for _ in range(30):
+        breaker.record("w", "2", 550)  # 1.8x: slower, but within the limit
+    assert not breaker.is_open("w", "2")
+
+
 def test_webhook_signature_is_the_one_mlflow_sends() -> None:
     from mlflow.webhooks.delivery import _generate_hmac_signature
 
@@ -204,92 +187,13 @@ def test_readyz_is_503_degraded_while_nothing_could_be_loaded(tmp_path: Path) ->
 
 # --- a real server on a real MLflow ---------------------------------------------------------------------
 
-class Stack:
-    def __init__(self, url: str, registry: Registry, voice_a: str, voice_b: str, keys: dict[str, str],
-                 proc: subprocess.Popen, settings: Settings, base: VoiceModel, work: Path, lineage: dict) -> None:
-        self.url, self.registry, self.a, self.b, self.keys, self.proc = url, registry, voice_a, voice_b, keys, proc
-        self.settings, self.base, self.work, self.lineage = settings, base, work, lineage
-
-    def register(self, voice_id: str, seed: int, scale: float = 0.3) -> str:
-        from voice_lib.report import experiment_id, mlflow_client
-
-        folder = make_adapter(self.base, self.work / f"{voice_id}-{seed}", seed, scale,
-                              {"base_sha256": self.lineage["base_sha256"], "base_version": self.lineage["base_version"]})
-        client = mlflow_client(self.settings)
-        run_id = client.create_run(experiment_id(client, f"voice-{voice_id}")).info.run_id
-        client.log_artifacts(run_id, str(folder), "voice")
-        tags = {**self.lineage, "training_key": f"{voice_id}-{seed}-{uuid.uuid4().hex[:6]}"}
-        return self.registry.register(f"voice-{voice_id}", run_id, "voice", tags).version
-
-    def tts(self, key: str = "acme", client: httpx.Client | None = None, **body) -> httpx.Response:
-        body = {"text": TEXT, "voice_id": self.a, **body}
-        return (client or httpx).post(f"{self.url}/v1/tts", json=body, timeout=60,
-                                      headers={"Authorization": f"Bearer {self.keys[key]}"})
-
-    def status(self) -> dict:
-        return httpx.get(f"{self.url}/v1/admin/status", headers={"Authorization": f"Bearer {self.keys['ops']}"}).json()
-
-    def wait(self, what: str, check, timeout: float = 30.0) -> float:
-        started = time.monotonic()
-        while not check():
-            assert time.monotonic() - started < timeout, f"timed out waiting for {what}: {self.status()}"
-            time.sleep(0.2)
-        return time.monotonic() - started
+Stack = ServerStack
 
 
 @pytest.fixture(scope="module")
 def stack(mlflow_server: str, tmp_path_factory) -> Stack:
-    from voice_lib.training_pipeline import sha256_file
-
-    home = tmp_path_factory.mktemp("serving-home")
-    settings = Settings(home=home, mlflow_tracking_uri=mlflow_server)
-    registry = Registry(settings)
-    base = tiny_base()
-    base_dir = save_base(base, home / "base", {"feature_config": {"sample_rate": 16000}}).parent
-    base_sha = sha256_file(base_dir / "model.safetensors")
-    # The base is given by folder (serving.base_dir, sha256-checked): Registry refuses the name voice-base for now.
-    lineage = {"base_model": "voice-base", "base_version": "shipped", "base_sha256": base_sha, "data_sha256": "d" * 64,
-               "code_version": "test", "lora_rank": "4"}
-    suffix = uuid.uuid4().hex[:8]
-    voice_a, voice_b = f"srv-a-{suffix}", f"srv-b-{suffix}"
-    tenants = TenantDirectory(settings.resolved_tenants_file)
-    keys = {"acme": tenants.create_key("acme", [voice_a], can_force_variant=True, rate_per_minute=100_000)[0],
-            "globex": tenants.create_key("globex", [voice_b], rate_per_minute=100_000)[0],
-            "ops": tenants.create_key("ops", ["*"], admin=True, rate_per_minute=100_000)[0],
-            "slow": tenants.create_key("slow", [voice_a], rate_per_minute=2)[0]}
-    port = free_port()
-    env = {**os.environ, "VOICEOPS_HOME": str(home), "VOICEOPS_MLFLOW_TRACKING_URI": mlflow_server,
-           "VOICEOPS_SERVING__POLL_SECONDS": "1", "VOICEOPS_SERVING__BREAKER_MIN_REQUESTS": "8",
-           "VOICEOPS_SERVING__BREAKER_MAX_P95_MS": "60000", "VOICEOPS_SERVING__WEBHOOK_SECRET": SECRET,
-           "VOICEOPS_SERVING__MAX_TEXT_CHARS": "300", "VOICEOPS_SERVING__BATCH_MAX_WAIT_MS": "20",
-           "VOICEOPS_SERVING__BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "voice_lib.cli", "serve", "--port", str(port)], cwd=home, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    s = Stack(f"http://127.0.0.1:{port}", registry, voice_a, voice_b, keys, proc, settings, base, home / "work", lineage)
-    try:
-        for voice_id, seeds in ((voice_a, (1, 2)), (voice_b, (3,))):
-            for seed in seeds:
-                s.register(voice_id, seed)
-            registry.promote(f"voice-{voice_id}", 1)
-        registry.set_canary(f"voice-{voice_a}", 2, 30)
-        deadline = time.monotonic() + 150
-        while True:
-            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
-            try:
-                voices = s.status().get("voices", {})
-                if voice_a in voices and voices[voice_a]["canary"] and voice_b in voices:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with running_stack(mlflow_server, tmp_path_factory.mktemp("serving-home")) as s:
         yield s
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(30)
-        log.close()
 
 
 def test_routing_follows_the_canary_weight_and_is_sticky(stack: Stack) -> None:

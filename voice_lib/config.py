@@ -84,6 +84,12 @@ class ServingSettings(BaseModel):
     breaker_max_error_rate: float = 0.05
     breaker_max_p95_ms: float = 2000.0
     breaker_max_bad_audio_rate: float = 0.05
+    # Canary p95 over production p95 (same voice, same window, both with breaker_min_requests samples):
+    # catches a canary that is several times slower without an absolute threshold tuned per machine.
+    breaker_max_latency_ratio: float = 2.0
+    # Game days and staging only: honour the version tag ``fault_injection`` (raise | silence | slow:<factor>)
+    # so rollback can be rehearsed on a real release. Off in production; the server logs when it is on.
+    fault_injection: bool = False
     warmup_text: str = "Hello, this is a short warm up sentence."
     # Base model folder the server may use when a version's registered base cannot be fetched; it is only
     # used for versions whose base_sha256 lineage tag matches its weights, never for another base.
