@@ -17,6 +17,13 @@ from voice_lib.config import Settings
 VENV_BIN = Path(sys.executable).parent
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("voiceops fault scenarios")
+    group.addoption("--mlflow-outage-seconds", type=float, default=20.0,
+                    help="how long tests/test_faults.py keeps MLflow down (benchmarks/faults.py: 120)")
+    group.addoption("--fault-report", default=None, help="append the fault scenarios' figures to this JSON-lines file")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

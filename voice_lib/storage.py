@@ -76,8 +76,7 @@ class LocalStore:
         return self.write_bytes(key, Path(src).read_bytes())
 
     def download_to(self, key: str, dest: Path) -> Path:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(self.read_bytes(key))
+        _write_atomic(dest, self.read_bytes(key))
         return dest
 
     def exists(self, key: str) -> bool:
@@ -146,8 +145,7 @@ class S3Store:
         return self.write_bytes(key, Path(src).read_bytes())
 
     def download_to(self, key: str, dest: Path) -> Path:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(self.read_bytes(key))
+        _write_atomic(dest, self.read_bytes(key))
         return dest
 
     def exists(self, key: str) -> bool:
@@ -225,3 +223,17 @@ def open_store(uri: str, settings: Settings) -> Store:
 
 def artifact_store(settings: Settings) -> Store:
     return open_store(settings.resolved_storage_uri, settings)
+
+
+def _write_atomic(dest: Path, data: bytes) -> None:
+    """Write a local file so that a kill or a full disk never leaves a partial file under its name:
+    callers skip files that exist, so a partial one would be reused as if it were complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -163,9 +163,11 @@ def fit(
     cfg: TrainConfig,
     checkpoint: Path,
     on_metrics: MetricsCallback | None = None,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
 ) -> FitResult:
     """Train the parameters of ``model`` that require grad. ``base`` is the underlying VoiceModel
-    (the same object for pretraining; the model under the LoRA wrapper for fine-tuning)."""
+    (the same object for pretraining; the model under the LoRA wrapper for fine-tuning).
+    ``on_checkpoint(path, step)`` runs after each checkpoint is written (e.g. to copy it off the machine)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -222,6 +224,8 @@ def fit(
                 "history": history, "best_state": best_state, "py_random": random.getstate(),
                 "seconds": earlier_seconds + time.monotonic() - started,
             }, checkpoint)
+            if on_checkpoint is not None:
+                on_checkpoint(checkpoint, step)
         if stopped_early:
             log.info("early stop at step %d: no validation improvement in %d evaluations", step, cfg.patience)
             break

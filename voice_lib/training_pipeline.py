@@ -189,7 +189,9 @@ def finetune_voice(voice_id: str, manifest_key: str, settings: Settings, rank: i
     metrics = MlflowMetrics(settings, run_id)
     log.info("fine-tuning %s: %d train / %d validation / %d held-out clips, %d adapter parameters (rank %d)",
              voice_id, len(train), len(val), len(held_out), trainable_parameters(model), rank)
-    result = fit(model, base, train, val, cfg, settings.cache_dir / "checkpoints" / f"{voice_id}-{key}.pt", metrics)
+    local, remote = settings.cache_dir / "checkpoints" / f"{voice_id}-{key}.pt", f"voices/{voice_id}/checkpoints/{key}.pt"
+    result = fit(model, base, train, val, cfg, restore_checkpoint(store, remote, local), metrics,
+                 on_checkpoint=lambda path, step: mirror_checkpoint(store, path, remote, step))
     metrics.flush()
     work = settings.cache_dir / "work" / voice_id / f"model-{key}"
     shutil.rmtree(work, ignore_errors=True)
@@ -207,6 +209,27 @@ def finetune_voice(voice_id: str, manifest_key: str, settings: Settings, rank: i
                "held_out": [e.clip_id for e in held_out], "manifest_key": manifest_key, "base_dir": str(base_dir), **facts}
     store.write_bytes(f"{prefix}/voice.json", json.dumps(summary, indent=2).encode())  # commit marker, last
     return summary
+
+
+def restore_checkpoint(store, key: str, local: Path) -> Path:
+    """The local checkpoint path, first fetched from the store when this machine has none: a retry of the
+    train task may run on another worker than the one that died, and must resume all the same."""
+    if not local.exists() and store.exists(key):
+        store.download_to(key, local)
+        log.info("fetched checkpoint %s from the artifact store to resume on this worker", key)
+    return local
+
+
+def mirror_checkpoint(store, path: Path, key: str, step: int) -> None:
+    """Copy a step checkpoint to the artifact store (after the local atomic write). A failed copy does not stop
+    training: the local checkpoint still serves a retry on this machine, and the next checkpoint tries again."""
+    from voice_lib.storage import StorageError
+
+    try:
+        store.upload_file(path, key)
+        log.info("checkpoint at step %d copied to %s", step, key)
+    except (StorageError, OSError) as exc:
+        log.warning("could not copy the step-%d checkpoint to the artifact store (%s); training goes on", step, exc)
 
 
 def fetch_voice_model(settings: Settings, trained: dict) -> Path:
@@ -306,6 +329,7 @@ def register_voice(settings: Settings, trained: dict, evaluation: dict) -> dict:
 
         client = mlflow_client(settings)
         client.log_artifacts(trained["run_id"], str(model_dir), "voice")
+        verify_logged_folder(client, trained["run_id"], "voice", model_dir)
     tags = {**trained["lineage"], **gate_metric_tags(evaluation["aggregates"])}
     version = registry.register(name, trained["run_id"], "voice", tags,
                                 description=f"LoRA rank {trained['lineage']['lora_rank']} on {trained['lineage']['base_model']}")
@@ -315,6 +339,19 @@ def register_voice(settings: Settings, trained: dict, evaluation: dict) -> dict:
         return {"name": name, "version": version.version, "alias": "candidate"}
     registry.reject(name, version.version, evaluation["gate_failures"])
     raise GatesFailed(voice_id, version.version, evaluation["gate_failures"])
+
+
+def verify_logged_folder(client, run_id: str, artifact_path: str, folder: Path) -> None:
+    """Refuse to register from an incomplete upload: every local file must be in the run with its exact size.
+
+    An artifact store that failed half-way (S3 down) must never leave a registered version that cannot load.
+    """
+    logged = {a.path.rsplit("/", 1)[-1]: a.file_size for a in client.list_artifacts(run_id, artifact_path) if not a.is_dir}
+    wrong = [f"{p.name} ({'missing' if p.name not in logged else f'{logged[p.name]} of {p.stat().st_size} bytes'})"
+             for p in sorted(folder.iterdir()) if p.is_file() and logged.get(p.name) != p.stat().st_size]
+    if wrong:
+        raise RuntimeError(f"run {run_id} artifacts under {artifact_path!r} are incomplete: {', '.join(wrong)}; "
+                           "nothing was registered. Retry the task once the artifact store is reachable.")
 
 
 def evaluate_registered(settings: Settings, voice_id: str, alias_or_version: str) -> dict:
