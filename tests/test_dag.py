@@ -37,6 +37,7 @@ print(json.dumps({
     "heavy_modules": sorted(m for m in ("torch", "mlflow", "voice_lib.qc", "voice_lib.speech", "librosa") if m in sys.modules),
     "params": sorted(dag.params.keys()),
     "voice_id_validation": bad,
+    "retries": {t.task_id: [t.retries, bool(t.retry_exponential_backoff)] for t in dag.tasks},
 }))
 """
 
@@ -61,6 +62,9 @@ def test_dagbag_imports_cleanly_without_heavy_modules(settings):
     assert {"ingest", "qc_shard", "qc_report", "features_shard", "features_manifest", "train", "evaluate", "register"} <= set(probe["tasks"])
     # DAG files are parsed every 30 s by the dag processor: no ML or MLflow import at parse time.
     assert probe["heavy_modules"] == []
+    # Infrastructure faults (S3, MLflow down; a worker killed) are retried with backoff, every task
+    # (tests/test_faults_onboarding.py shows the retried steps resume and register nothing partial).
+    assert all(retries >= 1 and backoff for retries, backoff in probe["retries"].values()), probe["retries"]
     assert {"voice_id", "data_uri", "language", "min_speech_seconds"} <= set(probe["params"])
     assert probe["voice_id_validation"]["ok-voice"] == "valid"
     for bad in ("../etc", "Bad_ID", "a"):
