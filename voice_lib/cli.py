@@ -381,7 +381,7 @@ def evaluate(
 
 
 BENCHMARKS = {"vocoder": "vocoder_ceiling.py", "voice-quality": "voice_quality.py", "serving": "serving.py",
-              "scaling": "scaling.py", "rollback": "rollback_time.py"}
+              "scaling": "scaling.py", "rollback": "rollback_time.py", "soak": "soak.py", "faults": "faults.py"}
 
 
 @app.command()

@@ -1,0 +1,246 @@
+"""Soak: 10 minutes at the highest load the server sustains on this machine, three voices, 20% canary.
+
+A private MLflow and one `voiceops serve` (default settings) on loopback. Three voices, each a rank-8 LoRA of
+the shipped base with production v1 and a canary v2 at weight 20. Every request carries its own user id
+(so about 20% go to the canaries) and its own ``X-Request-Id``, and is one of 400 distinct 20-word sentences.
+
+1. Ramp: closed loop at concurrency 1, 2, 4 and 8 for ``--ramp-seconds`` each. The soak concurrency is the
+   highest whose throughput is within 5% of the best seen and whose p95 stays under 2 s (the breaker's
+   default p95 limit): the most load the server carries before it only queues.
+2. Warm-up for ``--warmup-seconds`` at that concurrency (fills the text frontend cache, allocator pools).
+3. Soak for ``--seconds`` (default 600) at that concurrency; resident memory (VmRSS of the server pid)
+   sampled every 5 s; latency per minute.
+4. SIGTERM (graceful: the audit queue is flushed), then the audit database is read back.
+
+Pass lines (printed, and in benchmarks/results/soak.json):
+- zero lost (no answer) or 5xx production requests;
+- resident memory flat: last-minute median RSS within 5% of the first soak minute's median (after warm-up);
+- audit rows: the set of request ids in the audit log equals the set the client sent, exactly.
+
+    .venv/bin/python benchmarks/soak.py [--seconds 600] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (LORA_B_SCALE, Bench, Result, fmt, load_note, machine_facts, percentile, sentence_20, table, verdict,
+                    wav_seconds, write_results)
+
+MB = 1024 * 1024
+CANARY_WEIGHT = 20
+TEXTS = 400
+
+
+class Load:
+    """Closed-loop clients for a fixed time; every request has a unique id and user."""
+
+    def __init__(self, url: str, headers: dict[str, str], voices: list[str], prefix: str) -> None:
+        self.url, self.headers, self.voices, self.prefix = url, headers, voices, prefix
+        self.sent: list[str] = []
+        self.results: list[tuple[str, Result]] = []
+        self._lock = threading.Lock()
+        self._n = 0
+
+    def _next(self) -> int:
+        with self._lock:
+            self._n += 1
+            return self._n
+
+    def run(self, concurrency: int, seconds: float) -> list[tuple[str, Result]]:
+        deadline = time.perf_counter() + seconds
+        start = len(self.results)
+
+        def worker() -> None:
+            with httpx.Client() as client:
+                while time.perf_counter() < deadline:
+                    i = self._next()
+                    rid = f"{self.prefix}-{i}"
+                    body = {"text": sentence_20(i % TEXTS), "voice_id": self.voices[i % len(self.voices)],
+                            "user_id": f"user-{i}"}
+                    with self._lock:
+                        self.sent.append(rid)
+                    t0 = time.perf_counter()
+                    try:
+                        r = client.post(f"{self.url}/v1/tts", json=body, headers={**self.headers, "X-Request-Id": rid},
+                                        timeout=120)
+                        res = Result(t0, time.perf_counter(), r.status_code,
+                                     wav_seconds(r.content) if r.status_code == 200 else 0.0, None,
+                                     r.headers.get("X-Voice-Variant"), r.headers.get("X-Voice-Version"),
+                                     "X-Voice-Fallback" in r.headers, None if r.status_code == 200 else r.text[:200])
+                    except httpx.HTTPError as exc:
+                        res = Result(t0, time.perf_counter(), 0, error=f"{type(exc).__name__}: {exc}")
+                    with self._lock:
+                        self.results.append((rid, res))
+
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(seconds + 180)
+        return self.results[start:]
+
+
+def throughput(results: list[tuple[str, Result]]) -> float:
+    ok = [r for _, r in results if r.status == 200]
+    if not ok:
+        return 0.0
+    return len(ok) / (max(r.ended for r in ok) - min(r.started for r in ok))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=600.0, help="soak duration (default 600)")
+    parser.add_argument("--ramp-seconds", type=float, default=20.0)
+    parser.add_argument("--warmup-seconds", type=float, default=60.0)
+    parser.add_argument("--quick", action="store_true", help="60 s soak, short ramp and warm-up (a smoke run)")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.ramp_seconds, args.warmup_seconds = 60.0, 8.0, 15.0
+    facts = machine_facts()
+    print(load_note(facts))
+    bench = Bench("soak", keep=args.keep)
+    try:
+        bench.start_mlflow()
+        voices = ["soak-a", "soak-b", "soak-c"]
+        bench.make_and_register([(v, i + 1, LORA_B_SCALE) for i, v in enumerate(voices)])
+        canaries = bench.make_and_register([(v, i + 11, LORA_B_SCALE) for i, v in enumerate(voices)], promote=False)
+        registry = bench.registry
+        for voice, version in zip(voices, canaries):
+            registry.set_canary(f"voice-{voice}", version, CANARY_WEIGHT)
+        server = bench.start_server("soak", {"poll_seconds": 10})
+        server.wait_voices(voices, 300)
+        bench_wait_canaries(server, voices)
+        load = Load(server.url, server.auth, voices, "soak")
+
+        ramp, ramp_p95 = {}, {}
+        for c in (1, 2, 4, 8):
+            part = load.run(c, args.ramp_seconds)
+            ramp[c] = throughput(part)
+            ramp_p95[c] = percentile([r.latency * 1000 for _, r in part if r.status == 200], 95) or float("inf")
+            print(f"ramp: concurrency {c}: {ramp[c]:.2f} requests/s, p95 {ramp_p95[c]:.0f} ms")
+        best = max(ramp.values())
+        fit = [c for c in ramp if ramp[c] >= 0.95 * best and ramp_p95[c] <= 2000]
+        concurrency = max(fit) if fit else min(ramp)
+        print(f"soak concurrency {concurrency} (best throughput {best:.2f}/s)")
+        load.run(concurrency, args.warmup_seconds)
+
+        rss: list[tuple[float, int]] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                rss.append((time.perf_counter(), server.rss()))
+                stop.wait(5)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        soak_started = time.perf_counter()
+        sampler.start()
+        soaked = load.run(concurrency, args.seconds)
+        stop.set()
+        sampler.join(10)
+        status = server.status()
+        bench.stop(server.proc)  # SIGTERM: graceful, flushes the audit queue
+        audit_ids, audit_rows = read_audit(bench.home / "server-soak" / "audit.db")
+
+        res = [r for _, r in soaked]
+        by_variant = Counter(r.variant for r in res if r.status == 200)
+        production = [r for r in res if r.variant != "canary"]  # lost answers have no variant: counted here
+        prod_failed = [r for r in production if r.status == 0 or r.status >= 500]
+        minutes = []
+        for m in range(int(args.seconds // 60) or 1):
+            lat = [r.latency * 1000 for r in res if r.status == 200 and m * 60 <= r.started - soak_started < (m + 1) * 60]
+            minutes.append({"minute": m + 1, "requests": len(lat), "p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95)})
+        first = [b for t, b in rss if t - soak_started < 60]
+        last = [b for t, b in rss if t - soak_started >= args.seconds - 60]
+        rss_first, rss_last = statistics.median(first), statistics.median(last)
+        growth = (rss_last - rss_first) / rss_first
+        slope = _slope([(t - soak_started) / 60, b / MB] for t, b in rss)
+        sent = set(load.sent)
+        missing, extra = sent - audit_ids, audit_ids - sent
+        checks = {
+            "zero lost or 5xx production requests": not prod_failed,
+            "resident memory growth under 5% after warm-up": growth < 0.05,
+            "audit request ids == requests sent": not missing and not extra,
+        }
+        out: dict[str, Any] = {
+            "machine": facts, "quick": args.quick, "soak_seconds": args.seconds, "ramp_requests_per_s": ramp,
+            "ramp_p95_ms": ramp_p95, "concurrency": concurrency, "voices": len(voices), "canary_weight": CANARY_WEIGHT,
+            "requests": len(res), "ok": sum(r.status == 200 for r in res), "by_variant": dict(by_variant),
+            "canary_share": by_variant.get("canary", 0) / max(1, sum(by_variant.values())),
+            "production_lost_or_5xx": len(prod_failed), "all_non_200": dict(Counter(r.status for r in res if r.status != 200)),
+            "fallbacks": sum(r.fallback for r in res), "requests_per_s": throughput(soaked),
+            "p50_ms": percentile([r.latency * 1000 for r in res if r.status == 200], 50),
+            "p95_ms": percentile([r.latency * 1000 for r in res if r.status == 200], 95),
+            "latency_by_minute": minutes,
+            "rss_first_minute_mb": rss_first / MB, "rss_last_minute_mb": rss_last / MB, "rss_growth": growth,
+            "rss_slope_mb_per_min": slope, "rss_samples_mb": [round(b / MB, 1) for _, b in rss],
+            "requests_sent_total": len(sent), "audit_rows": audit_rows, "audit_request_ids": len(audit_ids),
+            "audit_missing": sorted(missing)[:10], "audit_extra": sorted(extra)[:10],
+            "breakers": {v: (status["voices"][v].get("canary") or {}).get("breaker", {}).get("open") for v in voices},
+            "checks": checks,
+        }
+        print(table(["minute", "requests", "p50 ms", "p95 ms"],
+                    [[m["minute"], m["requests"], fmt(m["p50_ms"]), fmt(m["p95_ms"])] for m in minutes]))
+        print(table(["measure", "value"], [
+            ["concurrency (ramp)", f"{concurrency}  ({', '.join(f'c{c}: {t:.2f}/s' for c, t in ramp.items())})"],
+            ["requests in soak", f"{len(res)} ({out['requests_per_s']:.2f}/s), canary share {out['canary_share']:.1%}"],
+            ["p50 / p95", f"{fmt(out['p50_ms'])} / {fmt(out['p95_ms'])} ms"],
+            ["production lost or 5xx", len(prod_failed)],
+            ["RSS first / last minute", f"{rss_first / MB:.1f} / {rss_last / MB:.1f} MB ({growth:+.2%}, {slope:+.2f} MB/min)"],
+            ["audit ids vs sent", f"{len(audit_ids)} vs {len(sent)} (missing {len(missing)}, extra {len(extra)})"],
+        ]))
+        for name, ok in checks.items():
+            print(f"{verdict(ok)}  {name}")
+        path = write_results("soak", out, args.quick, args.out)
+        print(f"wrote {path}")
+        return 0 if all(checks.values()) else 1
+    finally:
+        bench.close()
+
+
+def bench_wait_canaries(server, voices: list[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = server.status()["voices"]
+        if all((st.get(v, {}).get("canary") or {}).get("version") and st[v]["canary_weight"] == CANARY_WEIGHT for v in voices):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"canaries not loaded at weight {CANARY_WEIGHT}: {server.status()}")
+
+
+def read_audit(path: Path) -> tuple[set[str], int]:
+    """Distinct synthesis request ids (a canary fallback adds a second row with the same id) and all rows."""
+    with sqlite3.connect(path) as db:
+        ids = {r[0] for r in db.execute("SELECT DISTINCT request_id FROM audit_log WHERE voice_id IS NOT NULL "
+                                        "AND request_id LIKE 'soak-%'")}
+        rows = db.execute("SELECT COUNT(*) FROM audit_log").fetchone()[0]
+    return ids, rows
+
+
+def _slope(points) -> float:
+    pts = list(points)
+    if len(pts) < 2:
+        return 0.0
+    xs, ys = zip(*pts)
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
