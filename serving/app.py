@@ -7,8 +7,9 @@ Endpoints and codes are fixed by shared/CONTRACTS.md. Choices made here:
   exist. A valid key without admin rights gets 403 on admin endpoints; a timeout is 504.
 - Readiness: ``/readyz`` is 503 ``{"status": "degraded"}`` only while no voice is loaded. When voices are
   loaded but the last reload failed (registry or artifact store down), it stays 200 with
-  ``"degraded": true`` and the error: the server keeps serving its last good set, and taking every
+  ``"degraded": true`` and the kind of error: the server keeps serving its last good set, and taking every
   replica out of the load balancer because MLflow blinked would turn a registry outage into a full one.
+  /readyz is unauthenticated, so it never names voices or quotes the error; /v1/admin/status has the detail.
 - Every ``/v1/*`` request is audited off the request path (serving/audit.py queues it), including
   401/404/422/429 answers; probes (/livez, /readyz, /metrics, /version) are not. A canary attempt that
   fell back to production has its own row with the same request id.
@@ -34,6 +35,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -202,8 +204,8 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
     async def lifespan(app: FastAPI):
         svc.batcher.start()
         svc.pool.start()
-        log.info("VoiceOps server %s starting; polling %s every %g s", __version__, settings.mlflow_tracking_uri,
-                 settings.serving.poll_seconds)
+        log.info("VoiceOps server %s starting; polling %s every %g s", __version__,
+                 redact_url(settings.mlflow_tracking_uri), settings.serving.poll_seconds)
         yield
         svc.pool.stop()
         drained = await asyncio.to_thread(svc.batcher.stop, settings.serving.request_timeout_seconds)
@@ -376,7 +378,7 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
     async def readyz() -> JSONResponse:
         pool = svc.pool
         body = {"status": "ready" if pool.ready else "degraded", "degraded": pool.degraded or not pool.ready,
-                "voices": len(pool.snapshot.voices), "error": pool.last_error,
+                "voices": len(pool.snapshot.voices), "error": public_reload_error(pool.last_error),
                 "last_reload_at": pool.last_success_at}
         if not pool.ready and body["error"] is None:
             body["error"] = "no voice with a loaded production version yet"
@@ -420,11 +422,35 @@ def verify_mlflow_signature(secret: str, body: bytes, headers: Any) -> str | Non
         return "missing X-MLflow-Signature, X-MLflow-Delivery-Id or X-MLflow-Timestamp header"
     if not signature.startswith("v1,"):
         return "unsupported signature version (expected v1,<base64>)"
-    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > WEBHOOK_TOLERANCE_S:
+    # isascii: str.isdigit() also accepts digits such as '²' that int() refuses (that was a 500, not a 401).
+    if not (timestamp.isascii() and timestamp.isdigit()) or abs(time.time() - int(timestamp)) > WEBHOOK_TOLERANCE_S:
         return f"X-MLflow-Timestamp is missing or more than {WEBHOOK_TOLERANCE_S} s away from now (replay?)"
     digest = hmac.new(secret.encode(), f"{delivery}.{timestamp}.".encode() + body, hashlib.sha256).digest()
     expected = "v1," + base64.b64encode(digest).decode()
     return None if hmac.compare_digest(expected.encode(), signature.encode()) else "signature does not match"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its userinfo replaced by ``***`` (for logs): ``http://u:***@host/``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def public_reload_error(error: str | None) -> str | None:
+    """What the unauthenticated /readyz may say about the last reload: its kind, never its detail.
+
+    The detail names voices of every tenant (and may quote registry URLs); it is in /v1/admin/status
+    (admin key) and the server log.
+    """
+    if error is None:
+        return None
+    for kind in ("registry unreachable", "reload failed"):
+        if error.startswith(kind):
+            return f"{kind}; details in /v1/admin/status (admin key) and the server log"
+    return "some voice versions could not be loaded; details in /v1/admin/status (admin key) and the server log"
 
 
 def _status(svc: Services) -> dict[str, Any]:
