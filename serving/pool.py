@@ -37,7 +37,7 @@ from serving.engine import (
     run_batch,
 )
 from serving.multilora import AdapterWeights, LoraBank, install
-from voice_lib.config import Settings
+from voice_lib.config import Settings, redact_url
 from voice_lib.features import FeatureConfig
 from voice_lib.registry import Registry, RegistryError
 from voice_lib.train import load_base
@@ -403,4 +403,5 @@ def _probe_mlflow(uri: str) -> None:
         try:
             httpx.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
         except httpx.HTTPError as exc:
-            raise RegistryError(f"MLflow at {uri} is not reachable ({exc})") from None
+            shown = redact_url(uri)
+            raise RegistryError(f"MLflow at {shown} is not reachable ({str(exc).replace(uri.rstrip('/'), shown.rstrip('/'))})") from None

@@ -497,9 +497,6 @@ def test_cli_status_prints_no_secret(tmp_path: Path) -> None:
     assert not leaked, out
 
 
-@pytest.mark.xfail(strict=True, reason="voice_lib/registry.py quotes the tracking URI, password included, in its "
-                                       "errors (see docs/security.md): put MLflow credentials in "
-                                       "MLFLOW_TRACKING_USERNAME/PASSWORD, not in the URI")
 def test_cli_registry_errors_hide_the_password_of_the_mlflow_uri(tmp_path: Path) -> None:
     env = {**_cli_env(tmp_path / "home"),
            "VOICEOPS_MLFLOW_TRACKING_URI": _with_password(f"http://127.0.0.1:{free_port()}", FAKE["mlflow_password"])}

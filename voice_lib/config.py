@@ -235,3 +235,14 @@ def validate_voice_id(voice_id: str) -> str:
             "starting with a letter or digit (for example 'alice-en')."
         )
     return voice_id
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its userinfo replaced by ``***`` (for logs and errors): ``http://u:***@host/``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

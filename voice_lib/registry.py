@@ -17,10 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from voice_lib.config import Settings, validate_voice_id
+from voice_lib.config import Settings, redact_url, validate_voice_id
 from voice_lib.report import mlflow_client
 
 log = logging.getLogger(__name__)
+
+
+def _redacted(exc: BaseException, uri: str) -> str:
+    """An exception's text with ``uri`` (which may hold a password) shown redacted."""
+    return str(exc).replace(uri, redact_url(uri)).replace(uri.rstrip("/"), redact_url(uri).rstrip("/"))
 
 BASE_MODEL = "voice-base"
 ALIASES = ("candidate", "canary", "production", "previous")
@@ -102,6 +107,7 @@ class Registry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.uri = settings.mlflow_tracking_uri
+        self.display_uri = redact_url(self.uri)  # what errors and logs show: never a password
         self._client: Any = None
 
     # --- plumbing ------------------------------------------------------------------------------
@@ -122,7 +128,7 @@ class Registry:
         try:
             httpx.get(f"{self.uri.rstrip('/')}/health", timeout=5)
         except httpx.HTTPError as exc:
-            raise RegistryError(f"MLflow at {self.uri} is not reachable ({exc}); start it with `voiceops up`.") from None
+            raise RegistryError(f"MLflow at {self.display_uri} is not reachable ({_redacted(exc, self.uri)}); start it with `voiceops up`.") from None
 
     @contextmanager
     def _mlflow(self, what: str) -> Iterator[None]:
@@ -132,7 +138,7 @@ class Registry:
         try:
             yield
         except MlflowException as exc:
-            raise RegistryError(f"{what} failed on MLflow at {self.uri}: {exc.message}") from exc
+            raise RegistryError(f"{what} failed on MLflow at {self.display_uri}: {exc.message}") from exc
 
     @staticmethod
     def _not_found(exc: Exception) -> bool:
@@ -150,7 +156,7 @@ class Registry:
             return self.client.get_registered_model(name)
         except MlflowException as exc:
             if not self._not_found(exc):
-                raise RegistryError(f"reading {name} failed on MLflow at {self.uri}: {exc.message}") from exc
+                raise RegistryError(f"reading {name} failed on MLflow at {self.display_uri}: {exc.message}") from exc
         if missing_ok:
             return None
         raise RegistryError(f"{name} is not registered; register a version first (voice_onboarding).")
@@ -175,7 +181,7 @@ class Registry:
             return self.client.get_model_version(name, str(version))
         except MlflowException as exc:
             if not self._not_found(exc):
-                raise RegistryError(f"reading {name} version {version} failed on MLflow at {self.uri}: {exc.message}") from exc
+                raise RegistryError(f"reading {name} version {version} failed on MLflow at {self.display_uri}: {exc.message}") from exc
         known = ", ".join(mv.version for mv in self._versions(name)) or "none"
         raise RegistryError(f"{name} has no version {version}; versions: {known}.") from None
 
@@ -257,7 +263,7 @@ class Registry:
                 description="VoiceOps shared base model" if name == BASE_MODEL else f"VoiceOps voice {voice}")
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # created earlier or by a concurrent task
-                raise RegistryError(f"creating {name} failed on MLflow at {self.uri}: {exc.message}") from exc
+                raise RegistryError(f"creating {name} failed on MLflow at {self.display_uri}: {exc.message}") from exc
         # What mlflow.register_model("runs:/<run>/<path>") does in MLflow 3 for plain artifact folders: the
         # source is the run's own artifact location, so it resolves without any LoggedModel lookup.
         source = f"{run.info.artifact_uri.rstrip('/')}/{path}"
