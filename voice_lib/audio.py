@@ -68,6 +68,11 @@ def decode_audio(data: bytes | Path, target_sr: int, name: str | None = None) ->
         raise AudioError(f"{label}: contains no audio samples; re-export or remove it.")
     if not np.all(np.isfinite(frames)):
         raise AudioError(f"{label}: contains NaN or infinite samples; re-export it as 16-bit PCM WAV.")
+    peak = float(np.max(np.abs(frames)))
+    if subtype in ("FLOAT", "DOUBLE") and peak > 1.0:
+        # Floating-point audio may go over full scale without losing anything: scale it down instead of
+        # cutting the peaks off (which would be clipping this step introduced, not the recording's).
+        frames *= PEAK_CEILING / peak
     clipped = float(np.mean(np.abs(frames) >= CLIP_LEVEL))
     mono = frames.mean(axis=1) if channels > 1 else frames[:, 0]
     mono = np.clip(mono, -1.0, 1.0).astype(np.float32)

@@ -1,8 +1,9 @@
 """Bring a user's dataset (folder, zip, single file or S3 prefix) into a local staging folder, safely.
 
 Hostile input is refused before anything is written: path traversal, absolute names, symlinks,
-zip bombs, too many or too large files. The staged copy is content-hashed so every later step
-can be cached and every registered model can name the exact data it was trained on.
+zip bombs, too many or too large files, names with control or invisible characters (terminal
+escapes, bidi overrides that disguise an extension). The staged copy is content-hashed so every
+later step can be cached and every registered model can name the exact data it was trained on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import json
 import shutil
 import stat
+import unicodedata
 import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -26,6 +28,8 @@ TRANSCRIPT_EXTENSIONS = (".list", ".txt", ".lab", ".csv")
 ACCEPTED_EXTENSIONS = AUDIO_EXTENSIONS + TRANSCRIPT_EXTENSIONS + (".json",)
 # Names that upload tools add and that are never part of a dataset.
 IGNORED_NAMES = ("__MACOSX", ".DS_Store", "Thumbs.db", "_READY")
+# Audio containers users export that the decoder does not read: skipped with the fix, not a shrug.
+UNSUPPORTED_AUDIO_EXTENSIONS = (".m4a", ".aac", ".wma", ".aif", ".aiff", ".amr", ".caf", ".mp4", ".webm", ".3gp")
 
 
 class IngestError(ValueError):
@@ -55,12 +59,25 @@ def _check_member_name(name: str, source: str) -> str | None:
         )
     if not parts or any(p in IGNORED_NAMES or p.startswith("._") for p in parts):
         return None
+    # Escape sequences, NUL, newlines or bidi overrides in a name rewrite terminals and logs, or make
+    # "take\u202ewav.exe" display as "takeexe.wav": such a name never becomes a storage key.
+    if any(unicodedata.category(c).startswith("C") for c in clean):
+        raise IngestError(
+            f"{source}: the name {name!r} contains control or invisible characters; "
+            "rename the file using letters, digits, spaces, dashes and dots only."
+        )
     return "/".join(parts)
 
 
 def _accept(rel: str) -> bool:
     name = rel.rsplit("/", 1)[-1]
     return name.lower().endswith(ACCEPTED_EXTENSIONS) or name in TRANSCRIPT_NAMES
+
+
+def _skip_reason(rel: str) -> str:
+    if rel.lower().endswith(UNSUPPORTED_AUDIO_EXTENSIONS):
+        return "audio format not supported; convert it to WAV or FLAC and upload it again"
+    return "not an audio or transcript file"
 
 
 def _check_totals(count: int, total: int, settings: Settings, source: str) -> None:
@@ -103,7 +120,7 @@ def _stage_zip(archive: Path, dest: Path, settings: Settings, skipped: list[dict
                     f"{archive.name}: entry {info.filename!r} is a symbolic link; archives must hold plain files."
                 )
             if not _accept(rel):
-                skipped.append({"file": rel, "reason": "not an audio or transcript file"})
+                skipped.append({"file": rel, "reason": _skip_reason(rel)})
                 continue
             if info.flag_bits & 0x1:
                 raise IngestError(
@@ -154,7 +171,7 @@ def _stage_folder(folder: Path, dest: Path, settings: Settings, skipped: list[di
         if path.is_dir():
             continue
         if not _accept(rel):
-            skipped.append({"file": rel, "reason": "not an audio or transcript file"})
+            skipped.append({"file": rel, "reason": _skip_reason(rel)})
             continue
         entries.append((path, rel, path.stat().st_size))
     _check_totals(len(entries), sum(e[2] for e in entries), settings, str(folder))
@@ -172,7 +189,7 @@ def _stage_s3(uri: str, dest: Path, settings: Settings, skipped: list[dict]) -> 
         if rel is None or rel.endswith("_READY"):
             continue
         if not _accept(rel):
-            skipped.append({"file": rel, "reason": "not an audio or transcript file"})
+            skipped.append({"file": rel, "reason": _skip_reason(rel)})
             continue
         keys.append(rel)
     _check_totals(len(keys), 0, settings, uri)
@@ -205,6 +222,7 @@ def stage_dataset(data_uri: str, dest: Path, settings: Settings) -> StagedDatase
             elif zipfile.is_zipfile(source):
                 _stage_zip(source, tmp, settings, skipped)
             elif source.suffix.lower() in AUDIO_EXTENSIONS:
+                _check_member_name(source.name, data_uri)
                 _check_file_size(source.name, source.stat().st_size, settings, data_uri)
                 shutil.copyfile(source, tmp / source.name)
             elif source.suffix.lower() == ".zip":

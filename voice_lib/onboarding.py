@@ -23,7 +23,7 @@ from voice_lib.config import Settings, validate_voice_id
 from voice_lib.storage import Store, artifact_store
 
 log = logging.getLogger(__name__)
-QC_VERSION = 2
+QC_VERSION = 3  # 3: recordings below the model rate refused, transcript control characters removed
 
 
 class QCRejected(RuntimeError):
@@ -171,8 +171,9 @@ def qc_report(dataset: dict, settings: Settings, language: str = "en", log_to_ml
             embeddings[c.clip_id] = np.load(io.BytesIO(store.read_bytes(f"{qc_key}/embeddings/{c.clip_id}.npy")))
         work = _work_dir(settings, voice_id, sha[:16], "qc-report")
         _download_raw(store, dataset_prefix(voice_id, sha), _transcript_files(dataset["files"]), work / "raw")
-        problems = read_transcripts(work / "raw", dataset["files"]).problems
-        report = summarize(voice_id, clips, embeddings, failures, problems, settings, language, sha, dataset.get("skipped"))
+        transcripts = read_transcripts(work / "raw", dataset["files"])
+        report = summarize(voice_id, clips, embeddings, failures, transcripts.problems, settings, language, sha,
+                           dataset.get("skipped"), transcripts.warnings)
         report_dir = work / "report"
         shutil.rmtree(report_dir, ignore_errors=True)
         clip_dir = work / "clips"

@@ -162,6 +162,14 @@ def analyze_file(
         decoded = audio_mod.decode_audio(root / rel, sr, name=rel)
     except audio_mod.AudioError as exc:
         return FileFailure(rel, str(exc))
+    if decoded.source_sample_rate < sr:
+        # Upsampling adds samples, not the frequencies the recording never had: the voice would be muffled.
+        return FileFailure(
+            rel,
+            f"{rel}: recorded at {decoded.source_sample_rate} Hz, below the {sr} Hz the voice model works at, "
+            f"so it lacks the high frequencies the voice needs; export the original recording at {sr} Hz or "
+            "higher (44.1 or 48 kHz is ideal), or remove the file.",
+        )
     wav = decoded.audio
     if decoded.duration > settings.limits.max_total_audio_seconds:
         return FileFailure(rel, f"{rel}: {decoded.duration:.0f} s long, over the {settings.limits.max_total_audio_seconds:.0f} s limit; split it.")
@@ -246,6 +254,7 @@ def summarize(
     language: str = "en",
     data_sha256: str = "",
     skipped: list[dict] | None = None,
+    transcript_warnings: list[str] | None = None,
 ) -> QCReport:
     """Whole-set decisions: speaker consistency, duplicates, total speech, the verdict."""
     from voice_lib.speech import centroid, cosine
@@ -253,6 +262,7 @@ def summarize(
     qc = settings.qc
     reasons: list[str] = list(transcript_problems)
     warnings = [f.reason for f in failures] + [f"{s['file']}: skipped ({s['reason']})." for s in skipped or []]
+    warnings += transcript_warnings or []
     clips = sorted(clips, key=lambda c: (c.file, c.start))
 
     usable = [c for c in clips if c.status == "accepted" and c.clip_id in embeddings]
