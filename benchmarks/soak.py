@@ -10,11 +10,19 @@ the shipped base with production v1 and a canary v2 at weight 20. Every request 
 2. Warm-up for ``--warmup-seconds`` at that concurrency (fills the text frontend cache, allocator pools).
 3. Soak for ``--seconds`` (default 600) at that concurrency; resident memory (VmRSS of the server pid)
    sampled every 5 s; latency per minute.
-4. SIGTERM (graceful: the audit queue is flushed), then the audit database is read back.
+4. Updates: ``--updates`` times, a new version of each voice is registered and promoted while the load goes
+   on (the server hot-swaps it in and drops the old one); resident memory after the last update is compared
+   with the last soak minute (the "memory up 20% after an update" failure).
+5. SIGTERM (graceful: the audit queue is flushed), then the audit database is read back.
+
+Also reported: the first request after the server turned ready vs the soak's median (a cold start without
+warm-up would show here), and ``voiceops_bad_audio_total`` (silent or clipped outputs) from /metrics.
 
 Pass lines (printed, and in benchmarks/results/soak.json):
 - zero lost (no answer) or 5xx production requests;
 - resident memory flat: last-minute median RSS within 5% of the first soak minute's median (after warm-up);
+- memory after the updates within 5% of before them;
+- no silent or clipped output from the healthy voices;
 - audit rows: the set of request ids in the audit log equals the set the client sent, exactly.
 
     .venv/bin/python benchmarks/soak.py [--seconds 600] [--quick]
@@ -105,12 +113,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=600.0, help="soak duration (default 600)")
     parser.add_argument("--ramp-seconds", type=float, default=20.0)
     parser.add_argument("--warmup-seconds", type=float, default=60.0)
+    parser.add_argument("--updates", type=int, default=10, help="hot-swapped production updates after the soak")
     parser.add_argument("--quick", action="store_true", help="60 s soak, short ramp and warm-up (a smoke run)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.seconds, args.ramp_seconds, args.warmup_seconds = 60.0, 8.0, 15.0
+        args.seconds, args.ramp_seconds, args.warmup_seconds, args.updates = 60.0, 8.0, 15.0, 2
     facts = machine_facts()
     print(load_note(facts))
     bench = Bench("soak", keep=args.keep)
@@ -126,6 +135,7 @@ def main() -> int:
         server.wait_voices(voices, 300)
         bench_wait_canaries(server, voices)
         load = Load(server.url, server.auth, voices, "soak")
+        cold = [r.latency * 1000 for _, r in load.run(1, 3.0)]  # the first requests after readiness
 
         ramp, ramp_p95 = {}, {}
         for c in (1, 2, 4, 8):
@@ -151,9 +161,13 @@ def main() -> int:
         soak_started = time.perf_counter()
         sampler.start()
         soaked = load.run(concurrency, args.seconds)
+        rss_before_updates = statistics.median([b for _, b in rss[-6:]])
+        updates = run_updates(bench, server, load, voices, concurrency, args.updates)
         stop.set()
         sampler.join(10)
+        rss_after_updates = statistics.median([b for t, b in rss if t >= rss[-1][0] - 30])  # the last 30 s
         status = server.status()
+        bad_audio = metric_sum(server.metrics(), "voiceops_bad_audio_total")
         bench.stop(server.proc)  # SIGTERM: graceful, flushes the audit queue
         audit_ids, audit_rows = read_audit(bench.home / "server-soak" / "audit.db")
 
@@ -175,6 +189,9 @@ def main() -> int:
         checks = {
             "zero lost or 5xx production requests": not prod_failed,
             "resident memory growth under 5% after warm-up": growth < 0.05,
+            f"resident memory after {args.updates} hot-swapped updates within 5%":
+                abs(rss_after_updates - rss_before_updates) / rss_before_updates < 0.05,
+            "no silent or clipped output": bad_audio == 0,
             "audit request ids == requests sent": not missing and not extra,
         }
         out: dict[str, Any] = {
@@ -191,6 +208,9 @@ def main() -> int:
             "rss_slope_mb_per_min": slope, "rss_samples_mb": [round(b / MB, 1) for _, b in rss],
             "requests_sent_total": len(sent), "audit_rows": audit_rows, "audit_request_ids": len(audit_ids),
             "audit_missing": sorted(missing)[:10], "audit_extra": sorted(extra)[:10],
+            "cold_start_ms": cold, "cold_first_over_soak_p50": (cold[0] / percentile([r.latency * 1000 for r in res if r.status == 200], 50)) if cold else None,
+            "updates": updates, "rss_before_updates_mb": rss_before_updates / MB, "rss_after_updates_mb": rss_after_updates / MB,
+            "bad_audio_total": bad_audio,
             "breakers": {v: (status["voices"][v].get("canary") or {}).get("breaker", {}).get("open") for v in voices},
             "checks": checks,
         }
@@ -202,6 +222,9 @@ def main() -> int:
             ["p50 / p95", f"{fmt(out['p50_ms'])} / {fmt(out['p95_ms'])} ms"],
             ["production lost or 5xx", len(prod_failed)],
             ["RSS first / last minute", f"{rss_first / MB:.1f} / {rss_last / MB:.1f} MB ({growth:+.2%}, {slope:+.2f} MB/min)"],
+            ["first request after ready", f"{fmt(cold[0] if cold else None)} ms (soak p50 {fmt(out['p50_ms'])} ms)"],
+            [f"RSS before / after {args.updates} updates", f"{rss_before_updates / MB:.1f} / {rss_after_updates / MB:.1f} MB"],
+            ["silent or clipped outputs", bad_audio],
             ["audit ids vs sent", f"{len(audit_ids)} vs {len(sent)} (missing {len(missing)}, extra {len(extra)})"],
         ]))
         for name, ok in checks.items():
@@ -211,6 +234,39 @@ def main() -> int:
         return 0 if all(checks.values()) else 1
     finally:
         bench.close()
+
+
+def run_updates(bench: Bench, server, load: Load, voices: list[str], concurrency: int, rounds: int) -> list[dict]:
+    """Promote a new version of every voice ``rounds`` times under load; each round waits until it is served."""
+    done = []
+    registry = bench.registry
+    for i in range(rounds):
+        started = time.perf_counter()
+        versions = bench.make_and_register([(v, 100 + 10 * i + j, LORA_B_SCALE) for j, v in enumerate(voices)], promote=False)
+        for voice, version in zip(voices, versions):
+            registry.promote(f"voice-{voice}", version)
+        deadline = time.monotonic() + 120
+        while True:
+            st = server.status()["voices"]
+            if all(st[v]["production"]["version"] == ver for v, ver in zip(voices, versions)):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"update {i + 1} not served within 120 s")
+            load.run(concurrency, 2.0)
+        load.run(concurrency, 10.0)
+        done.append({"round": i + 1, "versions": versions, "seconds": round(time.perf_counter() - started, 1),
+                     "rss_mb": round(server.rss() / MB, 1)})
+        print(f"update {i + 1}/{rounds}: versions {versions} served; RSS {server.rss() / MB:.1f} MB")
+    return done
+
+
+def metric_sum(text: str, name: str) -> float:
+    """Sum of every series of a Prometheus counter in /metrics text."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def bench_wait_canaries(server, voices: list[str], timeout: float = 120) -> None:
