@@ -13,6 +13,9 @@ Endpoints and codes are fixed by shared/CONTRACTS.md. Choices made here:
 - Every ``/v1/*`` request is audited off the request path (serving/audit.py queues it), including
   401/404/422/429 answers; probes (/livez, /readyz, /metrics, /version) are not. A canary attempt that
   fell back to production has its own row with the same request id.
+- /openapi.json describes what is really sent (tests/test_fuzz.py fuzzes the live server from it): the error
+  body (ErrorResponse) for each error status, every audio media type, /metrics as text/plain, the webhook's
+  signature headers. Validation errors name the field; a body that is not JSON (or not UTF-8) is a 422 too.
 - Every response carries ``X-Voice-Version`` and ``X-Voice-Variant`` (``none`` when no voice was served)
   and ``X-Request-Id``.
 - Streaming (``stream: true``, wav or pcm16): the text is split into sentences (text.split_sentences);
@@ -51,7 +54,7 @@ from serving.breaker import CanaryBreaker
 from serving.metrics import ServerMetrics
 from serving.pool import Snapshot, VoicePool
 from serving.routing import choose, effective_weight, requested_override
-from serving.synthesis import STREAM_FORMATS, RequestContext, Served, ServingError, Synthesis  # isort: split
+from serving.synthesis import FORMATS, STREAM_FORMATS, RequestContext, Served, ServingError, Synthesis  # isort: split
 from serving.synthesis import encode_audio, pcm16, phoneme_chunks, wav_stream_header
 from serving.tenants import RateLimiter, Tenant, TenantDirectory
 from voice_lib import __version__
@@ -61,7 +64,17 @@ from voice_lib.registry import Registry
 log = logging.getLogger(__name__)
 SYNTHESIS_PATHS = ("/v1/tts", "/v1/audio/speech")
 WEBHOOK_TOLERANCE_S = 300  # MLflow's documented replay window for X-MLflow-Timestamp
-AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"audio/wav": {}, "audio/mpeg": {}}, "description": "Audio"}}
+AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
+    "description": "Audio in the requested format (pcm/pcm16: 16-bit mono little-endian at X-Sample-Rate)",
+    "content": {media_type.split(";")[0]: {} for *_, media_type in FORMATS.values()}}}
+# The webhook reads its headers and raw body itself (the signature covers the exact bytes); documented here.
+WEBHOOK_OPENAPI: dict[str, Any] = {
+    "parameters": [{"name": name, "in": "header", "required": False, "schema": {"type": "string"}, "description": text}
+                   for name, text in (("X-MLflow-Signature", "v1,<base64 HMAC-SHA256 of delivery_id.timestamp.body>"),
+                                      ("X-MLflow-Delivery-Id", "Unique per delivery; repeats are acknowledged once"),
+                                      ("X-MLflow-Timestamp", "Unix seconds; at most 300 s from the server's clock"))],
+    "requestBody": {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}},
+}
 _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer vo_...`")
 
 
@@ -88,6 +101,35 @@ class SpeechRequest(BaseModel):
     instructions: str | None = None
     stream_format: Literal["audio", "sse"] | None = None
     user: str | None = Field(None, max_length=256)
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. voice_not_found.")
+    message: str = Field(description="What was wrong with the request and how to fix it.")
+    type: str = Field(description="The code again (OpenAI clients read `type`).")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer."""
+
+    error: ErrorDetail
+
+
+_ERROR_STATUSES = {
+    401: "Missing or invalid API key (see WWW-Authenticate)",
+    403: "The API key is not an admin key",
+    404: "Unknown voice, or a voice of another tenant (the same answer, so keys cannot probe voices)",
+    413: "Text longer than serving.max_text_chars, or a request body too large",
+    422: "Invalid request (the message names the field), or text with nothing to say",
+    429: "Rate limit of the API key exceeded (see Retry-After)",
+    503: "No voice is loaded yet, or the server is shutting down (see Retry-After)",
+    504: "Synthesis did not finish within serving.request_timeout_seconds",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses: all share ErrorResponse (replacing FastAPI's default 422)."""
+    return {status: {"model": ErrorResponse, "description": _ERROR_STATUSES[status]} for status in statuses}
 
 
 class Services:
@@ -225,14 +267,26 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()[:5]]
+        parts = [_validation_problem(e) for e in exc.errors()[:5]]
         request.state.error = "invalid request"
         return _error(422, "invalid_request", "invalid request: " + "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer to a body json.loads cannot even decode (not UTF-8): the same 422 as bad JSON.
+            request.state.error = "invalid request"
+            return _error(422, "invalid_request", "invalid request: body: not valid JSON (not UTF-8 text); "
+                                                  "send a JSON object with Content-Type: application/json")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        message = str(exc.detail)
+        # Starlette's own "Not Found" / "Method Not Allowed" do not say what to do instead.
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no endpoint at {request.url.path[:100]!r}; the API is described at /docs and /openapi.json"
+        elif exc.status_code == 405 and headers and "Allow" in headers:
+            message = f"{request.method} is not allowed on {request.url.path[:100]!r}; use {headers['Allow']}"
+        return _error(exc.status_code, code, message, headers)
 
     # --- auth ----------------------------------------------------------------------------------
 
@@ -310,13 +364,15 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
             log.warning("stream %s ended early: %s", st.request_id, exc)
             st.error = f"stream ended early: {getattr(exc, 'message', exc)}"
 
-    @app.post("/v1/tts", response_class=Response, responses=AUDIO_RESPONSES, tags=["synthesis"])
+    synthesis_responses = {**AUDIO_RESPONSES, **error_responses(401, 404, 413, 422, 429, 503, 504)}
+
+    @app.post("/v1/tts", response_class=Response, responses=synthesis_responses, tags=["synthesis"])
     async def tts(body: TTSRequest, request: Request, t: Tenant = Depends(tenant)) -> Response:
         """Synthesise ``text`` with ``voice_id``; canary routing per CONTRACTS (user_id or the API key)."""
         return await serve(request, t, text=body.text, voice_id=body.voice_id, user_id=body.user_id, fmt=body.format,
                            speed=body.speed, stream=body.stream, language=body.language)
 
-    @app.post("/v1/audio/speech", response_class=Response, responses=AUDIO_RESPONSES, tags=["synthesis"])
+    @app.post("/v1/audio/speech", response_class=Response, responses=synthesis_responses, tags=["synthesis"])
     async def openai_speech(body: SpeechRequest, request: Request, t: Tenant = Depends(tenant)) -> Response:
         """OpenAI-compatible speech endpoint (``voice`` = voice id; pcm is 16-bit mono at X-Sample-Rate)."""
         if body.response_format == "aac" or body.stream_format == "sse":
@@ -327,7 +383,7 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
                            speed=body.speed, stream=body.stream_format == "audio" and body.response_format in STREAM_FORMATS,
                            language="auto")
 
-    @app.get("/v1/voices", tags=["voices"])
+    @app.get("/v1/voices", tags=["voices"], responses=error_responses(401, 429))
     async def voices(t: Tenant = Depends(tenant)) -> dict[str, Any]:
         """The voices this key may use (and only those)."""
         snap = svc.pool.snapshot
@@ -338,17 +394,20 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
 
     # --- admin and webhooks --------------------------------------------------------------------
 
-    @app.get("/v1/admin/status", tags=["admin"])
+    @app.get("/v1/admin/status", tags=["admin"], responses=error_responses(401, 403, 429))
     async def admin_status(_: Tenant = Depends(admin)) -> dict[str, Any]:
         """Loaded versions, weights, breaker state and reasons per voice."""
         return _status(svc)
 
-    @app.post("/v1/admin/reload", tags=["admin"])
+    @app.post("/v1/admin/reload", tags=["admin"], responses=error_responses(401, 403, 429))
     async def admin_reload(_: Tenant = Depends(admin)) -> dict[str, Any]:
         """Reload from the registry now and return what changed."""
         return await asyncio.to_thread(svc.pool.reload)
 
-    @app.post("/v1/webhooks/mlflow", status_code=202, tags=["admin"])
+    @app.post("/v1/webhooks/mlflow", status_code=202, tags=["admin"], responses={
+        401: {"model": ErrorResponse, "description": "Missing, stale or wrong X-MLflow-Signature"},
+        404: {"model": ErrorResponse, "description": "Webhooks are disabled (no serving.webhook_secret)"},
+        413: {"model": ErrorResponse, "description": "Request body too large"}}, openapi_extra=WEBHOOK_OPENAPI)
     async def mlflow_webhook(request: Request) -> dict[str, Any]:
         """MLflow registry webhook: verified with X-MLflow-Signature (v1 HMAC-SHA256), then an immediate reload."""
         secret = settings.serving.webhook_secret
@@ -357,7 +416,9 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
         raw = await request.body()
         problem = verify_mlflow_signature(secret.get_secret_value(), raw, request.headers)
         if problem:
-            raise ServingError(401, "bad_signature", problem)
+            # A 401 must say how to authenticate (RFC 9110 11.6.1): here, with MLflow's signature headers.
+            raise ServingError(401, "bad_signature", problem,
+                               {"WWW-Authenticate": 'X-MLflow-Signature realm="mlflow-webhooks"'})
         delivery = request.headers["x-mlflow-delivery-id"]
         now = time.time()
         for old in [d for d, at in svc.webhook_deliveries.items() if now - at > 2 * WEBHOOK_TOLERANCE_S]:
@@ -374,7 +435,8 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
     async def livez() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["probes"])
+    @app.get("/readyz", tags=["probes"], responses={
+        503: {"description": "No voice is loaded yet (same body as 200)", "content": {"application/json": {}}}})
     async def readyz() -> JSONResponse:
         pool = svc.pool
         body = {"status": "ready" if pool.ready else "degraded", "degraded": pool.degraded or not pool.ready,
@@ -391,7 +453,8 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
         return {"name": "voiceops-server", "version": __version__, "torch": torch.__version__,
                 "generation": svc.pool.snapshot.generation}
 
-    @app.get("/metrics", tags=["probes"])
+    @app.get("/metrics", tags=["probes"], response_class=Response, responses={
+        200: {"description": "Prometheus text exposition format", "content": {"text/plain": {}}}})
     async def metrics() -> Response:
         from voice_lib.text import frontend_cache_info
 
@@ -400,6 +463,18 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
         return Response(body, media_type=content_type)
 
     return app
+
+
+def _validation_problem(error: dict[str, Any]) -> str:
+    """One pydantic/FastAPI validation error as ``field: problem``, in words an API user can act on."""
+    loc = tuple(error.get("loc") or ())
+    if error.get("type") == "json_invalid":  # loc is ("body", character offset)
+        where = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+        reason = (error.get("ctx") or {}).get("error", "not JSON")
+        return f"body: not valid JSON ({reason}{where}); send a JSON object with Content-Type: application/json"
+    if loc == ("body",) and error.get("type") == "missing":
+        return "body: missing; send a JSON object with Content-Type: application/json"
+    return f"{'.'.join(str(p) for p in loc if p != 'body') or 'body'}: {error.get('msg', 'invalid')}"
 
 
 def _voice_headers(served: Served) -> dict[str, str]:

@@ -157,6 +157,8 @@ def _expand_english(text: str) -> str:
 
 
 def _expand_mandarin(text: str) -> str:
+    # Thousands separators first, as in English: cn2an reads "1,000" as 一,零 (one, pause, zero).
+    text = _THOUSANDS_RE.sub("", text)
     # cn2an is optional: without it digits stay and phonemize() reads them digit by digit.
     if re.search(r"\d", text) and importlib.util.find_spec("cn2an") is not None:
         text = importlib.import_module("cn2an").transform(text, "an2cn")
@@ -247,6 +249,12 @@ _PAUSE_MAP = {",": ",", ";": ",", ":": ",", "、": ",", "—": ",", "–": ",", 
 # Dots only pause at the end of a word, so "U.S.A" and "node.js" reach espeak whole.
 _PAUSE_RE = re.compile(r"\.{2,}|\.(?=\s|$)|[,;:!?、。！？，；：…—–]")
 _SILENT_RE = re.compile(r"[\"()\[\]{}«»“”„「」『』《》〈〉¿¡*_~`]")  # espeak would read some aloud
+# Any one character of these blocks (Cherokee; U+A700-ABFF: Latin Extended-D/E, Syloti Nagri, Phags-pa,
+# Saurashtra, Javanese, Cham, Meetei Mayek, ...; Hangul Jamo Extended-B) leaves espeak-ng 1.51 in a broken state:
+# every later word gets wrong vowels ("hello world" -> h ˈʌ l ʌ | w ˈʌ l d), in the same text and, until _espeak
+# repairs it, in every later one. It cannot read those scripts anyway, so they are silent. Found by
+# tests/test_fuzz.py, then a scan of every code point.
+_ESPEAK_UNSAFE_RE = re.compile("[\u13a0-\u13ff\ua700-\uabff\ud7b0-\ud7ff]")
 _ZH_TOKEN_RE = re.compile(
     rf"(?P<han>[{_HAN_CLASS}]+)"
     r"|(?P<num>\d+(?:\.\d+)?)|(?P<pause>" + _PAUSE_RE.pattern + r")")
@@ -256,22 +264,60 @@ _SYLLABIC_NASALS = ("m", "n", "ng")
 _backend: Any = None  # created on first English text: loading espeak costs ~0.2 s
 _separator: Any = None
 _backend_lock = threading.Lock()  # espeak keeps global C state: one caller at a time
+log = logging.getLogger(__name__)
 _espeak_logger = logging.getLogger(__name__ + ".espeak")
 _espeak_logger.setLevel(logging.ERROR)  # language-switch warnings are expected for foreign names
 
 
+# A text can leave espeak-ng in another language's state (seen: a Latin letter right before a Hangul jamo,
+# "xᄝ"), and it then reads every later text wrongly ("hello" -> h ə l ˈəʊ), in every later request. So this
+# sentence is read after every call (~0.2 ms), and if it reads differently the en-us voice is selected again.
+# Only then: selecting it before every call made espeak-ng 1.51 segfault after a few dozen language switches
+# (tests/test_fuzz.py), and a fresh backend per incident leaks ~5 MB (phonemizer loads a private copy of the
+# library that is never unloaded), so that is only the last resort.
+_CANARY = "The quick brown fox jumps over the lazy dog, hello world."
+_canary_phones: str | None = None
+
+
+def _canary_ok() -> bool:
+    return _backend.phonemize([_CANARY], separator=_separator, strip=True)[0] == _canary_phones
+
+
+def _repair_espeak() -> None:
+    """Back to a clean en-us state after a text left espeak-ng in another one (caller holds the lock)."""
+    global _backend
+    wrapper = getattr(_backend, "_espeak", None)  # phonemizer's EspeakWrapper: no public API for this
+    if wrapper is not None:
+        wrapper.set_voice("en-us")
+        if _canary_ok():
+            return
+    log.warning("espeak-ng could not be reset to en-us; starting a fresh instance")
+    _backend = _new_espeak_backend()
+
+
+def _new_espeak_backend() -> Any:
+    from phonemizer.backend import EspeakBackend
+
+    return EspeakBackend("en-us", with_stress=True, language_switch="remove-flags", words_mismatch="ignore",
+                         logger=_espeak_logger)
+
+
 def _espeak(pieces: list[str]) -> list[str]:
     """Phonemise non-empty text pieces with the shared en-us backend (one output per piece)."""
-    global _backend, _separator
+    global _backend, _separator, _canary_phones
     with _backend_lock:
         try:
             if _backend is None:
-                from phonemizer.backend import EspeakBackend
                 from phonemizer.separator import Separator
                 _separator = Separator(phone=" ", word=" | ")
-                _backend = EspeakBackend("en-us", with_stress=True, language_switch="remove-flags",
-                                         words_mismatch="ignore", logger=_espeak_logger)
-            return list(_backend.phonemize(pieces, separator=_separator, strip=True))
+                _backend = _new_espeak_backend()
+                _canary_phones = _backend.phonemize([_CANARY], separator=_separator, strip=True)[0]
+            spoken = list(_backend.phonemize(pieces, separator=_separator, strip=True))
+            if not _canary_ok():
+                log.info("espeak-ng was left in another language by a text of %d characters; resetting it",
+                         sum(map(len, pieces)))
+                _repair_espeak()
+            return spoken
         except (ImportError, OSError) as exc:
             raise TextError(f"espeak-ng is not installed: apt-get install espeak-ng ({exc})") from exc
         except RuntimeError as exc:
@@ -288,7 +334,8 @@ def _english_items(text: str) -> list[list[str] | str]:
         parts += [text[pos:match.start()], _PAUSE_MAP[match.group()[0]]]
         pos = match.end()
     parts.append(text[pos:])
-    pieces = [_SILENT_RE.sub(" ", p).strip() if i % 2 == 0 else p for i, p in enumerate(parts)]
+    pieces = [_SILENT_RE.sub(" ", _ESPEAK_UNSAFE_RE.sub(" ", p)).strip() if i % 2 == 0 else p
+              for i, p in enumerate(parts)]
     to_speak = [p for i, p in enumerate(pieces) if i % 2 == 0 and p]
     spoken = iter(_espeak(to_speak) if to_speak else [])
     items: list[list[str] | str] = []
