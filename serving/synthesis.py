@@ -24,7 +24,7 @@ from serving.batcher import BatcherClosed, MicroBatcher
 from serving.engine import SynthesisError, bad_audio_kind
 from serving.pool import LoadedVersion, Snapshot, SynthesisOutput, VoiceRoute
 from serving.routing import CANARY, PRODUCTION, Decision
-from voice_lib.text import TextError, phonemes_to_ids, phonemize, split_sentences
+from voice_lib.text import FrontendUnavailable, TextError, phonemes_to_ids, phonemize, split_sentences
 
 CHUNK_CHARS = 200  # sentences longer than this are split at clauses (text.split_sentences)
 # format -> (soundfile container, subtype, media type); "pcm16"/"pcm" are raw 16-bit little-endian mono.
@@ -79,6 +79,9 @@ def phoneme_chunks(text: str, language: str) -> list[list[int]]:
     for chunk in chunks:
         try:
             ids.append(phonemes_to_ids(phonemize(chunk, language)))  # type: ignore[arg-type]
+        except FrontendUnavailable as exc:  # the server is broken, not the text: never answer as if it were silence
+            raise ServingError(503, "frontend_unavailable", f"the text frontend is unavailable: {exc}",
+                               {"Retry-After": "30"}) from exc
         except TextError:
             continue  # a chunk of bare punctuation or symbols is silence, not an error
     if not ids:

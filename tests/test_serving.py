@@ -438,3 +438,18 @@ def test_graceful_shutdown_finishes_in_flight_requests_and_flushes_the_audit_log
         assert audit.count(voice_id=stack.a, variant=CANARY, status=500) >= 8  # the failed canary attempts
     finally:
         audit.close()
+
+
+def test_a_broken_text_frontend_is_a_503_not_silence_or_a_422(monkeypatch) -> None:
+    import serving.synthesis as synthesis
+    from serving.synthesis import ServingError, phoneme_chunks
+    from voice_lib.text import FrontendUnavailable
+
+    def broken(text: str, language: str) -> str:
+        raise FrontendUnavailable("espeak-ng is not installed: apt-get install espeak-ng (libespeak-ng.so.1)")
+
+    assert phoneme_chunks("Hello there. ?!", "en")  # the real frontend: the bare punctuation is silence
+    monkeypatch.setattr(synthesis, "phonemize", broken)
+    with pytest.raises(ServingError) as err:
+        phoneme_chunks("Hello there.", "en")
+    assert err.value.status == 503 and err.value.code == "frontend_unavailable" and "apt-get install" in err.value.message

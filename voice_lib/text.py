@@ -34,6 +34,10 @@ class TextError(ValueError):
     """Text that cannot be turned into phones (empty, unpronounceable, no backend)."""
 
 
+class FrontendUnavailable(TextError):
+    """The G2P backend itself is missing or broken: no fault of the text (a server answers 5xx, not 422)."""
+
+
 # ---------------------------------------------------------------------------
 # Symbol inventory.  Model checkpoints store ids, so this list must only ever
 # grow at the end, and any change must bump SYMBOLS_VERSION.
@@ -319,11 +323,11 @@ def _espeak(pieces: list[str]) -> list[str]:
                 _repair_espeak()
             return spoken
         except (ImportError, OSError) as exc:
-            raise TextError(f"espeak-ng is not installed: apt-get install espeak-ng ({exc})") from exc
+            raise FrontendUnavailable(f"espeak-ng is not installed: apt-get install espeak-ng ({exc})") from exc
         except RuntimeError as exc:
             if _backend is None:  # phonemizer reports a missing library/voice as RuntimeError
-                raise TextError(f"espeak-ng is not installed: apt-get install espeak-ng ({exc})") from exc
-            raise TextError(f"espeak-ng failed to phonemise the text: {exc}") from exc
+                raise FrontendUnavailable(f"espeak-ng is not installed: apt-get install espeak-ng ({exc})") from exc
+            raise FrontendUnavailable(f"espeak-ng failed to phonemise the text: {exc}") from exc
 
 
 def _english_items(text: str) -> list[list[str] | str]:
