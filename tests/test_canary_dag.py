@@ -15,12 +15,9 @@ import uuid
 import httpx
 import pytest
 
-from conftest import free_port
-from test_serving import Stack, tiny_base  # the same tiny base and adapter registration as the server tests
-from serving.tenants import TenantDirectory
+from serving_stack import REPO, ServerStack  # the same tiny base and adapter registration as the server tests
 from voice_lib.config import Settings
 from voice_lib.registry import Registry
-from voice_lib.train import save_base
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -52,48 +49,27 @@ class Traffic:
 
 @pytest.fixture(scope="module")
 def env(mlflow_server: str, tmp_path_factory):
-    from voice_lib.training_pipeline import sha256_file
-
-    home = tmp_path_factory.mktemp("canary-home")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    base = tiny_base()
-    base_dir = save_base(base, home / "base", {"feature_config": {"sample_rate": 16000}}).parent
-    settings = Settings(home=home, mlflow_tracking_uri=mlflow_server)
-    settings = settings.model_copy(update={
-        "serving": settings.serving.model_copy(update={"poll_seconds": 1.0, "breaker_min_requests": 8,
-                                                       "breaker_max_p95_ms": 60000.0, "base_dir": base_dir, "port": port}),
-        "release": settings.release.model_copy(update={"min_requests": 5, "poke_seconds": 2.0, "server_url": url})})
-    lineage = {"base_model": "voice-base", "base_version": "shipped", "base_sha256": sha256_file(base_dir / "model.safetensors"),
-               "data_sha256": "d" * 64, "code_version": "test", "lora_rank": "4"}
-    voice = f"cdag-{uuid.uuid4().hex[:8]}"
-    registry = Registry(settings)
-    key = TenantDirectory(settings.resolved_tenants_file).create_key("t", ["*"], admin=True, rate_per_minute=1_000_000)[0]
+    """One voice with production v1 on a `voiceops serve` polling every second, release settings for short steps."""
     from voice_lib.stack import settings_env
 
-    proc_env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1"}
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "voice_lib.cli", "serve", "--port", str(port)], env=proc_env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    stack = Stack(url, registry, voice, voice, {"t": key, "ops": key}, proc, settings, base, home / "work", lineage)
+    stack = ServerStack(mlflow_server, tmp_path_factory.mktemp("canary-home"))
+    settings = stack.settings.model_copy(update={
+        "serving": stack.settings.serving.model_copy(update={"poll_seconds": 1.0, "breaker_min_requests": 8,
+                                                             "breaker_max_p95_ms": 60000.0, "base_dir": stack.base_dir,
+                                                             "port": stack.port}),
+        "release": stack.settings.release.model_copy(update={"min_requests": 5, "poke_seconds": 2.0, "server_url": stack.url})})
+    stack.settings, stack.registry = settings, Registry(settings)
+    stack.env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    voice = f"cdag-{uuid.uuid4().hex[:8]}"
+    stack.a = stack.b = voice
+    stack.keys["t"] = stack.keys["ops"]
     try:
         stack.register(voice, 1)
-        registry.promote(f"voice-{voice}", 1)
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        stack.registry.promote(f"voice-{voice}", 1)
+        stack.start(need_canary=False)
         yield stack
     finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+        stack.stop()
 
 
 def _canary_promotion(settings: Settings, voice: str, version: str) -> subprocess.CompletedProcess:
@@ -112,7 +88,7 @@ def _decisions(run: subprocess.CompletedProcess) -> str:
     return "\n".join(l[:300] for l in lines if "release voice-" in l or "RELEASE ALERT" in l or "Error" in l)[-6000:]
 
 
-def test_good_candidate_walks_all_steps_to_production(env: Stack):
+def test_good_candidate_walks_all_steps_to_production(env: ServerStack):
     voice, name = env.a, f"voice-{env.a}"
     v2 = env.register(voice, 2)
     env.registry.mark_candidate(name, v2)
@@ -129,7 +105,7 @@ def test_good_candidate_walks_all_steps_to_production(env: Stack):
     assert outcomes[0] == "advanced" and outcomes[-1] == "promoted"
 
 
-def test_failing_candidate_is_rolled_back_at_the_first_step(env: Stack):
+def test_failing_candidate_is_rolled_back_at_the_first_step(env: ServerStack):
     voice, name = env.a, f"voice-{env.a}"
     production = env.registry.aliases(name)["production"]
     bad = env.register(voice, 3, scale=float("nan"))  # its outputs are NaN: every canary request fails
@@ -149,7 +125,7 @@ def test_failing_candidate_is_rolled_back_at_the_first_step(env: Stack):
     assert late and all(v != bad for _, v, _, _ in late)  # never again receives traffic
 
 
-def test_manual_rollback_takes_traffic_off_the_canary_within_the_limit(env: Stack):
+def test_manual_rollback_takes_traffic_off_the_canary_within_the_limit(env: ServerStack):
     voice, name = env.a, f"voice-{env.a}"
     v4 = env.register(voice, 4)
     env.registry.set_canary(name, v4, 50)
