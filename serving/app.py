@@ -38,7 +38,6 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,7 +57,7 @@ from serving.synthesis import FORMATS, STREAM_FORMATS, RequestContext, Served, S
 from serving.synthesis import encode_audio, pcm16, phoneme_chunks, wav_stream_header
 from serving.tenants import RateLimiter, Tenant, TenantDirectory
 from voice_lib import __version__
-from voice_lib.config import Settings, get_settings
+from voice_lib.config import Settings, get_settings, redact_url
 from voice_lib.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -503,15 +502,6 @@ def verify_mlflow_signature(secret: str, body: bytes, headers: Any) -> str | Non
     digest = hmac.new(secret.encode(), f"{delivery}.{timestamp}.".encode() + body, hashlib.sha256).digest()
     expected = "v1," + base64.b64encode(digest).decode()
     return None if hmac.compare_digest(expected.encode(), signature.encode()) else "signature does not match"
-
-
-def redact_url(url: str) -> str:
-    """``url`` with the password of its userinfo replaced by ``***`` (for logs): ``http://u:***@host/``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def public_reload_error(error: str | None) -> str | None:
