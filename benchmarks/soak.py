@@ -11,8 +11,10 @@ the shipped base with production v1 and a canary v2 at weight 20. Every request 
 3. Soak for ``--seconds`` (default 600) at that concurrency; resident memory (VmRSS of the server pid)
    sampled every 5 s; latency per minute.
 4. Updates: ``--updates`` times, a new version of each voice is registered and promoted while the load goes
-   on (the server hot-swaps it in and drops the old one); resident memory after the last update is compared
-   with the last soak minute (the "memory up 20% after an update" failure).
+   on (the server hot-swaps it in and drops the old one); then one more minute of the same load, whose median
+   resident memory is compared with the last soak minute's (the "memory up 20% after an update" failure);
+   and at rest: 90 s without requests before and after the updates (spanning one of the server's periodic
+   heap trims), so what is compared is what the server holds, not what the allocator keeps between trims.
 5. SIGTERM (graceful: the audit queue is flushed), then the audit database is read back.
 
 Also reported: the first request after the server turned ready vs the soak's median (a cold start without
@@ -21,7 +23,7 @@ warm-up would show here), and ``voiceops_bad_audio_total`` (silent or clipped ou
 Pass lines (printed, and in benchmarks/results/soak.json):
 - zero lost (no answer) or 5xx production requests;
 - resident memory flat: last-minute median RSS within 5% of the first soak minute's median (after warm-up);
-- memory after the updates within 5% of before them;
+- memory after the updates within 5% of before them, under the same load and at rest;
 - no silent or clipped output from the healthy voices;
 - audit rows: the set of request ids in the audit log equals the set the client sent, exactly.
 
@@ -161,11 +163,17 @@ def main() -> int:
         soak_started = time.perf_counter()
         sampler.start()
         soaked = load.run(concurrency, args.seconds)
-        rss_before_updates = statistics.median([b for _, b in rss[-6:]])
+        soak_ended = time.perf_counter()
+        idle_before_updates = idle_rss(rss)
         updates = run_updates(bench, server, load, voices, concurrency, args.updates)
+        # The same load for one more minute once the last swap is served: memory after an update is compared
+        # in steady state with the soak's last minute (same window, same load), not during a version load.
+        settled_at = time.perf_counter()
+        load.run(concurrency, 60.0)
+        rss_after_updates = statistics.median([b for t, b in rss if t >= settled_at])
+        idle_after_updates = idle_rss(rss)
         stop.set()
         sampler.join(10)
-        rss_after_updates = statistics.median([b for t, b in rss if t >= rss[-1][0] - 30])  # the last 30 s
         status = server.status()
         bad_audio = metric_sum(server.metrics(), "voiceops_bad_audio_total")
         bench.stop(server.proc)  # SIGTERM: graceful, flushes the audit queue
@@ -180,17 +188,20 @@ def main() -> int:
             lat = [r.latency * 1000 for r in res if r.status == 200 and m * 60 <= r.started - soak_started < (m + 1) * 60]
             minutes.append({"minute": m + 1, "requests": len(lat), "p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95)})
         first = [b for t, b in rss if t - soak_started < 60]
-        last = [b for t, b in rss if t - soak_started >= args.seconds - 60]
+        last = [b for t, b in rss if soak_ended - 60 <= t < soak_ended]
         rss_first, rss_last = statistics.median(first), statistics.median(last)
+        rss_before_updates = rss_last
         growth = (rss_last - rss_first) / rss_first
-        slope = _slope([(t - soak_started) / 60, b / MB] for t, b in rss)
+        slope = _slope([(t - soak_started) / 60, b / MB] for t, b in rss if t < soak_ended)
         sent = set(load.sent)
         missing, extra = sent - audit_ids, audit_ids - sent
         checks = {
             "zero lost or 5xx production requests": not prod_failed,
             "resident memory growth under 5% after warm-up": growth < 0.05,
-            f"resident memory after {args.updates} hot-swapped updates within 5%":
+            f"resident memory after {args.updates} hot-swapped updates within 5%, under load":
                 abs(rss_after_updates - rss_before_updates) / rss_before_updates < 0.05,
+            f"resident memory after {args.updates} hot-swapped updates within 5%, at rest":
+                abs(idle_after_updates - idle_before_updates) / idle_before_updates < 0.05,
             "no silent or clipped output": bad_audio == 0,
             "audit request ids == requests sent": not missing and not extra,
         }
@@ -205,11 +216,12 @@ def main() -> int:
             "p95_ms": percentile([r.latency * 1000 for r in res if r.status == 200], 95),
             "latency_by_minute": minutes,
             "rss_first_minute_mb": rss_first / MB, "rss_last_minute_mb": rss_last / MB, "rss_growth": growth,
-            "rss_slope_mb_per_min": slope, "rss_samples_mb": [round(b / MB, 1) for _, b in rss],
+            "rss_slope_mb_per_min": slope, "rss_samples_s_mb": [(round(t - soak_started, 1), round(b / MB, 1)) for t, b in rss],
             "requests_sent_total": len(sent), "audit_rows": audit_rows, "audit_request_ids": len(audit_ids),
             "audit_missing": sorted(missing)[:10], "audit_extra": sorted(extra)[:10],
             "cold_start_ms": cold, "cold_first_over_soak_p50": (cold[0] / percentile([r.latency * 1000 for r in res if r.status == 200], 50)) if cold else None,
             "updates": updates, "rss_before_updates_mb": rss_before_updates / MB, "rss_after_updates_mb": rss_after_updates / MB,
+            "idle_rss_before_updates_mb": idle_before_updates / MB, "idle_rss_after_updates_mb": idle_after_updates / MB,
             "bad_audio_total": bad_audio,
             "breakers": {v: (status["voices"][v].get("canary") or {}).get("breaker", {}).get("open") for v in voices},
             "checks": checks,
@@ -223,7 +235,8 @@ def main() -> int:
             ["production lost or 5xx", len(prod_failed)],
             ["RSS first / last minute", f"{rss_first / MB:.1f} / {rss_last / MB:.1f} MB ({growth:+.2%}, {slope:+.2f} MB/min)"],
             ["first request after ready", f"{fmt(cold[0] if cold else None)} ms (soak p50 {fmt(out['p50_ms'])} ms)"],
-            [f"RSS before / after {args.updates} updates", f"{rss_before_updates / MB:.1f} / {rss_after_updates / MB:.1f} MB"],
+            [f"RSS before / after {args.updates} updates, under load", f"{rss_before_updates / MB:.1f} / {rss_after_updates / MB:.1f} MB"],
+            [f"RSS before / after {args.updates} updates, at rest", f"{idle_before_updates / MB:.1f} / {idle_after_updates / MB:.1f} MB"],
             ["silent or clipped outputs", bad_audio],
             ["audit ids vs sent", f"{len(audit_ids)} vs {len(sent)} (missing {len(missing)}, extra {len(extra)})"],
         ]))
@@ -258,6 +271,14 @@ def run_updates(bench: Bench, server, load: Load, voices: list[str], concurrency
                      "rss_mb": round(server.rss() / MB, 1)})
         print(f"update {i + 1}/{rounds}: versions {versions} served; RSS {server.rss() / MB:.1f} MB")
     return done
+
+
+def idle_rss(samples: list[tuple[float, int]], seconds: float = 90.0) -> float:
+    """Resident memory at rest: no requests for ``seconds``, long enough for one of the server's periodic heap
+    trims (at most 60 s + one poll apart, serving/memory.py) before the last 15 s, whose median is returned."""
+    started = time.perf_counter()
+    time.sleep(seconds)
+    return statistics.median([b for t, b in samples if t >= started + seconds - 15])
 
 
 def metric_sum(text: str, name: str) -> float:

@@ -236,7 +236,10 @@ class RequestObserver:
 def create_app(settings: Settings | None = None, pool: VoicePool | None = None) -> FastAPI:
     """The server app. ``pool`` lets tests inject a prepared VoicePool; the lifespan starts and stops it."""
     settings = settings or get_settings()
+    from serving.memory import limit_arenas
     from voice_lib.text import configure_frontend_cache
+
+    limit_arenas(settings.serving.malloc_arena_max)  # before the batcher, poller and audit threads exist
 
     configure_frontend_cache(settings.serving.frontend_cache_size)
     svc = Services(settings, pool)

@@ -36,6 +36,7 @@ from serving.engine import (
     SynthesisOutput,
     run_batch,
 )
+from serving.memory import trim_heap
 from serving.multilora import AdapterWeights, LoraBank, install
 from voice_lib.config import Settings, redact_url
 from voice_lib.features import FeatureConfig
@@ -111,6 +112,7 @@ class VoicePool:
         self._reload_lock = threading.Lock()
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
+        self._trim_pending = False
         self._generation = 0
         self._bases_seen: dict[str, BaseBundle] = {}  # resident bases by sha256; pruned at each swap
         self._failed: dict[Key, tuple[float, int, str]] = {}  # key -> (retry after, attempts, error)
@@ -156,12 +158,20 @@ class VoicePool:
             self._thread.join(timeout)
 
     def _poll(self) -> None:
+        trimmed_at = 0.0
         while not self._stopping.is_set():
             try:
-                self.reload()
+                swapped = self.reload().get("swapped")
             except Exception as exc:
                 log.exception("reload failed")
                 self.last_error = f"reload failed: {exc}"
+                swapped = False
+            # A swap frees the old versions once their last request ends: trim on the next poll after it, and
+            # otherwise at most once a minute (serving/memory.py).
+            if self._trim_pending or time.monotonic() - trimmed_at > 60:
+                trim_heap()
+                trimmed_at, self._trim_pending = time.monotonic(), False
+            self._trim_pending = bool(swapped)
             self._wake.wait(self.settings.serving.poll_seconds)
             self._wake.clear()
 

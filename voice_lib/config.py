@@ -90,6 +90,9 @@ class ServingSettings(BaseModel):
     # Game days and staging only: honour the version tag ``fault_injection`` (raise | silence | slow:<factor>)
     # so rollback can be rehearsed on a real release. Off in production; the server logs when it is on.
     fault_injection: bool = False
+    # glibc malloc arenas for the server process (serving/memory.py: flat RSS under mixed-size, multi-thread
+    # allocation); 0 keeps glibc's default of 8 per core.
+    malloc_arena_max: int = 2
     warmup_text: str = "Hello, this is a short warm up sentence."
     # Base model folder the server may use when a version's registered base cannot be fetched; it is only
     # used for versions whose base_sha256 lineage tag matches its weights, never for another base.
