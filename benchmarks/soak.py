@@ -22,6 +22,7 @@ warm-up would show here), and ``voiceops_bad_audio_total`` (silent or clipped ou
 
 Pass lines (printed, and in benchmarks/results/soak.json):
 - zero lost (no answer) or 5xx production requests;
+- no latency creep: the last soak minute's p95 within 15% of the first minute's;
 - resident memory flat: last-minute median RSS within 5% of the first soak minute's median (after warm-up);
 - memory after the updates within 5% of before them, under the same load and at rest;
 - no silent or clipped output from the healthy voices;
@@ -117,6 +118,8 @@ def main() -> int:
     parser.add_argument("--warmup-seconds", type=float, default=60.0)
     parser.add_argument("--updates", type=int, default=10, help="hot-swapped production updates after the soak")
     parser.add_argument("--quick", action="store_true", help="60 s soak, short ramp and warm-up (a smoke run)")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="glibc's malloc defaults (no arena cap, no heap trim) for a before/after comparison")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
@@ -133,7 +136,8 @@ def main() -> int:
         registry = bench.registry
         for voice, version in zip(voices, canaries):
             registry.set_canary(f"voice-{voice}", version, CANARY_WEIGHT)
-        server = bench.start_server("soak", {"poll_seconds": 10})
+        memory = {"malloc_arena_max": 0, "heap_trim_seconds": 0} if args.glibc_defaults else {}
+        server = bench.start_server("soak", {"poll_seconds": 10, **memory})
         server.wait_voices(voices, 300)
         bench_wait_canaries(server, voices)
         load = Load(server.url, server.auth, voices, "soak")
@@ -193,11 +197,15 @@ def main() -> int:
         rss_before_updates = rss_last
         growth = (rss_last - rss_first) / rss_first
         slope = _slope([(t - soak_started) / 60, b / MB] for t, b in rss if t < soak_ended)
+        p95s = [m["p95_ms"] for m in minutes if m["p95_ms"] is not None]
+        creep = (p95s[-1] - p95s[0]) / p95s[0] if p95s else None
         sent = set(load.sent)
         missing, extra = sent - audit_ids, audit_ids - sent
         checks = {
             "zero lost or 5xx production requests": not prod_failed,
             "resident memory growth under 5% after warm-up": growth < 0.05,
+            # the "0.8 s becomes 1.2 s" story is +50%; minute-to-minute noise here is about ±5%
+            "no latency creep: last minute's p95 within 15% of the first's": creep is not None and creep < 0.15,
             f"resident memory after {args.updates} hot-swapped updates within 5%, under load":
                 abs(rss_after_updates - rss_before_updates) / rss_before_updates < 0.05,
             f"resident memory after {args.updates} hot-swapped updates within 5%, at rest":
@@ -206,7 +214,8 @@ def main() -> int:
             "audit request ids == requests sent": not missing and not extra,
         }
         out: dict[str, Any] = {
-            "machine": facts, "quick": args.quick, "soak_seconds": args.seconds, "ramp_requests_per_s": ramp,
+            "machine": facts, "quick": args.quick, "glibc_malloc_defaults": args.glibc_defaults,
+            "soak_seconds": args.seconds, "ramp_requests_per_s": ramp,
             "ramp_p95_ms": ramp_p95, "concurrency": concurrency, "voices": len(voices), "canary_weight": CANARY_WEIGHT,
             "requests": len(res), "ok": sum(r.status == 200 for r in res), "by_variant": dict(by_variant),
             "canary_share": by_variant.get("canary", 0) / max(1, sum(by_variant.values())),
@@ -214,7 +223,7 @@ def main() -> int:
             "fallbacks": sum(r.fallback for r in res), "requests_per_s": throughput(soaked),
             "p50_ms": percentile([r.latency * 1000 for r in res if r.status == 200], 50),
             "p95_ms": percentile([r.latency * 1000 for r in res if r.status == 200], 95),
-            "latency_by_minute": minutes,
+            "latency_by_minute": minutes, "p95_creep": creep,
             "rss_first_minute_mb": rss_first / MB, "rss_last_minute_mb": rss_last / MB, "rss_growth": growth,
             "rss_slope_mb_per_min": slope, "rss_samples_s_mb": [(round(t - soak_started, 1), round(b / MB, 1)) for t, b in rss],
             "requests_sent_total": len(sent), "audit_rows": audit_rows, "audit_request_ids": len(audit_ids),
@@ -233,6 +242,8 @@ def main() -> int:
             ["requests in soak", f"{len(res)} ({out['requests_per_s']:.2f}/s), canary share {out['canary_share']:.1%}"],
             ["p50 / p95", f"{fmt(out['p50_ms'])} / {fmt(out['p95_ms'])} ms"],
             ["production lost or 5xx", len(prod_failed)],
+            ["p95 first / last minute", f"{fmt(p95s[0] if p95s else None)} / {fmt(p95s[-1] if p95s else None)} ms"
+                                        + (f" ({creep:+.1%})" if creep is not None else "")],
             ["RSS first / last minute", f"{rss_first / MB:.1f} / {rss_last / MB:.1f} MB ({growth:+.2%}, {slope:+.2f} MB/min)"],
             ["first request after ready", f"{fmt(cold[0] if cold else None)} ms (soak p50 {fmt(out['p50_ms'])} ms)"],
             [f"RSS before / after {args.updates} updates, under load", f"{rss_before_updates / MB:.1f} / {rss_after_updates / MB:.1f} MB"],
@@ -242,7 +253,7 @@ def main() -> int:
         ]))
         for name, ok in checks.items():
             print(f"{verdict(ok)}  {name}")
-        path = write_results("soak", out, args.quick, args.out)
+        path = write_results("soak-glibc-defaults" if args.glibc_defaults else "soak", out, args.quick, args.out)
         print(f"wrote {path}")
         return 0 if all(checks.values()) else 1
     finally:

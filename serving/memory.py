@@ -8,8 +8,10 @@ mitigations, both no-ops where glibc is not the allocator:
 
 - ``limit_arenas(n)``: ``mallopt(M_ARENA_MAX, n)`` before the worker threads start (what the
   ``MALLOC_ARENA_MAX`` environment variable does, set from settings instead of the environment);
-- ``trim_heap()``: ``malloc_trim(0)``, returning free pages at the top of every arena to the OS; the pool
-  calls it after a version swap once the old snapshot can be gone, and at most once per poll otherwise.
+- ``trim_heap()``: ``malloc_trim(0)``, returning every whole free page of every arena to the OS (not only
+  at the heap's top: tests/test_serving_support.py frees a fragmented 200 MB heap with it); the pool
+  calls it on the poll after a version swap (the old snapshot is gone by then) and every
+  ``serving.heap_trim_seconds`` otherwise.
 """
 
 from __future__ import annotations

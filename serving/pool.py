@@ -112,7 +112,6 @@ class VoicePool:
         self._reload_lock = threading.Lock()
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
-        self._trim_pending = False
         self._generation = 0
         self._bases_seen: dict[str, BaseBundle] = {}  # resident bases by sha256; pruned at each swap
         self._failed: dict[Key, tuple[float, int, str]] = {}  # key -> (retry after, attempts, error)
@@ -158,7 +157,7 @@ class VoicePool:
             self._thread.join(timeout)
 
     def _poll(self) -> None:
-        trimmed_at = 0.0
+        trimmed_at, trim_next = 0.0, False
         while not self._stopping.is_set():
             try:
                 swapped = self.reload().get("swapped")
@@ -167,11 +166,12 @@ class VoicePool:
                 self.last_error = f"reload failed: {exc}"
                 swapped = False
             # A swap frees the old versions once their last request ends: trim on the next poll after it, and
-            # otherwise at most once a minute (serving/memory.py).
-            if self._trim_pending or time.monotonic() - trimmed_at > 60:
+            # otherwise every heap_trim_seconds (serving/memory.py).
+            every = self.settings.serving.heap_trim_seconds
+            if every > 0 and (trim_next or time.monotonic() - trimmed_at > every):
                 trim_heap()
-                trimmed_at, self._trim_pending = time.monotonic(), False
-            self._trim_pending = bool(swapped)
+                trimmed_at = time.monotonic()
+            trim_next = bool(swapped)
             self._wake.wait(self.settings.serving.poll_seconds)
             self._wake.clear()
 

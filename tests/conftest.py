@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -22,6 +23,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--mlflow-outage-seconds", type=float, default=20.0,
                     help="how long tests/test_faults.py keeps MLflow down (benchmarks/faults.py: 120)")
     group.addoption("--fault-report", default=None, help="append the fault scenarios' figures to this JSON-lines file")
+
+
+def report_fault(request: pytest.FixtureRequest, scenario: str, passed: bool, **figures) -> None:
+    """A fault scenario's figures: printed, and appended to --fault-report (benchmarks/faults.py's table)."""
+    line = json.dumps({"scenario": scenario, "passed": passed, **figures})
+    print(line)
+    path = request.config.getoption("--fault-report")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
 
 
 def free_port() -> int:

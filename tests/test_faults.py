@@ -14,7 +14,6 @@ Figures go to `--fault-report` as JSON lines when given.
 
 from __future__ import annotations
 
-import json
 import signal
 import sqlite3
 import threading
@@ -26,22 +25,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port
+from conftest import free_port, report_fault
 from serving.routing import CANARY, PRODUCTION
 from serving_stack import ServerStack, running_stack
 from voice_lib.config import Settings
 
 pytestmark = [pytest.mark.timeout(600)]
 LONG_TEXT = " ".join(f"This is sentence number {i} of a long answer that is streamed to the client." for i in range(12))
-
-
-def report(request: pytest.FixtureRequest, scenario: str, passed: bool, **figures) -> None:
-    line = json.dumps({"scenario": scenario, "passed": passed, **figures})
-    print(line)
-    path = request.config.getoption("--fault-report")
-    if path:
-        with open(path, "a") as fh:
-            fh.write(line + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +96,7 @@ def test_a_misbehaving_canary_is_rolled_back_and_production_is_unaffected(stack:
         assert served_by_canary >= 1  # slow answers are still correct answers until the breaker trips
     else:
         assert served_by_canary == 0 and fell_back >= 8  # every canary attempt was replaced by production
-    report(request, f"canary {fault}", True, breaker_code=breaker["code"], reason=breaker["reason"],
+    report_fault(request, f"canary {fault}", True, breaker_code=breaker["code"], reason=breaker["reason"],
            requests=len(responses) + len(after), non_200=0, canary_answers=served_by_canary, fallbacks=fell_back,
            seconds_to_weight_0_in_registry=round(took, 1))
 
@@ -157,7 +147,7 @@ def test_mlflow_outage_keeps_serving_reports_degraded_and_recovers(stack: Server
     version = stack.register(stack.b, seed=40)
     stack.registry.promote(name, version)
     stack.wait("the new production version", lambda: stack.status()["voices"][stack.b]["production"]["version"] == version, 30)
-    report(request, "mlflow outage", True, outage_seconds=round(up_at - down_at, 1), requests_during_outage=during,
+    report_fault(request, "mlflow outage", True, outage_seconds=round(up_at - down_at, 1), requests_during_outage=during,
            requests=len(codes), non_200=0, recovery_seconds_after_mlflow_up=round(recovered, 1))
 
 
@@ -200,5 +190,5 @@ def test_server_killed_mid_stream_gives_a_clean_client_error_and_an_intact_audit
     with sqlite3.connect(audit_db) as db:
         after = db.execute("SELECT COUNT(*) FROM audit_log").fetchone()[0]
     assert after > before
-    report(request, "server killed mid-stream", True, bytes_before_kill=received, client_error=type(error).__name__,
+    report_fault(request, "server killed mid-stream", True, bytes_before_kill=received, client_error=type(error).__name__,
            audit_rows_before_restart=before, audit_rows_after=after, integrity="ok")

@@ -25,6 +25,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from conftest import report_fault
 from tcp_outage import TcpOutage
 from voice_lib.config import Settings
 from voice_lib.storage import StorageError, artifact_store
@@ -94,13 +95,14 @@ def prepare_manifest(settings: Settings, data: Path) -> dict:
 
 
 def test_s3_outage_during_onboarding_retries_and_never_registers_a_partial_version(flaky, s3_link, s3_endpoint,
-                                                                                   clean_voice, tmp_path):
+                                                                                   clean_voice, tmp_path, request):
     from voice_lib.onboarding import features_shard, ingest, qc_report, qc_shard
     from voice_lib.registry import Registry
     from voice_lib.training_pipeline import evaluate_voice, finetune_voice, register_voice
 
     store = artifact_store(direct(flaky, s3_endpoint))
     message, took = down_fails_cleanly(s3_link, ingest, VOICE, str(clean_voice), flaky)
+    failed_after = {"ingest": round(took, 1)}
     assert "S3" in message and "voices/" in message, message
     assert not [k for k in store.list(f"voices/{VOICE}") if k.endswith("staged.json")]  # no completion marker
     print(f"ingest with S3 down failed after {took:.1f} s: {message}")
@@ -110,6 +112,7 @@ def test_s3_outage_during_onboarding_retries_and_never_registers_a_partial_versi
         qc_shard(dataset, i, flaky)
     qc = qc_report(dataset, flaky, log_to_mlflow=False)
     message, took = down_fails_cleanly(s3_link, features_shard, dataset, qc, 0, len(dataset["shards"]), flaky)
+    failed_after["features"] = round(took, 1)
     assert "S3" in message, message
     manifest = prepare_manifest(flaky, clean_voice)  # the retry; earlier steps are no-ops
     trained = finetune_voice(VOICE, manifest["manifest_key"], flaky, rank=4, steps=20)
@@ -119,6 +122,7 @@ def test_s3_outage_during_onboarding_retries_and_never_registers_a_partial_versi
     registry, name = Registry(flaky), f"voice-{VOICE}"
     worker_2 = flaky.model_copy(update={"home": tmp_path / "worker-2"})
     message, took = down_fails_cleanly(s3_link, register_voice, worker_2, trained, evaluation)
+    failed_after["register"] = round(took, 1)
     assert not registry.exists(name) or registry._versions(name) == []
     first = register_voice(worker_2, trained, evaluation)  # S3 back: the retry registers
     again = register_voice(flaky, trained, evaluation)  # a duplicate retry changes nothing
@@ -129,6 +133,8 @@ def test_s3_outage_during_onboarding_retries_and_never_registers_a_partial_versi
     synth, _ = load_registered_voice(flaky, VOICE, "candidate")  # the registered version is complete
     assert len(synth.synthesize("The version loads and speaks.").audio) > 8000
     print(f"register with S3 down failed after {took:.1f} s: {message}; then version {first['version']} once")
+    report_fault(request, "s3 outage during onboarding", True, seconds_to_fail_with_s3_down=failed_after,
+                 versions_registered=len(registry._versions(name)), registered_version_loads=True)
 
 
 def test_verify_logged_folder_refuses_an_incomplete_upload(mlflow_server, tmp_path):
@@ -148,7 +154,8 @@ def test_verify_logged_folder_refuses_an_incomplete_upload(mlflow_server, tmp_pa
     verify_logged_folder(client, run_id, "voice", folder)
 
 
-def test_a_killed_training_worker_resumes_from_the_checkpoint_on_another_worker(flaky, s3_endpoint, clean_voice, tmp_path):
+def test_a_killed_training_worker_resumes_from_the_checkpoint_on_another_worker(flaky, s3_endpoint, clean_voice, tmp_path,
+                                                                               request):
     from voice_lib.stack import settings_env
 
     settings = direct(flaky, s3_endpoint)
@@ -186,3 +193,5 @@ def test_a_killed_training_worker_resumes_from_the_checkpoint_on_another_worker(
     assert result["resumed_from_step"] == 50 and result["steps_trained"] == steps
     print(f"killed after the step-50 checkpoint; the retry on another worker resumed at step "
           f"{result['resumed_from_step']} and finished {steps} steps")
+    report_fault(request, "training worker killed", True,
+                 resumed_from_step=result["resumed_from_step"], steps_trained=result["steps_trained"])

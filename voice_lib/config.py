@@ -93,6 +93,9 @@ class ServingSettings(BaseModel):
     # glibc malloc arenas for the server process (serving/memory.py: flat RSS under mixed-size, multi-thread
     # allocation); 0 keeps glibc's default of 8 per core.
     malloc_arena_max: int = 2
+    # Return freed heap pages to the OS (malloc_trim) on the poll after a version swap and at least this often;
+    # 0 never trims (serving/memory.py).
+    heap_trim_seconds: float = 60.0
     warmup_text: str = "Hello, this is a short warm up sentence."
     # Base model folder the server may use when a version's registered base cannot be fetched; it is only
     # used for versions whose base_sha256 lineage tag matches its weights, never for another base.
