@@ -179,6 +179,7 @@ def main() -> int:
         stop.set()
         sampler.join(10)
         status = server.status()
+        breakers = {v: (status["voices"][v].get("canary") or {}).get("breaker", {}) for v in voices}
         bad_audio = metric_sum(server.metrics(), "voiceops_bad_audio_total")
         bench.stop(server.proc)  # SIGTERM: graceful, flushes the audit queue
         audit_ids, audit_rows = read_audit(bench.home / "server-soak" / "audit.db")
@@ -211,6 +212,7 @@ def main() -> int:
             f"resident memory after {args.updates} hot-swapped updates within 5%, at rest":
                 abs(idle_after_updates - idle_before_updates) / idle_before_updates < 0.05,
             "no silent or clipped output": bad_audio == 0,
+            "no healthy canary rolled back (breaker closed)": not any(b.get("open") for b in breakers.values()),
             "audit request ids == requests sent": not missing and not extra,
         }
         out: dict[str, Any] = {
@@ -232,7 +234,7 @@ def main() -> int:
             "updates": updates, "rss_before_updates_mb": rss_before_updates / MB, "rss_after_updates_mb": rss_after_updates / MB,
             "idle_rss_before_updates_mb": idle_before_updates / MB, "idle_rss_after_updates_mb": idle_after_updates / MB,
             "bad_audio_total": bad_audio,
-            "breakers": {v: (status["voices"][v].get("canary") or {}).get("breaker", {}).get("open") for v in voices},
+            "breakers": breakers,
             "checks": checks,
         }
         print(table(["minute", "requests", "p50 ms", "p95 ms"],
@@ -249,6 +251,8 @@ def main() -> int:
             [f"RSS before / after {args.updates} updates, under load", f"{rss_before_updates / MB:.1f} / {rss_after_updates / MB:.1f} MB"],
             [f"RSS before / after {args.updates} updates, at rest", f"{idle_before_updates / MB:.1f} / {idle_after_updates / MB:.1f} MB"],
             ["silent or clipped outputs", bad_audio],
+            ["canary breakers tripped", "; ".join(f"{v}: {b.get('reason')}" for v, b in breakers.items() if b.get("open"))
+                                        or "none"],
             ["audit ids vs sent", f"{len(audit_ids)} vs {len(sent)} (missing {len(missing)}, extra {len(extra)})"],
         ]))
         for name, ok in checks.items():

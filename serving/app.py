@@ -350,7 +350,7 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
     def _note(st: Any, served: Served) -> None:
         v = served.decision.version
         st.version, st.variant = v.version, served.decision.variant
-        audio_seconds = len(served.audio) / served.sample_rate
+        audio_seconds = served.audio_seconds
         st.rtf = served.compute_seconds / audio_seconds if audio_seconds else None
         if served.fallback:
             st.error = served.fallback

@@ -110,6 +110,10 @@ class Served:
         return sum(o.compute_seconds for o in self.outputs)
 
     @property
+    def audio_seconds(self) -> float:
+        return sum(len(o.audio) / o.sample_rate for o in self.outputs)
+
+    @property
     def bad(self) -> str | None:
         return next((o.bad for o in self.outputs if o.bad), None)
 
@@ -164,9 +168,10 @@ class Synthesis:
                 self._canary_failed(decision, ctx, started, f"canary produced {served.bad} audio", bad=served.bad)
                 return await self._fallback(snap, route, decision, chunks, speed,
                                             f"canary version {decision.version.version} produced {served.bad} audio")
-            self.breaker.record(route.voice_id, decision.version.version, (time.perf_counter() - started) * 1000)
+            self.breaker.record(route.voice_id, decision.version.version, (time.perf_counter() - started) * 1000,
+                                audio_seconds=served.audio_seconds)
         elif route.canary is not None:
-            self.breaker.observe_production(route.voice_id, (time.perf_counter() - started) * 1000)
+            self.breaker.observe_production(route.voice_id, (time.perf_counter() - started) * 1000, served.audio_seconds)
         return served
 
     async def _fallback(self, snap: Snapshot, route: VoiceRoute, decision: Decision, chunks: Sequence[Sequence[int]],

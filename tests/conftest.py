@@ -22,6 +22,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("voiceops fault scenarios")
     group.addoption("--mlflow-outage-seconds", type=float, default=20.0,
                     help="how long tests/test_faults.py keeps MLflow down (benchmarks/faults.py: 120)")
+    group.addoption("--full-faults", action="store_true",
+                    help="also run the fault scenarios that take minutes (benchmarks/faults.py sets it)")
     group.addoption("--fault-report", default=None, help="append the fault scenarios' figures to this JSON-lines file")
 
 

@@ -7,13 +7,18 @@ gives them all back (databases dropped, Redis DB flushed, process groups killed)
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -142,20 +147,48 @@ def _task_log_tails(airflow_home: Path, lines: int = 30) -> str:
     return "\n".join(out[-6:])
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_onboarding_on_the_production_shape(tmp_path, s3_endpoint, s3_bucket, clean_voice):
+@dataclass
+class Shape:
+    """A running production shape: what the tests need of it."""
+
+    settings: Settings
+    components: Components
+    env: dict[str, str]  # the Airflow components' environment (a replacement worker starts with it)
+    headers: dict[str, str]  # Airflow API auth
+    queue: str
+    airflow_db: str
+    mlflow_db: str
+    redis_client: Any
+    redis_db: int
+    started: float
+    migrated: float
+    ready: float
+    deadline: float
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.settings.home / "airflow"
+
+    def worker_command(self) -> list[str]:
+        from voice_lib import stack
+
+        return [stack._executable("airflow"), "celery", "worker", "--queues", self.queue, "--celery-hostname",
+                f"{self.queue}-{len(self.components.procs)}@%h", "--concurrency", str(self.settings.airflow_parallelism),
+                "--skip-serve-logs", "--without-mingle", "--without-gossip"]
+
+
+@contextmanager
+def production_shape(tmp_path: Path, s3_endpoint: str, s3_bucket: str, budget: float,
+                     airflow_overrides: dict[str, str] | None = None) -> Iterator[Shape]:
+    """MLflow on PostgreSQL + S3 and Airflow on PostgreSQL + Celery/Redis, up and with voice_onboarding unpaused;
+    everything given back on exit (process groups, databases, the Redis DB)."""
     pytest.importorskip("airflow.providers.celery", reason="install the airflow extra: pip install -e '.[airflow]'")
-    import boto3
     import psycopg
-    from mlflow import MlflowClient
 
     from voice_lib import stack
-    from voice_lib.airflow_client import trigger_and_follow
-    from voice_lib.storage import artifact_store
 
     started = time.monotonic()
-    deadline = started + BUDGET_SECONDS
+    deadline = started + budget
     token = uuid.uuid4().hex[:10]
     admin = _pg_admin()
     try:
@@ -165,7 +198,6 @@ def test_onboarding_on_the_production_shape(tmp_path, s3_endpoint, s3_bucket, cl
         raise
     airflow_db, mlflow_db = f"voiceops_airflow_{token}", f"voiceops_mlflow_{token}"
     queue = f"voiceops-{token}"
-    voice_id = "prod-slt"
     pg_url = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}"
 
     relaxed = EvalSettings().model_copy(update={  # the gates of tests/test_dag.py: a 30-step tune must pass
@@ -179,9 +211,7 @@ def test_onboarding_on_the_production_shape(tmp_path, s3_endpoint, s3_bucket, cl
         mlflow_artifacts_destination=f"s3://{s3_bucket}/mlflow",
         airflow_port=free_port(), airflow_parallelism=2, eval=relaxed,
     )
-    airflow_home = settings.home / "airflow"
     components = Components(settings.log_dir)
-    console = Console(stderr=True)
     try:
         for db in (airflow_db, mlflow_db):
             admin.execute(f'CREATE DATABASE "{db}"')
@@ -191,22 +221,18 @@ def test_onboarding_on_the_production_shape(tmp_path, s3_endpoint, s3_bucket, cl
         stack._prepare_airflow(settings)  # admin password + shared JWT secret, as `voiceops up` writes them
         env = stack.airflow_celery_env(settings, database_url=f"{pg_url}/{airflow_db}",
                                        broker_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}", queue=queue)
+        env.update(airflow_overrides or {})
         airflow = stack._executable("airflow")
         migrate = subprocess.run([airflow, "db", "migrate"], check=False, env=env, cwd=settings.home,
                                  capture_output=True, text=True, timeout=300)
         assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
         migrated = time.monotonic()
 
-        worker_name = f"{queue}@%h"
-        for name, args in {
-            "api-server": ["api-server"],
-            "scheduler": ["scheduler"],
-            "dag-processor": ["dag-processor"],
-            "celery-worker": ["celery", "worker", "--queues", queue, "--celery-hostname", worker_name,
-                              "--concurrency", str(settings.airflow_parallelism), "--skip-serve-logs",
-                              "--without-mingle", "--without-gossip"],
-        }.items():
-            components.start(name, [airflow, *args], env, settings.home)
+        for name in ("api-server", "scheduler", "dag-processor"):
+            components.start(name, [airflow, name], env, settings.home)
+        shape = Shape(settings, components, env, {}, queue, airflow_db, mlflow_db, redis_client, redis_db,
+                      started, migrated, 0.0, deadline)
+        components.start("celery-worker", shape.worker_command(), env, settings.home)
 
         stack.up(settings, services=("mlflow",), timeout=max(30.0, deadline - time.monotonic()))
         api = settings.airflow_url
@@ -215,11 +241,43 @@ def test_onboarding_on_the_production_shape(tmp_path, s3_endpoint, s3_bucket, cl
             return healthy or detail
 
         _wait("Airflow healthy (metadatabase, scheduler, dag_processor)", airflow_healthy, deadline, components)
-        headers = {"Authorization": f"Bearer {stack.airflow_api_token(settings)}"}
+        shape.headers = {"Authorization": f"Bearer {stack.airflow_api_token(settings)}"}
         _wait("voice_onboarding parsed and unpaused",
-              lambda: httpx.get(f"{api}/api/v2/dags/voice_onboarding", headers=headers, timeout=5)
+              lambda: httpx.get(f"{api}/api/v2/dags/voice_onboarding", headers=shape.headers, timeout=5)
               .json().get("is_paused") is False, deadline, components)
-        ready = time.monotonic()
+        shape.ready = time.monotonic()
+        yield shape
+    finally:
+        components.stop_all()
+        stack.down(settings)
+        for db in (airflow_db, mlflow_db):
+            try:
+                admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+            except psycopg.Error as exc:  # keep cleaning up; report it below
+                print(f"could not drop {db}: {exc}")
+        admin.close()
+        if redis_client.get(CLAIM_KEY) == token.encode():
+            redis_client.flushdb()  # only our database number
+        redis_client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_onboarding_on_the_production_shape(tmp_path, s3_endpoint, s3_bucket, clean_voice):
+    import boto3
+    import psycopg
+    from mlflow import MlflowClient
+
+    from voice_lib.airflow_client import trigger_and_follow
+    from voice_lib.storage import artifact_store
+
+    voice_id = "prod-slt"
+    with production_shape(tmp_path, s3_endpoint, s3_bucket, BUDGET_SECONDS) as shape:
+        settings, components, headers, queue = shape.settings, shape.components, shape.headers, shape.queue
+        airflow_home, api, deadline = shape.airflow_home, settings.airflow_url, shape.deadline
+        started, migrated, ready = shape.started, shape.migrated, shape.ready
+        airflow_db, mlflow_db, redis_client, redis_db = shape.airflow_db, shape.mlflow_db, shape.redis_client, shape.redis_db
+        console = Console(stderr=True)
 
         conf = {"voice_id": voice_id, "data_uri": str(clean_voice), "language": "en", "min_speech_seconds": 60,
                 "shards": 2, "lora_rank": 4, "train_steps": 30}
@@ -278,15 +336,69 @@ def test_onboarding_on_the_production_shape(tmp_path, s3_endpoint, s3_bucket, cl
         print(f"production shape: migrate {migrated - started:.0f} s, components ready {ready - migrated:.0f} s, "
               f"onboarding run {finished - ready:.0f} s, total {time.monotonic() - started:.0f} s "
               f"({len(ran)} task instances on Celery queue {queue}, Redis DB {redis_db})")
-    finally:
-        components.stop_all()
-        stack.down(settings)
-        for db in (airflow_db, mlflow_db):
-            try:
-                admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-            except psycopg.Error as exc:  # keep cleaning up; report it below
-                print(f"could not drop {db}: {exc}")
-        admin.close()
-        if redis_client.get(CLAIM_KEY) == token.encode():
-            redis_client.flushdb()  # only our database number
-        redis_client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_celery_worker_killed_mid_training_is_retried_and_resumes_from_the_checkpoint(
+        tmp_path, s3_endpoint, s3_bucket, clean_voice, request):
+    """The Airflow worker (its whole process group) SIGKILLed while `train` runs; a replacement worker with an
+    empty local cache joins; the scheduler finds the task without heartbeats, retries it, and the retry
+    resumes from the step checkpoint in the artifact store. About 4 minutes: `make bench` (faults) runs it."""
+    if not request.config.getoption("--full-faults"):
+        pytest.skip("a 4-minute scenario with a real Airflow: benchmarks/faults.py runs it (--full-faults)")
+    import threading
+
+    from conftest import report_fault
+    from voice_lib.airflow_client import trigger_and_follow
+    from voice_lib.registry import Registry
+    from voice_lib.storage import artifact_store
+
+    voice_id, steps = "killed-worker", 150  # checkpoints at steps 50 and 100
+    # A task whose worker died stops heartbeating: found after 20 s here (the default is 300 s).
+    overrides = {"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
+                 "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5"}
+    with production_shape(tmp_path, s3_endpoint, s3_bucket, 800, overrides) as shape:
+        settings, components, api = shape.settings, shape.components, shape.settings.airflow_url
+        store = artifact_store(settings)
+        conf = {"voice_id": voice_id, "data_uri": str(clean_voice), "language": "en", "min_speech_seconds": 60,
+                "shards": 2, "lora_rank": 4, "train_steps": steps}
+        outcome: dict[str, str] = {}
+        follower = threading.Thread(target=lambda: outcome.update(state=trigger_and_follow(
+            settings, "voice_onboarding", conf, Console(stderr=True), timeout=shape.deadline - time.monotonic())))
+        follower.start()
+
+        def checkpoint_in_store():
+            return [k for k in store.list(f"voices/{voice_id}/checkpoints") if k.endswith(".pt")]
+
+        _wait("the first training checkpoint in the artifact store", checkpoint_in_store, shape.deadline,
+              components, interval=0.5)
+        worker = components.procs.pop("celery-worker")
+        os.killpg(worker.pid, signal.SIGKILL)  # the worker and the task process under it
+        worker.wait(10)
+        killed_at = time.monotonic()
+        replacement = {**shape.env, "VOICEOPS_HOME": str(tmp_path / "worker-2")}  # another machine: no local cache
+        components.start("celery-worker-2", shape.worker_command(), replacement, settings.home)
+
+        follower.join(max(1.0, shape.deadline - time.monotonic()))
+        assert outcome.get("state") == "success", (f"run ended {outcome}\n{_task_log_tails(shape.airflow_home)}\n"
+                                                   f"{components.tails()}")
+        finished = time.monotonic()
+        runs = httpx.get(f"{api}/api/v2/dags/voice_onboarding/dagRuns", headers=shape.headers, timeout=10).json()
+        run_id = runs["dag_runs"][0]["dag_run_id"]
+        base = f"{api}/api/v2/dags/voice_onboarding/dagRuns/{run_id}/taskInstances/train"
+        train = httpx.get(base, headers=shape.headers, timeout=10).json()
+        assert train["state"] == "success" and train["try_number"] == 2, train
+        result = httpx.get(f"{base}/xcomEntries/return_value", headers=shape.headers, timeout=10).json()["value"]
+        result = json.loads(result) if isinstance(result, str) else result
+        assert result["resumed_from_step"] in (50, 100) and result["steps_trained"] == steps, result
+        retry_log = next(shape.airflow_home.glob(f"logs/dag_id=voice_onboarding/run_id={run_id}/task_id=train/"
+                                                 "attempt=2.log")).read_text(errors="replace")
+        assert "fetched checkpoint" in retry_log and "resumed from" in retry_log, retry_log[-3000:]
+        assert "celery-worker-2" in components.procs and "task_id='train'" in components.log("celery-worker-2").read_text(
+            errors="replace")
+        versions = Registry(settings)._versions(f"voice-{voice_id}")
+        assert len(versions) == 1, [v.version for v in versions]  # one version, however many tries
+        report_fault(request, "airflow worker killed mid-training", True, resumed_from_step=result["resumed_from_step"],
+                     steps_trained=result["steps_trained"], train_tries=train["try_number"],
+                     seconds_from_kill_to_run_success=round(finished - killed_at, 1), versions_registered=len(versions))
