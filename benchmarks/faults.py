@@ -1,9 +1,10 @@
 """Fault scenarios at full length, with a pass/fail line each (the issue's 2-minute MLflow outage included).
 
 Runs the scenario tests (tests/test_faults.py: misbehaving canaries, MLflow down, server killed mid-stream;
-tests/test_faults_onboarding.py: S3 down during onboarding, training worker killed) through pytest with
-``--mlflow-outage-seconds 120`` and collects the figures each scenario reports. `make test` runs the same
-scenarios with a 20 s outage.
+tests/test_faults_onboarding.py: S3 down during onboarding, the training process killed;
+tests/test_production_shape.py: a Celery worker of a real Airflow killed mid-training) through pytest with
+``--mlflow-outage-seconds 120 --full-faults`` and collects the figures each scenario reports. `make test`
+runs the same scenarios with a 20 s outage and without the real-Airflow one (about 4 minutes).
 
     .venv/bin/python benchmarks/faults.py [--outage-seconds 120]
 """
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, load_note, machine_facts, table, verdict, write_results
 
-TESTS = ["tests/test_faults.py", "tests/test_faults_onboarding.py"]
+TESTS = ["tests/test_faults.py", "tests/test_faults_onboarding.py",
+         "tests/test_production_shape.py::test_a_celery_worker_killed_mid_training_is_retried_and_resumes_from_the_checkpoint"]
 
 
 def main() -> int:
@@ -36,7 +38,7 @@ def main() -> int:
         report, junit = Path(tmp) / "faults.jsonl", Path(tmp) / "junit.xml"
         started = time.monotonic()
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *TESTS,
-                              "--mlflow-outage-seconds", str(args.outage_seconds), "--fault-report", str(report),
+                              "--mlflow-outage-seconds", str(args.outage_seconds), "--full-faults", "--fault-report", str(report),
                               f"--junitxml={junit}"], cwd=ROOT, capture_output=True, text=True)
         seconds = time.monotonic() - started
         scenarios = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []

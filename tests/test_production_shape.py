@@ -347,7 +347,10 @@ def test_a_celery_worker_killed_mid_training_is_retried_and_resumes_from_the_che
     resumes from the step checkpoint in the artifact store. About 4 minutes: `make bench` (faults) runs it."""
     if not request.config.getoption("--full-faults"):
         pytest.skip("a 4-minute scenario with a real Airflow: benchmarks/faults.py runs it (--full-faults)")
+    import contextlib
     import threading
+
+    import psutil
 
     from conftest import report_fault
     from voice_lib.airflow_client import trigger_and_follow
@@ -374,8 +377,16 @@ def test_a_celery_worker_killed_mid_training_is_retried_and_resumes_from_the_che
         _wait("the first training checkpoint in the artifact store", checkpoint_in_store, shape.deadline,
               components, interval=0.5)
         worker = components.procs.pop("celery-worker")
-        os.killpg(worker.pid, signal.SIGKILL)  # the worker and the task process under it
+        # The machine dies: the worker and everything under it. (Airflow's task supervisor starts the task
+        # process in a session of its own, so killing the worker's process group alone leaves it running.)
+        leader = psutil.Process(worker.pid)
+        tree = [leader, *leader.children(recursive=True)]
+        for proc in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
         worker.wait(10)
+        _, alive = psutil.wait_procs(tree, timeout=20)
+        assert not alive, alive
         killed_at = time.monotonic()
         replacement = {**shape.env, "VOICEOPS_HOME": str(tmp_path / "worker-2")}  # another machine: no local cache
         components.start("celery-worker-2", shape.worker_command(), replacement, settings.home)
