@@ -237,9 +237,11 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
     """The server app. ``pool`` lets tests inject a prepared VoicePool; the lifespan starts and stops it."""
     settings = settings or get_settings()
     from serving.memory import limit_arenas
+    from serving.pool import bound_registry_requests
     from voice_lib.text import configure_frontend_cache
 
     limit_arenas(settings.serving.malloc_arena_max)  # before the batcher, poller and audit threads exist
+    bound_registry_requests(settings.serving.registry_request_retries, settings.serving.registry_request_timeout_seconds)
 
     configure_frontend_cache(settings.serving.frontend_cache_size)
     svc = Services(settings, pool)

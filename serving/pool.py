@@ -405,6 +405,17 @@ def _phoneme_ids(text: str) -> list[int]:
     return phonemes_to_ids(phonemize(text, "auto"))
 
 
+def bound_registry_requests(retries: int, timeout_seconds: int) -> None:
+    """Bound every MLflow client request of this process: MLflow's own retries (7, exponential backoff) hold a
+    request to a server that died after the probe below for over two minutes, and with it the reload, so
+    readiness said nothing about the outage. MLflow's client is configured only through its environment, so
+    the server writes these two variables once, at start-up, from its settings."""
+    import os
+
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retries)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout_seconds)
+
+
 def _probe_mlflow(uri: str) -> None:
     # MlflowClient retries a dead server for minutes; a 5 s probe lets a reload fail fast instead.
     if uri.startswith(("http://", "https://")):

@@ -398,3 +398,31 @@ def test_trim_heap_returns_freed_pages_to_the_os():
     assert run.returncode == 0, run.stderr
     held, trimmed = map(float, run.stdout.split())
     assert held - trimmed > 150, f"RSS {held:.0f} MB -> {trimmed:.0f} MB after malloc_trim"
+
+
+_DEAD_REGISTRY = r"""
+import sys, time
+from mlflow import MlflowClient
+from serving.pool import bound_registry_requests
+from voice_lib.config import ServingSettings
+
+serving = ServingSettings()
+bound_registry_requests(serving.registry_request_retries, serving.registry_request_timeout_seconds)
+started = time.monotonic()
+try:
+    MlflowClient(tracking_uri=f"http://127.0.0.1:{sys.argv[1]}").search_registered_models()
+except Exception as exc:  # MlflowException after its retries
+    print(round(time.monotonic() - started, 2), type(exc).__name__)
+"""
+
+
+def test_a_registry_that_went_away_fails_a_server_request_in_seconds():
+    """Not MLflow's default of 7 retries with exponential backoff (over two minutes): a reload must fail fast
+    so readiness reports the outage (the MLflow-outage fault scenario found the reload hanging)."""
+    from conftest import free_port
+
+    run = subprocess.run([sys.executable, "-c", _DEAD_REGISTRY, str(free_port())], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and run.stdout.strip(), run.stderr[-2000:]
+    seconds = float(run.stdout.split()[0])
+    assert seconds < 15, f"a request to a dead MLflow took {seconds} s"

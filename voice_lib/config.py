@@ -69,6 +69,10 @@ class ServingSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     poll_seconds: float = 10.0  # registry poll interval; webhooks make reloads immediate
+    # Each MLflow request of the server: retries and timeout. Small, so a registry that goes away mid-reload
+    # fails that reload in seconds (readiness turns degraded) instead of MLflow's default 7 retries.
+    registry_request_retries: int = 1
+    registry_request_timeout_seconds: int = 10
     webhook_secret: SecretStr | None = None  # HMAC key of MLflow registry webhooks
     tenants_file: Path | None = None  # default <home>/tenants.json (API keys stored hashed)
     audit_url: str = ""  # SQLAlchemy URL; default sqlite:///<home>/audit.db
