@@ -1,7 +1,7 @@
 """Keep a long-running server's resident memory flat on glibc (Linux).
 
-Measured in benchmarks/soak.py: with glibc's defaults the server's RSS rose 8% over a 10-minute soak and
-another 14% over 10 hot-swapped updates, in steps, with no Python-level leak behind it: requests of varying
+Measured with an earlier version of benchmarks/soak.py: with glibc's defaults the server's RSS rose 8% over a
+10-minute soak, in steps, with no Python-level leak behind it (``--glibc-defaults`` repeats it): requests of varying
 length allocate and free tensors of varying size from several threads (batcher, registry poller, warm-up),
 glibc gives each thread its own arena (up to 8 per core) and keeps freed pages in them. Two standard
 mitigations, both no-ops where glibc is not the allocator:
