@@ -7,9 +7,9 @@ in it, the breaker trips when any of these is exceeded:
 - error rate (non-finite output, exceptions, timeouts) > ``breaker_max_error_rate``
 - p95 latency of the successful requests > ``breaker_max_p95_ms``
 - bad-audio rate (silent or clipped output) > ``breaker_max_bad_audio_rate``
-- canary compute speed > ``breaker_max_latency_ratio`` x slower than production's, same voice, same window:
-  the median of latency per second of audio produced (production's observed with ``observe_production``,
-  never judged). Per second of audio, because two versions of one voice may speak the same text at
+- canary more than ``breaker_max_latency_ratio`` x slower than production (same voice, same window), by the
+  median latency per second of audio produced (production's is observed with ``observe_production``, never
+  judged). Per second of audio, because two versions of one voice may speak the same text at
   different lengths: measured in benchmarks/soak.py, a healthy canary whose adapter speaks 1.7x longer took
   1.8x production's latency per request and was rolled back by a per-request latency ratio. The median,
   because a p95 over the canary's ~20 samples is its second-largest sample, against production's ~8th of
