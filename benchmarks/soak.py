@@ -205,7 +205,7 @@ def main() -> int:
         checks = {
             "zero lost or 5xx production requests": not prod_failed,
             "resident memory growth under 5% after warm-up": growth < 0.05,
-            # the "0.8 s becomes 1.2 s" story is +50%; minute-to-minute noise here is about ±5%
+            # the "0.8 s becomes 1.2 s" story is +50%; minute-to-minute p95 noise here is about ±7%
             "no latency creep: last minute's p95 within 15% of the first's": creep is not None and creep < 0.15,
             f"resident memory after {args.updates} hot-swapped updates within 5%, under load":
                 abs(rss_after_updates - rss_before_updates) / rss_before_updates < 0.05,
