@@ -352,8 +352,7 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
     def _note(st: Any, served: Served) -> None:
         v = served.decision.version
         st.version, st.variant = v.version, served.decision.variant
-        audio_seconds = served.audio_seconds
-        st.rtf = served.compute_seconds / audio_seconds if audio_seconds else None
+        st.rtf = served.rtf
         if served.fallback:
             st.error = served.fallback
         if served.bad:

@@ -8,13 +8,14 @@ in it, the breaker trips when any of these is exceeded:
 - p95 latency of the successful requests > ``breaker_max_p95_ms``
 - bad-audio rate (silent or clipped output) > ``breaker_max_bad_audio_rate``
 - canary more than ``breaker_max_latency_ratio`` x slower than production (same voice, same window), by the
-  median latency per second of audio produced (production's is observed with ``observe_production``, never
-  judged). Per second of audio, because two versions of one voice may speak the same text at
-  different lengths: measured in benchmarks/soak.py, a healthy canary whose adapter speaks 1.7x longer took
-  1.8x production's latency per request and was rolled back by a per-request latency ratio. The median,
+  median real-time factor: synthesis compute seconds per second of audio, as the engine measures it for
+  each request (production's is observed with ``observe_production``, never judged). Per second of audio,
+  because two versions of one voice may speak the same text at different lengths: in benchmarks/soak.py a
+  healthy canary whose adapter speaks 1.7x longer took 1.8x production's time per request and was rolled
+  back by a per-request latency ratio. Compute, not wall time, because the queue wait every variant shares
+  is no property of the version (and divided by audio length it would favour long speech). The median,
   because a p95 over the canary's ~20 samples is its second-largest sample, against production's ~8th of
-  ~150: tail noise (a GC pause, a registry poll) is judged unequally. A canary slow only in its tail is the
-  absolute p95 rule's to catch.
+  ~150. A canary slow only in its tail is the absolute p95 rule's to catch.
 
 Tripping takes effect in this process at once (routing reads ``is_open`` on every request, so the
 canary's effective weight is 0 from the next request on), is exported as a metric and logged, and is
@@ -50,7 +51,7 @@ class _Sample:
     latency_ms: float
     error: bool
     bad_audio: bool
-    audio_seconds: float | None = None
+    rtf: float | None = None  # compute seconds per audio second
 
 
 @dataclass
@@ -69,15 +70,10 @@ def _p95(values: list[float]) -> float | None:
     return ordered[math.ceil(0.95 * len(ordered)) - 1]  # nearest rank, as serving/audit.py computes it
 
 
-def _per_audio_second(latency_ms: float, audio_seconds: float | None) -> float | None:
-    """Seconds of compute per second of audio (a real-time factor); None without audio to divide by."""
-    return latency_ms / 1000 / audio_seconds if audio_seconds else None
-
-
-def _canary_speed(samples: list[_Sample], at_least: int) -> float | None:
-    """The canary's median seconds of compute per audio second over its successful samples."""
-    speeds = [v for x in samples if not x.error and (v := _per_audio_second(x.latency_ms, x.audio_seconds)) is not None]
-    return statistics.median(speeds) if len(speeds) >= at_least else None
+def _canary_rtf(samples: list[_Sample], at_least: int) -> float | None:
+    """The canary's median real-time factor over its successful samples."""
+    rtfs = [x.rtf for x in samples if not x.error and x.rtf is not None]
+    return statistics.median(rtfs) if len(rtfs) >= at_least else None
 
 
 class CanaryBreaker:
@@ -103,16 +99,16 @@ class CanaryBreaker:
         return bool(state and state.open)
 
     def record(self, voice_id: str, version: str, latency_ms: float, error: bool = False,
-               bad_audio: bool = False, audio_seconds: float | None = None) -> str | None:
+               bad_audio: bool = False, rtf: float | None = None) -> str | None:
         """Add one canary request; returns the trip reason if this request tripped the breaker."""
         now = self._clock()
         with self._lock:
             state = self._states.setdefault((voice_id, version), _State())
             if state.open:
                 return None
-            state.samples.append(_Sample(now, latency_ms, error, bad_audio, audio_seconds))
+            state.samples.append(_Sample(now, latency_ms, error, bad_audio, rtf))
             self._prune(state, now)
-            found = self._verdict(state, self._production_speed(voice_id, now))
+            found = self._verdict(state, self._production_rtf(voice_id, now))
             if found is None:
                 return None
             state.open, (state.code, state.reason), state.tripped_at = True, found, time.time()
@@ -125,23 +121,22 @@ class CanaryBreaker:
         self._persist(voice_id, version, state.reason or "")
         return state.reason
 
-    def observe_production(self, voice_id: str, latency_ms: float, audio_seconds: float) -> None:
-        """A production request's latency and audio length: the latency-ratio rule's yardstick (never judged)."""
-        now = self._clock()
-        speed = _per_audio_second(latency_ms, audio_seconds)
-        if speed is None:
+    def observe_production(self, voice_id: str, rtf: float | None) -> None:
+        """A production request's real-time factor: the latency-ratio rule's yardstick (never judged)."""
+        if rtf is None:
             return
+        now = self._clock()
         with self._lock:
             window = self._production.setdefault(voice_id, deque())
-            window.append((now, speed))
+            window.append((now, rtf))
             horizon = now - self.settings.breaker_window_seconds
             while window and window[0][0] < horizon:
                 window.popleft()
 
-    def _production_speed(self, voice_id: str, now: float) -> float | None:
-        """Production's median seconds of compute per audio second in the window (enough samples, or None)."""
+    def _production_rtf(self, voice_id: str, now: float) -> float | None:
+        """Production's median real-time factor in the window (with enough samples, else None)."""
         horizon = now - self.settings.breaker_window_seconds
-        values = [speed for at, speed in self._production.get(voice_id, ()) if at >= horizon]
+        values = [rtf for at, rtf in self._production.get(voice_id, ()) if at >= horizon]
         return statistics.median(values) if len(values) >= self.settings.breaker_min_requests else None
 
     def _prune(self, state: _State, now: float) -> None:
@@ -149,7 +144,7 @@ class CanaryBreaker:
         while state.samples and state.samples[0].at < horizon:
             state.samples.popleft()
 
-    def _verdict(self, state: _State, production_speed: float | None = None) -> tuple[str, str] | None:
+    def _verdict(self, state: _State, production_rtf: float | None = None) -> tuple[str, str] | None:
         s, samples = self.settings, list(state.samples)
         n = len(samples)
         if n < s.breaker_min_requests:
@@ -164,10 +159,10 @@ class CanaryBreaker:
         p95 = _p95([x.latency_ms for x in samples if not x.error])
         if p95 is not None and p95 > s.breaker_max_p95_ms:
             return "p95_latency", f"p95 latency {p95:.0f} ms > {s.breaker_max_p95_ms:.0f} ms {window}"
-        speed = _canary_speed(samples, s.breaker_min_requests)
-        if speed is not None and production_speed and speed > s.breaker_max_latency_ratio * production_speed:
-            return "latency_ratio", (f"median {speed:.3f} s of compute per audio second is "
-                                     f"{speed / production_speed:.1f}x production's {production_speed:.3f} s "
+        rtf = _canary_rtf(samples, s.breaker_min_requests)
+        if rtf is not None and production_rtf and rtf > s.breaker_max_latency_ratio * production_rtf:
+            return "latency_ratio", (f"median real-time factor {rtf:.3f} (compute s per audio s) is "
+                                     f"{rtf / production_rtf:.1f}x production's {production_rtf:.3f} "
                                      f"(limit {s.breaker_max_latency_ratio:g}x) {window}")
         return None
 
@@ -187,11 +182,10 @@ class CanaryBreaker:
             state = self._states.get((voice_id, version)) or _State()
             self._prune(state, self._clock())
             samples = list(state.samples)
-            production_speed = self._production_speed(voice_id, self._clock())
+            production_rtf = self._production_rtf(voice_id, self._clock())
         n = len(samples)
         return {"open": state.open, "code": state.code, "reason": state.reason, "tripped_at": state.tripped_at,
-                "window": {"requests": n, "seconds_per_audio_second": _canary_speed(samples, 1),
-                           "production_seconds_per_audio_second": production_speed,
+                "window": {"requests": n, "rtf": _canary_rtf(samples, 1), "production_rtf": production_rtf,
                            "error_rate": sum(x.error for x in samples) / n if n else 0.0,
                            "bad_audio_rate": sum(x.bad_audio for x in samples) / n if n else 0.0,
                            "p95_ms": _p95([x.latency_ms for x in samples if not x.error])}}

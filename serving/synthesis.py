@@ -114,6 +114,11 @@ class Served:
         return sum(len(o.audio) / o.sample_rate for o in self.outputs)
 
     @property
+    def rtf(self) -> float | None:
+        """Synthesis compute seconds per second of audio (queue wait excluded); None for no audio."""
+        return self.compute_seconds / self.audio_seconds if self.audio_seconds else None
+
+    @property
     def bad(self) -> str | None:
         return next((o.bad for o in self.outputs if o.bad), None)
 
@@ -169,9 +174,9 @@ class Synthesis:
                 return await self._fallback(snap, route, decision, chunks, speed,
                                             f"canary version {decision.version.version} produced {served.bad} audio")
             self.breaker.record(route.voice_id, decision.version.version, (time.perf_counter() - started) * 1000,
-                                audio_seconds=served.audio_seconds)
+                                rtf=served.rtf)
         elif route.canary is not None:
-            self.breaker.observe_production(route.voice_id, (time.perf_counter() - started) * 1000, served.audio_seconds)
+            self.breaker.observe_production(route.voice_id, served.rtf)
         return served
 
     async def _fallback(self, snap: Snapshot, route: VoiceRoute, decision: Decision, chunks: Sequence[Sequence[int]],
@@ -230,7 +235,8 @@ async def _inject_fault(version: LoadedVersion, outputs: list[SynthesisOutput], 
     """Game-day faults (serving.fault_injection): the version fails, goes silent, or answers ``factor`` x slower.
 
     Silence goes through the same bad-audio check as real output; slowness waits without using the CPU, so
-    the other versions on this server keep their speed, as on a replica where only the canary is slow.
+    the other versions on this server keep their speed, as on a replica where only the canary is slow, and
+    reports ``factor`` x the compute time (the real-time factor the breaker and /metrics see).
     """
     kind, _, arg = (version.fault or "").partition(":")
     if kind == "raise":
@@ -238,6 +244,7 @@ async def _inject_fault(version: LoadedVersion, outputs: list[SynthesisOutput], 
     if kind == "silence":
         return [replace(o, audio=np.zeros_like(o.audio), bad=bad_audio_kind(np.zeros_like(o.audio), -50.0, 1.0))
                 for o in outputs]
-    if kind == "slow":
+    if kind == "slow":  # what a version `factor` x slower at synthesis looks like, to clients and to the engine
         await asyncio.sleep((float(arg) - 1) * took)
+        return [replace(o, compute_seconds=o.compute_seconds * float(arg)) for o in outputs]
     return outputs

@@ -140,38 +140,38 @@ def test_breaker_trips_on_a_canary_several_times_slower_than_production() -> Non
 
     breaker = CanaryBreaker(ServingSettings(breaker_min_requests=10, breaker_max_p95_ms=60_000, breaker_max_latency_ratio=2.0))
     for _ in range(9):
-        breaker.record("v", "2", 900, audio_seconds=3.0)  # no production yardstick yet: nothing to compare against
+        breaker.record("v", "2", 900, rtf=0.3)  # no production yardstick yet: nothing to compare against
     for _ in range(20):
-        breaker.observe_production("v", 300, 3.0)
-    assert "3.0x production" in breaker.record("v", "2", 900, audio_seconds=3.0)  # the 10th: 0.3 s per audio second
+        breaker.observe_production("v", 0.1)
+    assert "3.0x production" in breaker.record("v", "2", 900, rtf=0.3)  # the 10th: real-time factor 3x
     assert breaker.is_open("v", "2") and breaker.state("v", "2")["code"] == "latency_ratio"
-    assert "3.0x production's 0.100 s" in breaker.state("v", "2")["reason"]
+    assert "3.0x production's 0.100" in breaker.state("v", "2")["reason"]
     for _ in range(20):
-        breaker.observe_production("w", 300, 3.0)
+        breaker.observe_production("w", 0.1)
     for _ in range(30):
-        breaker.record("w", "2", 550, audio_seconds=3.0)  # 1.8x: slower, but within the limit
+        breaker.record("w", "2", 550, rtf=0.18)  # 1.8x: slower, but within the limit
     assert not breaker.is_open("w", "2")
 
 
-def test_breaker_judges_speed_per_audio_second_not_the_length_of_what_a_canary_says() -> None:
+def test_breaker_judges_synthesis_speed_not_the_length_of_what_a_canary_says() -> None:
     """A healthy canary that speaks the same texts 1.7x longer takes ~1.8x production's time per request
     (measured in benchmarks/soak.py); per second of audio it is as fast, and it must not be rolled back."""
     from serving.breaker import CanaryBreaker
 
     breaker = CanaryBreaker(ServingSettings(breaker_min_requests=10, breaker_max_p95_ms=60_000, breaker_max_latency_ratio=1.5))
     for i in range(40):
-        breaker.observe_production("v", 100 + i % 5, 4.2)
-        breaker.record("v", "2", 180 + i % 5, audio_seconds=7.1)
+        breaker.observe_production("v", (100 + i % 5) / 1000 / 4.2)
+        breaker.record("v", "2", 180 + i % 5, rtf=(180 + i % 5) / 1000 / 7.1)
     assert not breaker.is_open("v", "2"), breaker.state("v", "2")
     window = breaker.state("v", "2")["window"]
-    assert 0.024 < window["seconds_per_audio_second"] < 0.027 and 0.023 < window["production_seconds_per_audio_second"] < 0.026
+    assert 0.024 < window["rtf"] < 0.027 and 0.023 < window["production_rtf"] < 0.026
     # A few slow outliers among the canary's requests (a GC pause, a registry poll) do not move the median.
     for _ in range(4):
-        breaker.record("v", "2", 2000, audio_seconds=7.1)
+        breaker.record("v", "2", 2000, rtf=2.0 / 7.1)
     assert not breaker.is_open("v", "2")
     # Truly slower per audio second: 3x the compute for the same length trips it.
     for _ in range(60):
-        breaker.record("v", "2", 540, audio_seconds=4.2)
+        breaker.record("v", "2", 540, rtf=0.54 / 4.2)
     assert breaker.state("v", "2")["code"] == "latency_ratio"
 
 

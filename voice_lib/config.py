@@ -88,8 +88,8 @@ class ServingSettings(BaseModel):
     breaker_max_error_rate: float = 0.05
     breaker_max_p95_ms: float = 2000.0
     breaker_max_bad_audio_rate: float = 0.05
-    # Canary over production median compute time per second of audio (same voice, same window, both with
-    # breaker_min_requests samples): catches a canary that is several times slower without an absolute
+    # Canary over production median real-time factor (synthesis compute s per audio s; same voice, same window,
+    # both with breaker_min_requests samples): catches a canary several times slower without an absolute
     # threshold tuned per machine, and not one that merely speaks longer (serving/breaker.py).
     breaker_max_latency_ratio: float = 2.0
     # Game days and staging only: honour the version tag ``fault_injection`` (raise | silence | slow:<factor>)
