@@ -417,7 +417,8 @@ def bound_registry_requests(retries: int, timeout_seconds: int) -> None:
 
 
 def _probe_mlflow(uri: str) -> None:
-    # MlflowClient retries a dead server for minutes; a 5 s probe lets a reload fail fast instead.
+    # A dead server fails this 5 s probe before a reload makes its MLflow calls (bound_registry_requests
+    # bounds those for a server that dies mid-reload).
     if uri.startswith(("http://", "https://")):
         import httpx
 

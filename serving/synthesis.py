@@ -116,7 +116,8 @@ class Served:
     @property
     def rtf(self) -> float | None:
         """Synthesis compute seconds per second of audio (queue wait excluded); None for no audio."""
-        return self.compute_seconds / self.audio_seconds if self.audio_seconds else None
+        audio = self.audio_seconds
+        return self.compute_seconds / audio if audio else None
 
     @property
     def bad(self) -> str | None:
