@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import (BigInteger, Column, DateTime, Float, Index, Integer, MetaData, String, Table, TypeDecorator,
-                        delete, func, insert, select)
+                        delete, func, insert, inspect, select, text)
 from sqlalchemy.engine import make_url
 
 from voice_lib.db import make_engine
@@ -58,6 +58,9 @@ audit_log = Table(
     Column("variant", String(16)),
     Column("characters", Integer),
     Column("latency_ms", Float),
+    # Synthesis compute seconds per audio second (None for requests that produced no audio): what
+    # canary_promotion compares between variants, since a canary may speak the same text longer.
+    Column("rtf", Float, nullable=True),
     Column("status", Integer, nullable=False),
     Column("error", String(200), nullable=True),
     Index("ix_audit_log_ts", "ts"),
@@ -65,6 +68,25 @@ audit_log = Table(
 )
 FIELDS = frozenset(c.name for c in audit_log.columns) - {"id"}
 _STOP = object()
+
+
+def create_or_upgrade(engine) -> list[str]:  # noqa: ANN001
+    """Create the audit table, or add the columns a table written by an older server lacks.
+
+    Only nullable columns are ever added (old rows keep NULL), so this is safe on a live table and idempotent;
+    returns the names of the columns it added."""
+    metadata.create_all(engine)
+    present = {c["name"] for c in inspect(engine).get_columns(audit_log.name)}
+    added = []
+    with engine.begin() as conn:
+        for column in audit_log.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.execute(text(f"ALTER TABLE {audit_log.name} ADD COLUMN {column.name} {kind}"))
+                added.append(column.name)
+    if added:
+        log.info("audit log: added column(s) %s to an older audit_log table", ", ".join(added))
+    return added
 
 
 class _Flush:
@@ -90,7 +112,7 @@ class AuditLog:
         self._closed = False
         self._table_ready = False
         try:
-            metadata.create_all(self.engine)
+            create_or_upgrade(self.engine)
             self._table_ready = True
         except Exception as exc:  # noqa: BLE001 - the server starts without its audit DB; the writer retries
             log.error("audit log %s: cannot create the table yet (%s); rows will be retried", self._safe_url, exc)
@@ -120,6 +142,7 @@ class AuditLog:
             self._count_drop()
             return
         fields.setdefault("ts", datetime.now(timezone.utc))
+        fields = {name: None for name in FIELDS} | fields  # one key set per batch, whichever fields a caller gave
         if fields.get("error") is not None:
             fields["error"] = str(fields["error"])[:200]
         self._queue.put(fields)
@@ -194,7 +217,7 @@ class AuditLog:
                 return self._count_drop(len(batch))
             try:
                 if not self._table_ready:
-                    metadata.create_all(self.engine)
+                    create_or_upgrade(self.engine)
                     self._table_ready = True
                 with self.engine.begin() as conn:
                     conn.execute(insert(audit_log), batch)

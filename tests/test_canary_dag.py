@@ -101,8 +101,13 @@ def test_good_candidate_walks_all_steps_to_production(env: ServerStack):
     assert (v2, "canary") in served and ("1", "production") in served  # the canary really took traffic
     from voice_lib.release import ReleaseHistory
 
-    outcomes = [r["outcome"] for r in reversed(ReleaseHistory(env.settings.resolved_audit_url).rows(voice))]
-    assert outcomes[0] == "advanced" and outcomes[-1] == "promoted"
+    rows = list(reversed(ReleaseHistory(env.settings.resolved_audit_url).rows(voice)))
+    assert rows[0]["outcome"] == "advanced" and rows[-1]["outcome"] == "promoted"
+    # At 50 % the canary's speed was judged against production's per second of audio, from the audit table.
+    analysed = next(r for r in rows if r["checks"])  # rows[0] is the start: canary set, nothing to judge yet
+    ratio = {c["name"]: c for c in analysed["checks"]}["rtf_ratio"]
+    print(f"step 0: {ratio['detail']}")
+    assert ratio["status"] == "pass" and 0 < ratio["value"] <= env.settings.release.max_rtf_ratio
 
 
 def test_failing_candidate_is_rolled_back_at_the_first_step(env: ServerStack):

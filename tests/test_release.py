@@ -22,17 +22,31 @@ def test_steps_rise_to_100_and_never_more_than_double():
 
 def test_analysis_pass_fail_and_inconclusive():
     cfg = ReleaseSettings(min_requests=50)
-    good = WindowStats(requests=200, errors=0, p95_latency_ms=300)
-    prod = WindowStats(requests=800, errors=1, p95_latency_ms=290)
+    good = WindowStats(requests=200, errors=0, p95_latency_ms=300, rtf=0.031)
+    prod = WindowStats(requests=800, errors=1, p95_latency_ms=290, rtf=0.030)
     assert all(c.status == "pass" for c in analyze(good, prod, cfg))
-    slow = analyze(WindowStats(200, 0, 900), prod, cfg)
+    slow = analyze(WindowStats(200, 0, 900, 0.031), prod, cfg)
     assert {c.name for c in slow if c.status == "fail"} == {"p95_latency_ms"}
-    relative = analyze(WindowStats(200, 0, 400), prod, cfg)  # under 800 ms but > 1.2x production
-    assert [c for c in relative if c.name == "p95_latency_ms"][0].status == "fail"
-    failing = analyze(WindowStats(200, 2, 300), prod, cfg)  # 1% errors > 0.5%
+    failing = analyze(WindowStats(200, 2, 300, 0.031), prod, cfg)  # 1% errors > 0.5%
     assert [c for c in failing if c.name == "error_rate"][0].status == "fail"
     few = analyze(WindowStats(10, 0, 100), prod, cfg)
     assert [c.status for c in few] == ["inconclusive"]
+
+
+def test_analysis_compares_speed_per_second_of_audio_not_per_request():
+    cfg = ReleaseSettings(min_requests=50)
+    prod = WindowStats(requests=800, errors=0, p95_latency_ms=290, rtf=0.030)
+    # A canary that speaks the same texts 1.7x longer takes 1.7x per request at the same speed: it passes.
+    longer = {c.name: c for c in analyze(WindowStats(200, 0, 493, 0.030), prod, cfg)}
+    assert all(c.status == "pass" for c in longer.values()) and longer["rtf_ratio"].value == pytest.approx(1.0)
+    # A canary 1.5x slower per second of audio fails, even with a p95 well inside the absolute limit.
+    slower = {c.name: c for c in analyze(WindowStats(200, 0, 300, 0.045), prod, cfg)}
+    assert {n for n, c in slower.items() if c.status == "fail"} == {"rtf_ratio"}
+    assert "x1.50 production's" in slower["rtf_ratio"].detail
+    # Without enough production requests (the 100 % step) the ratio is not judged; the absolute limit still is.
+    alone = {c.name: c for c in analyze(WindowStats(200, 0, 300, 0.6), WindowStats(3, 0, 20, 0.01), cfg)}
+    assert alone["rtf_ratio"].status == "skipped" and "only 3 production requests" in alone["rtf_ratio"].detail
+    assert alone["rtf"].status == "fail"
 
 
 @pytest.fixture
@@ -64,13 +78,13 @@ def release_env(tmp_path, mlflow_server):
     return settings, voice, versions, registry
 
 
-def _traffic(settings, voice: str, variant: str, n: int, latency_ms: float, status: int = 200) -> None:
+def _traffic(settings, voice: str, variant: str, n: int, latency_ms: float, status: int = 200, rtf: float = 0.03) -> None:
     from serving.audit import AuditLog
 
     audit = AuditLog(settings.resolved_audit_url)
     for i in range(n):
         audit.record(request_id=uuid.uuid4().hex, tenant="t", voice_id=voice, version="x", variant=variant,
-                     characters=40, latency_ms=latency_ms + i % 7, status=status)
+                     characters=40, latency_ms=latency_ms + i % 7, rtf=rtf + (i % 5) / 1000, status=status)
     assert audit.close(timeout=10)
 
 

@@ -426,3 +426,42 @@ def test_a_registry_that_went_away_fails_a_server_request_in_seconds():
     assert run.returncode == 0 and run.stdout.strip(), run.stderr[-2000:]
     seconds = float(run.stdout.split()[0])
     assert seconds < 15, f"a request to a dead MLflow took {seconds} s"
+
+
+def _upgrade_round_trip(url: str) -> None:
+    """An audit table written by a server from before the rtf column gets it on start, old rows kept, and
+    canary_promotion's audit source reads the median RTF from it."""
+    from sqlalchemy import MetaData, Table, inspect, insert
+
+    from serving.audit import audit_log
+    from voice_lib.db import make_engine
+    from voice_lib.release import AuditSource
+
+    engine = make_engine(url)
+    old = Table("audit_log", MetaData(), *[c._copy() for c in audit_log.columns if c.name != "rtf"])
+    old.create(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(old), [_row(0, variant="canary", latency_ms=100.0, ts=datetime.now(timezone.utc))])
+    since, until = time.time() - 60, time.time() + 60
+    assert AuditSource(url).window("alice", "canary", since, until).rtf is None  # not upgraded yet: no RTF
+    audit = AuditLog(url)
+    for i, rtf in enumerate([0.02, 0.03, 0.04, 0.9, None]):  # one outlier; a failed request has no audio
+        audit.record(**_row(i, variant="canary", latency_ms=50.0, rtf=rtf, status=200 if rtf is not None else 500))
+    audit.record(**_row(9, variant="canary", status=404))  # a row recorded without an rtf
+    assert audit.close(timeout=10)
+    stats = AuditSource(url).window("alice", "canary", since, until)
+    assert stats.requests == 7 and stats.errors == 1  # the old row is still there
+    assert stats.rtf == pytest.approx(0.035)  # median of 0.02, 0.03, 0.04, 0.9: the outlier does not move it
+    assert AuditLog(url).close()  # a second start finds nothing to add
+    assert "rtf" in {c["name"] for c in inspect(engine).get_columns("audit_log")}
+    engine.dispose()
+
+
+def test_audit_table_of_an_older_server_is_upgraded_in_place_sqlite(tmp_path):
+    _upgrade_round_trip(f"sqlite:///{tmp_path / 'audit.db'}")
+
+
+def test_audit_table_of_an_older_server_is_upgraded_in_place_postgresql(pg_database):
+    name, create, url = pg_database
+    create()
+    _upgrade_round_trip(url)

@@ -115,10 +115,12 @@ class ReleaseSettings(BaseModel):
     poke_seconds: float = 30.0  # how often the rescheduling sensor re-checks (no worker held between)
     blackout_hours: list[int] = []  # UTC hours in which no step advances (peak traffic)
     manual_approval: bool = False  # hold before 100% until `voiceops promote` or the release page approves
-    max_p95_ms: float = 800.0
-    max_p95_ratio: float = 1.2  # canary p95 vs production p95 over the same window
+    max_p95_ms: float = 800.0  # canary p95 end-to-end latency: what callers wait
     max_error_rate: float = 0.005
     max_rtf: float = 0.5
+    # Canary over production real-time factor (synthesis compute s per audio s) over the same window:
+    # median from the audit table, mean from Prometheus. Not a p95 ratio: a canary may speak longer.
+    max_rtf_ratio: float = 1.2
     max_bad_audio_rate: float = 0.01
     min_requests: int = 50  # below: inconclusive, the window is extended
     max_extensions: int = 3  # inconclusive windows before pausing for a human
