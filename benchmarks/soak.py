@@ -23,8 +23,8 @@ warm-up would show here), and ``voiceops_bad_audio_total`` (silent or clipped ou
 Pass lines (printed, and in benchmarks/results/soak.json):
 - zero lost (no answer) or 5xx production requests;
 - no latency creep: the last soak minute's p95 within 15% of the first minute's;
-- resident memory flat: last-minute median RSS within 5% of the first soak minute's median (after warm-up);
-- memory after the updates within 5% of before them, under the same load and at rest;
+- resident memory flat: last-minute median RSS less than 5% above the first soak minute's (after warm-up);
+- memory after the updates less than 5% above before them, under the same load and at rest;
 - no silent or clipped output from the healthy voices;
 - audit rows: the set of request ids in the audit log equals the set the client sent, exactly.
 
@@ -206,10 +206,11 @@ def main() -> int:
             "resident memory growth under 5% after warm-up": growth < 0.05,
             # the "0.8 s becomes 1.2 s" story is +50%; minute-to-minute p95 noise here is about ±7%
             "no latency creep: last minute's p95 within 15% of the first's": creep is not None and creep < 0.15,
-            f"resident memory after {args.updates} hot-swapped updates within 5%, under load":
-                abs(rss_after_updates - rss_last) / rss_last < 0.05,
-            f"resident memory after {args.updates} hot-swapped updates within 5%, at rest":
-                abs(idle_after_updates - idle_before_updates) / idle_before_updates < 0.05,
+            # growth is the failure ("memory up 20% after an update"); memory given back is not
+            f"resident memory after {args.updates} hot-swapped updates grew under 5%, under load":
+                (rss_after_updates - rss_last) / rss_last < 0.05,
+            f"resident memory after {args.updates} hot-swapped updates grew under 5%, at rest":
+                (idle_after_updates - idle_before_updates) / idle_before_updates < 0.05,
             "no silent or clipped output": bad_audio == 0,
             "no healthy canary rolled back (breaker closed)": not any(b.get("open") for b in breakers.values()),
             "audit request ids == requests sent": not missing and not extra,

@@ -12,7 +12,6 @@ SQLite (default, WAL + busy timeout so the server and a reader share the file) a
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -255,7 +254,7 @@ class AuditLog:
         self.engine.dispose()
         return True
 
-    # --- retention and analysis -----------------------------------------------------------------
+    # --- retention and counts --------------------------------------------------------------------
 
     def purge_older_than(self, days: float) -> int:
         """Delete rows older than ``days`` (the retention job); returns how many were deleted."""
@@ -277,25 +276,3 @@ class AuditLog:
             query = query.where(audit_log.c.ts < until)
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
-
-    def window_stats(self, voice_id: str, variant: str, since: datetime, until: datetime | None = None) -> dict:
-        """Requests, server errors (status >= 500) and p95 latency of the successful ones (status < 400).
-
-        Client errors (401/404/422/429) count as requests but are neither errors of the version nor
-        latencies of a synthesis. p95 is the nearest-rank percentile; None when nothing succeeded.
-        """
-        c = audit_log.c
-        window = [c.voice_id == voice_id, c.variant == variant, c.ts >= since]
-        if until is not None:
-            window.append(c.ts < until)
-        with self.engine.connect() as conn:
-            requests = int(conn.execute(select(func.count()).where(*window)).scalar_one())
-            errors = int(conn.execute(select(func.count()).where(*window, c.status >= 500)).scalar_one())
-            ok = [*window, c.status < 400, c.latency_ms.is_not(None)]
-            n_ok = int(conn.execute(select(func.count()).where(*ok)).scalar_one())
-            p95 = None
-            if n_ok:
-                rank = math.ceil(0.95 * n_ok) - 1
-                p95 = conn.execute(select(c.latency_ms).where(*ok).order_by(c.latency_ms).offset(rank).limit(1)).scalar_one()
-        return {"requests": requests, "errors": errors, "error_rate": errors / requests if requests else 0.0,
-                "p95_latency_ms": None if p95 is None else float(p95)}

@@ -18,6 +18,7 @@ import pytest
 from serving.audit import AuditLog
 from serving.metrics import HISTOGRAMS, METRIC_NAMES, METRIC_SERIES, ServerMetrics
 from serving.tenants import RateLimiter, Tenant, TenantDirectory, stable_bucket
+from voice_lib.release import AuditSource, WindowStats
 
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -199,12 +200,12 @@ def _round_trip(audit: AuditLog) -> None:
     assert audit.count() == 136
     assert audit.count(variant="canary", status=500) == 5
     assert audit.count(since=now - timedelta(days=2)) == 116
-    stats = audit.window_stats("alice", "canary", since=now - timedelta(minutes=5))
-    assert stats["requests"] == 115 and stats["errors"] == 5
-    assert stats["p95_latency_ms"] == 95.0
-    assert stats["error_rate"] == pytest.approx(5 / 115)
-    empty = audit.window_stats("bob", "canary", since=now - timedelta(minutes=5))
-    assert empty == {"requests": 0, "errors": 0, "error_rate": 0.0, "p95_latency_ms": None}
+    # canary_promotion's view of the same rows (voice_lib.release.AuditSource)
+    source, since, until = AuditSource(audit.url), (now - timedelta(minutes=5)).timestamp(), time.time() + 60
+    stats = source.window("alice", "canary", since, until)
+    assert stats.requests == 115 and stats.errors == 5 and stats.error_rate == pytest.approx(5 / 115)
+    assert stats.p95_latency_ms == 95.0  # nearest rank over the 100 successful ones: 429s and 500s are not timed
+    assert source.window("bob", "canary", since, until) == WindowStats(0, 0, None, None)
     assert audit.purge_older_than(180) == 20
     assert audit.count() == 116 and audit.purge_older_than(180) == 0
     with audit.engine.connect() as conn:
@@ -435,7 +436,6 @@ def _upgrade_round_trip(url: str) -> None:
 
     from serving.audit import audit_log
     from voice_lib.db import make_engine
-    from voice_lib.release import AuditSource
 
     engine = make_engine(url)
     old = Table("audit_log", MetaData(), *[c._copy() for c in audit_log.columns if c.name != "rtf"])
@@ -451,7 +451,7 @@ def _upgrade_round_trip(url: str) -> None:
     assert audit.close(timeout=10)
     stats = AuditSource(url).window("alice", "canary", since, until)
     assert stats.requests == 7 and stats.errors == 1  # the old row is still there
-    assert stats.rtf == pytest.approx(0.035)  # median of 0.02, 0.03, 0.04, 0.9: the outlier does not move it
+    assert stats.rtf == pytest.approx(0.03)  # nearest-rank median of 0.02, 0.03, 0.04, 0.9: not moved by the outlier
     assert AuditLog(url).close()  # a second start finds nothing to add
     assert "rtf" in {c["name"] for c in inspect(engine).get_columns("audit_log")}
     engine.dispose()
