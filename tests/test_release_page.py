@@ -122,6 +122,7 @@ def _register_voice_in_canary(settings: Settings, tmp_path: Path) -> str:
         CheckResult("requests", "pass", 240, cfg.min_requests, "240 canary requests"),
         CheckResult("error_rate", "pass", 0.0, cfg.max_error_rate, "canary error rate 0.00% (limit 0.50%)"),
         CheckResult("p95_latency_ms", "pass", 412.0, 480.0, "canary p95 412 ms vs limit 480 ms"),
+        CheckResult("rtf_ratio", "pass", 0.95, cfg.max_rtf_ratio, "canary RTF 0.029 is x0.95 production's 0.031 (limit x1.2)"),
     ], "step passed; canary now at 20%"))
     return voice
 
@@ -243,6 +244,8 @@ def test_release_page_in_airflow_rolls_back_a_canary(tmp_path, mlflow_server, br
         assert "step 2 of 5 (20%)" in card.locator("[data-field=step]").inner_text()
         p95 = card.locator("[data-check=p95_latency_ms]").inner_text()
         assert "412 ms" in p95 and "≤ 480 ms" in p95 and "pass" in p95
+        speed = card.locator("[data-check=rtf_ratio]").inner_text()  # canary speed relative to production's
+        assert "×0.95" in speed and "≤ ×1.20" in speed and "pass" in speed
         assert "ok" in card.locator("[data-field=breaker]").inner_text()
         assert "tripped on v2" in page.locator(f"[data-voice='{tripped}'] [data-field=breaker]").inner_text()
         before = shots / "release-page.png"

@@ -62,6 +62,7 @@ function fmt(value, unit, name) {
   if (value === null || value === undefined) return "–";
   if (name === "requests" || unit === "requests") return String(Math.round(value));
   if (unit === "ms") return `${Math.round(value)} ms`;
+  if (unit === "x production") return `×${Number(value).toFixed(2)}`;
   if (name === "error_rate" || name === "bad_audio_rate") return `${(value * 100).toFixed(2)}%`;
   return Number(value).toFixed(3).replace(/\.?0+$/, "") || "0";
 }
