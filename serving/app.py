@@ -256,6 +256,7 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
         yield
         svc.pool.stop()
         drained = await asyncio.to_thread(svc.batcher.stop, settings.serving.request_timeout_seconds)
+        svc.pool.close()
         await asyncio.to_thread(svc.breaker.close)
         flushed = await asyncio.to_thread(svc.audit.close, 10.0)
         log.info("VoiceOps server stopped (batcher drained: %s, audit flushed: %s)", drained, flushed)

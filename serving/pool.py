@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -109,6 +111,9 @@ class VoicePool:
         self._phonemize = phonemize or _phoneme_ids
         self._snapshot: Snapshot = EMPTY
         self._infer_lock = threading.Lock()  # one batch at a time: the CPU is the bottleneck anyway
+        # The rows of a batch are vocoded in parallel (serving/engine.py: WORLD releases the GIL).
+        threads = settings.serving.vocoder_threads or len(os.sched_getaffinity(0))
+        self._vocoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vocoder")
         self._reload_lock = threading.Lock()
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
@@ -138,7 +143,7 @@ class VoicePool:
     def run_batch(self, jobs: Sequence[SynthesisJob]) -> Iterator[tuple[int, SynthesisOutput | Exception]]:
         ev = self.settings.eval
         with self._infer_lock:
-            yield from run_batch(jobs, ev.silence_dbfs, ev.clipping_fraction)
+            yield from run_batch(jobs, ev.silence_dbfs, ev.clipping_fraction, self._vocoder)
 
     # --- background polling --------------------------------------------------------------------
 
@@ -151,10 +156,15 @@ class VoicePool:
         self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop polling; batches still run (the batcher drains after this), until ``close``."""
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def close(self) -> None:
+        """Release the vocoder threads, once nothing submits batches any more."""
+        self._vocoder.shutdown(wait=True)
 
     def _poll(self) -> None:
         trimmed_at, trim_next = 0.0, False

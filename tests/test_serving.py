@@ -48,7 +48,7 @@ pytestmark = pytest.mark.timeout(300)
 
 # --- multi-LoRA, batching, routing, breaker: no server ------------------------------------------------
 
-def test_multi_lora_matches_peft_and_mixed_batches_match_single_requests(tmp_path: Path) -> None:
+def test_multi_lora_matches_peft_and_mixed_batches_match_single_requests(tmp_path: Path, monkeypatch) -> None:
     base = tiny_base()
     folders = [make_adapter(base, tmp_path / f"a{s}", s) for s in (1, 2)]
     broken = make_adapter(base, tmp_path / "nan", 3, scale=float("nan"))
@@ -88,6 +88,20 @@ def test_multi_lora_matches_peft_and_mixed_batches_match_single_requests(tmp_pat
         assert mixed[i].batch_size == 4 and mixed[i].bad is None
         assert len(mixed[i].audio) == len(ref.audio) and np.allclose(mixed[i].audio, ref.audio, atol=1e-4), i
     assert isinstance(mixed[1], SynthesisError)  # ... and a broken adapter's NaNs stay in its own row
+    # Vocoding the rows on a thread pool (what the server does) changes nothing but where they run.
+    from concurrent.futures import ThreadPoolExecutor
+
+    import serving.engine as engine
+
+    threads: set[str] = set()
+    vocode = engine._vocode
+    monkeypatch.setattr(engine, "_vocode", lambda *a: (threads.add(threading.current_thread().name), vocode(*a))[1])
+    with ThreadPoolExecutor(2, thread_name_prefix="vocoder") as pool:
+        parallel = dict(run_batch([job("a1"), job("nan"), job("a2"), job("a1", long_text)], vocoder=pool))
+    assert sorted(parallel) == [0, 1, 2, 3] and isinstance(parallel[1], SynthesisError)
+    for i in (0, 2, 3):
+        assert np.array_equal(parallel[i].audio, mixed[i].audio) and parallel[i].batch_size == 4, i
+    assert threads and all(name.startswith("vocoder") for name in threads)
 
 
 def _route(weight: int, state: str = "canary") -> VoiceRoute:

@@ -81,6 +81,8 @@ class ServingSettings(BaseModel):
     request_timeout_seconds: float = 30.0
     batch_max_size: int = 8
     batch_max_wait_ms: float = 10.0
+    # Threads vocoding the rows of a batch in parallel (WORLD releases the GIL); 0 = one per usable CPU core.
+    vocoder_threads: int = Field(0, ge=0)
     frontend_cache_size: int = 4096
     rate_limit_per_minute: int = 600  # per API key unless the tenant sets its own
     breaker_window_seconds: float = 60.0
