@@ -14,11 +14,7 @@ import hashlib
 import hmac
 import io
 import json
-import math
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -35,13 +31,10 @@ from serving_stack import SECRET, TEXT, ServerStack, make_adapter, phoneme_ids, 
 from serving.multilora import AdapterWeights, LoraBank, install
 from serving.pool import BaseBundle, SynthesisError, SynthesisJob, VoiceRoute, run_batch
 from serving.routing import CANARY, PRODUCTION, choose
-from serving.tenants import TenantDirectory, stable_bucket
+from serving.tenants import stable_bucket
 from voice_lib.config import ServingSettings, Settings
-from voice_lib.features import ClipFeatures, FeatureConfig, world_analysis
-from voice_lib.model import ModelConfig, VoiceModel
+from voice_lib.features import FeatureConfig
 from voice_lib.registry import Registry
-from voice_lib.text import SYMBOLS, phonemes_to_ids, phonemize
-from voice_lib.train import feature_matrix, lora_model, save_base
 
 pytestmark = pytest.mark.timeout(300)
 
