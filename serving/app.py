@@ -224,9 +224,8 @@ class RequestObserver:
         self.svc.audit.record(request_id=state["request_id"], tenant=state.get("tenant"),
                               voice_id=(state.get("voice_id") or None) and str(state["voice_id"])[:64],
                               version=state.get("version"), variant=state.get("variant"),
-                              characters=state.get("characters"), latency_ms=round(latency * 1000, 2), rtf=state.get("rtf"),
-                              status=status,
-                              error=state.get("error"))
+                              characters=state.get("characters"), latency_ms=round(latency * 1000, 2),
+                              rtf=state.get("rtf"), status=status, error=state.get("error"))
         if path in SYNTHESIS_PATHS:
             served = bool(state.get("version"))
             self.svc.metrics.observe_request(state["voice_id"] if served else "-", state.get("version") or "-",

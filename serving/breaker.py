@@ -67,7 +67,7 @@ def _p95(values: list[float]) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[math.ceil(0.95 * len(ordered)) - 1]  # nearest rank, as serving/audit.py computes it
+    return ordered[math.ceil(0.95 * len(ordered)) - 1]  # nearest rank, as voice_lib/release.py computes it
 
 
 def _canary_rtf(samples: list[_Sample], at_least: int) -> float | None:

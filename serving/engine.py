@@ -1,13 +1,13 @@
 """Batched synthesis on the shared base: one model pass for every voice in a batch, then the vocoder.
 
 ``run_batch`` is what the micro-batcher (serving/batcher.py) calls. The vocoder (WORLD) takes most of the
-time (about 80 ms of a 20-word sentence's 95 ms here) and pyworld releases the GIL, so the rows of a batch are
-vocoded in parallel on a thread pool when one is given (measured: 8 vocodes 636 ms in one thread, 415 ms
-in two, on 2 cores). Rows of a batch may use different
-LoRA adapters (serving/multilora.py) and have different lengths; the padding guard makes each row's
-output the same as if it ran alone. A row whose model output is unusable (non-finite) fails alone, as a
-``SynthesisError``; the other rows are unaffected. Durations are capped so that a diverged duration
-predictor cannot allocate gigabytes, and F0 is kept inside WORLD's range before vocoding.
+time (about 80 ms of a 20-word sentence's 95 ms here) and pyworld releases the GIL, so the rows of a batch
+are vocoded in parallel on a thread pool when one is given (measured: 8 vocodes 636 ms in one thread,
+415 ms in two, on 2 cores). Rows of a batch may use different LoRA adapters (serving/multilora.py) and have
+different lengths; the padding guard makes each row's output the same as if it ran alone. A row whose
+model output is unusable (non-finite) fails alone, as a ``SynthesisError``; the other rows are unaffected.
+Durations are capped so that a diverged duration predictor cannot allocate gigabytes, and F0 is kept inside
+WORLD's range before vocoding.
 """
 
 from __future__ import annotations

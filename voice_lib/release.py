@@ -106,9 +106,8 @@ class AuditSource:
     voice is not pulled into memory. Client errors (401/404/422/429) count as requests but are neither
     errors of the version nor timings of a synthesis; percentiles are nearest-rank over status < 400."""
 
-    def __init__(self, url: str, server_url: str | None = None):
+    def __init__(self, url: str):
         self.engine = make_engine(url)
-        self.server_url = server_url
 
     def window(self, voice_id: str, variant: str, since: float, until: float) -> WindowStats:
         try:
@@ -168,7 +167,7 @@ class PrometheusSource:
 def metrics_source(settings: Settings) -> MetricsSource:
     if settings.release.prometheus_url:
         return PrometheusSource(settings.release.prometheus_url)
-    return AuditSource(settings.resolved_audit_url, settings.release.server_url)
+    return AuditSource(settings.resolved_audit_url)
 
 
 # --- analysis -------------------------------------------------------------------------------------
@@ -200,9 +199,9 @@ def analyze(canary: WindowStats, production: WindowStats, cfg: ReleaseSettings, 
                                       cfg.max_rtf_ratio, f"canary RTF {canary.rtf:.3f} is x{canary.rtf / production.rtf:.2f} "
                                       f"production's {production.rtf:.3f} (limit x{cfg.max_rtf_ratio:g})"))
         else:  # at 100 % production serves (almost) nobody: nothing to compare with, the absolute limit holds
-            checks.append(CheckResult("rtf_ratio", "skipped", None, cfg.max_rtf_ratio,
-                                      f"only {production.requests} production requests in the window to compare with "
-                                      f"(need {cfg.min_requests})"))
+            why = (f"only {production.requests} production requests in the window to compare with (need {cfg.min_requests})"
+                   if production.requests < cfg.min_requests else "no production real-time factor in the window")
+            checks.append(CheckResult("rtf_ratio", "skipped", None, cfg.max_rtf_ratio, why))
     if canary.bad_audio is not None:
         bad_rate = canary.bad_audio / canary.requests
         checks.append(CheckResult("bad_audio_rate", "pass" if bad_rate <= cfg.max_bad_audio_rate else "fail", bad_rate,
