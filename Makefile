@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps 'resemblyzer==0.1.4'
 	rm -f $(VENV)/.installed-* && touch $@
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q -ra --durations=15
+
+# Layer contracts (pyproject's [tool.importlinter]) and the errors ruff finds without opinions on style.
+lint: venv
+	$(BIN)/lint-imports
+	$(BIN)/ruff check --select F,E9 voice_lib voiceops serving dags plugins tests benchmarks
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -57,9 +57,8 @@ def main() -> None:
     from serving.engine import BaseBundle, SynthesisJob, run_batch
     from serving.multilora import LoraBank
     from serving.synthesis import ServingError, encode_audio, phoneme_chunks
-    from voice_lib.features import FeatureConfig
-    from voice_lib.train import load_base
-    from voice_lib.training_pipeline import SHIPPED_BASE
+    from voice_lib.data.features import FeatureConfig
+    from voice_lib.model.checkpoints import SHIPPED_BASE, load_base
 
     base_dir = args.base or SHIPPED_BASE
     feature_config = FeatureConfig(**json.loads((base_dir / "config.json").read_text())["feature_config"])

@@ -1,8 +1,8 @@
 """Shared helpers of the serving benchmarks (serving.py, scaling.py, rollback_time.py).
 
-Everything runs on loopback: a private MLflow server (voice_lib.stack.up in a temporary home), voices
+Everything runs on loopback: a private MLflow server (voiceops.stack.up in a temporary home), voices
 made from LoRA adapters of the shipped base (voice_lib/assets/base, the real model size) registered
-through voice_lib.registry.Registry, model servers started as `python -m voice_lib.cli serve` in their own
+through voice_lib.release.registry.Registry, model servers started as `python -m voiceops.cli serve` in their own
 process groups, and a closed-loop load generator with bounded request counts and time limits.
 
 ``Bench`` owns every process it starts and stops them (and the MLflow server) on exit, on Ctrl-C and on
@@ -248,7 +248,8 @@ class BaseInfo:
 
 
 def shipped_base() -> BaseInfo:
-    from voice_lib.training_pipeline import SHIPPED_BASE, sha256_file
+    from voice_lib.core.hashing import sha256_file
+    from voice_lib.model.checkpoints import SHIPPED_BASE
 
     sha = sha256_file(SHIPPED_BASE / "model.safetensors")
     lineage = {"base_model": "voice-base", "base_version": "shipped", "base_sha256": sha, "data_sha256": "b" * 64,
@@ -271,11 +272,11 @@ def make_adapter(base_info: BaseInfo, out: Path, seed: int, scale: float = LORA_
 
     from serving.engine import BaseBundle, SynthesisJob, run_batch
     from serving.multilora import LoraBank
-    from voice_lib.features import FeatureConfig
-    from voice_lib.train import load_base, lora_model
+    from voice_lib.data.features import FeatureConfig
+    from voice_lib.model.checkpoints import load_base, lora_model
 
     if "base" not in _BASE_MODEL_CACHE:
-        from voice_lib.text import phonemes_to_ids, phonemize
+        from voice_lib.data.text import phonemes_to_ids, phonemize
 
         _BASE_MODEL_CACHE["base"] = load_base(base_info.path)
         cfg = json.loads((base_info.path / "config.json").read_text())["feature_config"]
@@ -333,8 +334,8 @@ class Bench:
     # MLflow ----------------------------------------------------------------------------------
     def start_mlflow(self, extra_env: dict[str, str] | None = None) -> str:
         from serving.tenants import TenantDirectory
-        from voice_lib import stack
-        from voice_lib.config import Settings
+        from voice_lib.core.config import Settings
+        from voiceops import stack
 
         os.environ.update(extra_env or {})  # stack.up passes the caller's environment to MLflow
         port = free_port()
@@ -347,13 +348,13 @@ class Bench:
 
     @property
     def registry(self):
-        from voice_lib.registry import Registry
+        from voice_lib.release.registry import Registry
 
         return Registry(self.settings)
 
     def register(self, voice_id: str, folder: Path, registry: Any = None) -> str:
         """Log ``folder`` as a run's artifacts and register it as a new version of voice-<voice_id>."""
-        from voice_lib.report import experiment_id, mlflow_client
+        from voice_lib.core.tracking import experiment_id, mlflow_client
 
         client = mlflow_client(self.settings)
         run_id = client.create_run(experiment_id(client, f"bench-voice-{voice_id}")).info.run_id
@@ -391,7 +392,7 @@ class Bench:
         env.update({f"VOICEOPS_SERVING__{k.upper()}": str(v) for k, v in serving.items()})
         if threads:
             env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
-        proc = Proc(name, [sys.executable, "-m", "voice_lib.cli", "serve", "--port", str(port), "--host", "127.0.0.1"],
+        proc = Proc(name, [sys.executable, "-m", "voiceops.cli", "serve", "--port", str(port), "--host", "127.0.0.1"],
                     child_env(env), home, home / "server.log")
         self.procs.append(proc)
         return Server(name, f"http://127.0.0.1:{port}", proc, self.key, {**serving, "torch_threads": threads or "default"})
@@ -419,7 +420,7 @@ class Bench:
                 print(f"stopping {proc.name}: {exc}", file=sys.stderr)
         self.procs.clear()
         if self.settings is not None:
-            from voice_lib import stack
+            from voiceops import stack
 
             try:
                 stack.down(self.settings)

@@ -7,7 +7,7 @@ user id per request) and every response's ``X-Voice-Variant`` / ``X-Voice-Fallba
 
 Modes (trials interleaved, so every mode sees the same background):
 
-- ``rollback``: a manual rollback through voice_lib.registry.Registry.rollback; the server learns it from its
+- ``rollback``: a manual rollback through voice_lib.release.registry.Registry.rollback; the server learns it from its
   registry poll. Trigger = the call to rollback(), after a random wait of uniform(0, poll_seconds) so it falls
   at a random point of the poll cycle; measured = end of the last response with ``X-Voice-Variant: canary``
   minus the trigger (0 if no canary response ended after it).
@@ -219,7 +219,7 @@ def main() -> None:
         servers = {name: bench.start_server(name, {**cfg, "webhook_secret": SECRET}) for name, cfg in params["servers"].items()}
         for name, s in servers.items():
             s.wait_voices([voices[name]], 300)
-        from voice_lib.report import mlflow_client
+        from voice_lib.core.tracking import mlflow_client
 
         client = mlflow_client(bench.settings)
         hook = client.create_webhook(name="bench-poll10", url=f"{servers['poll10'].url}/v1/webhooks/mlflow",

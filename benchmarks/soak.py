@@ -47,8 +47,20 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (LORA_B_SCALE, Bench, Result, fmt, load_note, machine_facts, percentile, sentence_20, table, verdict,
-                    wav_seconds, write_results)
+from common import (
+    LORA_B_SCALE,
+    Bench,
+    Result,
+    fmt,
+    load_note,
+    machine_facts,
+    percentile,
+    sentence_20,
+    table,
+    verdict,
+    wav_seconds,
+    write_results,
+)
 
 MB = 1024 * 1024
 CANARY_WEIGHT = 20

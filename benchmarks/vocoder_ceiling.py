@@ -28,8 +28,9 @@ def griffin_lim(audio: np.ndarray, iterations: int) -> np.ndarray:
 
 
 def world(audio: np.ndarray, coded: bool) -> np.ndarray:
-    from voice_lib.features import FeatureConfig, world_analysis, world_synthesis
     import pyworld
+
+    from voice_lib.data.features import FeatureConfig, world_analysis, world_synthesis
 
     cfg = FeatureConfig(sample_rate=SR)
     if coded:  # the representation the model predicts: 60-dim coded envelope + coded aperiodicity
@@ -53,7 +54,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vocoder_ceiling.json")
     args = parser.parse_args()
-    from voice_lib.corpus import load_sentences, synthesize
+    from voice_lib.data.corpus import load_sentences, synthesize
 
     sentences = load_sentences("en")[: args.clips]
     candidates = {

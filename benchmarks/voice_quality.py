@@ -18,13 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from voice_lib.config import Settings
-from voice_lib.corpus import PRETRAIN_HOLDOUT, make_voice_dataset
+from voice_lib.core.config import Settings
+from voice_lib.data.corpus import PRETRAIN_HOLDOUT, make_voice_dataset
 
 
 def onboard(voice: str, seconds: float, steps: int, settings: Settings, work: Path) -> dict:
-    from voice_lib import onboarding
-    from voice_lib.training_pipeline import evaluate_voice, finetune_voice
+    from voice_lib.pipelines import onboarding
+    from voice_lib.pipelines.evaluation import evaluate_voice
+    from voice_lib.pipelines.training import finetune_voice
 
     data = make_voice_dataset(work / voice, voice, seconds, layout="metadata")
     started = time.perf_counter()

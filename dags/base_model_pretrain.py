@@ -1,7 +1,7 @@
 """base_model_pretrain: multi-speaker synthetic corpus → base model `voice-base` (alias production).
 
-Held-out speakers (voice_lib.corpus.PRETRAIN_HOLDOUT) never enter pretraining, so cloning quality
-is measured on unseen voices. Thin wiring over ``voice_lib.corpus`` and ``voice_lib.training_pipeline``.
+Held-out speakers (voice_lib.data.corpus.PRETRAIN_HOLDOUT) never enter pretraining, so cloning quality
+is measured on unseen voices. Thin wiring over ``voice_lib.data.corpus`` and ``voice_lib.pipelines.training``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from airflow.sdk import Param, dag, task
 def base_model_pretrain():
     @task
     def build_corpus(params=None) -> str:
-        from voice_lib.config import get_settings
-        from voice_lib.corpus import generate_corpus, pretrain_voices
+        from voice_lib.core.config import get_settings
+        from voice_lib.data.corpus import generate_corpus, pretrain_voices
 
         settings = get_settings()
         out = settings.home / "pretrain-corpus"
@@ -42,11 +42,11 @@ def base_model_pretrain():
     def pretrain(corpus_dir: str, params=None) -> dict:
         from pathlib import Path
 
-        from voice_lib.config import get_settings
-        from voice_lib.training_pipeline import pretrain_base
+        from voice_lib.core.config import get_settings
+        from voice_lib.pipelines.training import pretrain_and_register
 
         settings = get_settings()
-        info = pretrain_base(Path(corpus_dir), settings, settings.home / "models" / "voice-base",
+        info = pretrain_and_register(Path(corpus_dir), settings, settings.home / "models" / "voice-base",
                              steps=int(params["steps"]), batch_size=int(params["batch_size"]))
         return {k: info[k] for k in ("base_dir", "base_sha256", "run_id", "best_val_loss") if k in info} | {"version": info.get("version")}
 

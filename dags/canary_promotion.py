@@ -1,11 +1,11 @@
 """canary_promotion: staged rollout of a voice version with analysis at every step.
 
-Each step moves the `canary` alias and weight through voice_lib.registry, waits out the observation
+Each step moves the `canary` alias and weight through voice_lib.release.registry, waits out the observation
 window in a rescheduling sensor (no worker held between pokes), then compares canary with production
 (latency, errors, RTF, bad audio, an online quality probe). Pass → next step; fail → rollback, tag and
 alert; too few requests → the window is extended, then the rollout pauses for a human. At 100% the
 version becomes production and the old one `previous`. All state lives in the registry, so a
-re-triggered run resumes the rollout where it stood. Thin wiring over ``voice_lib.release``.
+re-triggered run resumes the rollout where it stood. Thin wiring over ``voice_lib.release.rollout``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ VOICE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
 
 
 def _settings(params: dict):
-    from voice_lib.config import get_settings
+    from voice_lib.core.config import get_settings
 
     settings = get_settings()
     release = settings.release.model_copy(update={
@@ -33,7 +33,7 @@ def _settings(params: dict):
 
 def _poke_seconds() -> float:
     # Parse-time read of the typed settings object (cheap: no heavy imports); sensors need it at parse time.
-    from voice_lib.config import get_settings
+    from voice_lib.core.config import get_settings
 
     return get_settings().release.poke_seconds
 
@@ -64,7 +64,7 @@ def canary_promotion():
     def start(params=None) -> dict:
         from dataclasses import asdict
 
-        from voice_lib.release import start_rollout
+        from voice_lib.release.rollout import start_rollout
 
         settings = _settings(params)
         decision = start_rollout(settings, params["voice_id"], params["version"] or None, settings.release.steps)
@@ -74,8 +74,8 @@ def canary_promotion():
     def rollout(started: dict, params=None) -> PokeReturnValue:
         from dataclasses import asdict
 
-        from voice_lib.corpus import load_sentences
-        from voice_lib.release import advance_rollout
+        from voice_lib.data.corpus import load_sentences
+        from voice_lib.release.rollout import advance_rollout
 
         probe = load_sentences("en")[:3] if params["quality_probe"] else None
         decision = advance_rollout(_settings(params), started["voice_id"], started["version"], probe_texts=probe)

@@ -1,8 +1,8 @@
 """nightly_reevaluation: re-evaluate every production and canary version; flag regressions.
 
 Compares each version with the metrics recorded at registration and with the previous night, tags
-regressions through voice_lib.registry (plus an alert in the log), and logs a trend plot per voice
-to MLflow. Thin wiring over voice_lib.nightly.
+regressions through voice_lib.release.registry (plus an alert in the log), and logs a trend plot per voice
+to MLflow. Thin wiring over voice_lib.pipelines.nightly.
 """
 
 from __future__ import annotations
@@ -26,22 +26,22 @@ from airflow.sdk import dag, task
 def nightly_reevaluation():
     @task
     def versions() -> list[dict]:
-        from voice_lib.config import get_settings
-        from voice_lib.nightly import versions_to_check
+        from voice_lib.core.config import get_settings
+        from voice_lib.pipelines.nightly import versions_to_check
 
         return versions_to_check(get_settings())
 
     @task(max_active_tis_per_dagrun=2)
     def reevaluate(item: dict) -> dict:
-        from voice_lib.config import get_settings
-        from voice_lib.nightly import reevaluate as run
+        from voice_lib.core.config import get_settings
+        from voice_lib.pipelines.nightly import reevaluate as run
 
         return run(get_settings(), item)
 
     @task
     def trends(results: list[dict]) -> list[str]:
-        from voice_lib.config import get_settings
-        from voice_lib.nightly import log_trends
+        from voice_lib.core.config import get_settings
+        from voice_lib.pipelines.nightly import log_trends
 
         return log_trends(get_settings(), list(results))
 

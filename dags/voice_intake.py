@@ -1,7 +1,7 @@
 """voice_intake: each newly complete dataset under the incoming prefix starts one voice_onboarding run.
 
 A dataset is ``<incoming>/<voice_id>/`` with a ``_READY`` (or ``manifest.json``) file written last.
-Incoming is ``VOICEOPS_INTAKE_URI`` (local folder or s3:// prefix). Thin wiring over voice_lib.intake.
+Incoming is ``VOICEOPS_INTAKE_URI`` (local folder or s3:// prefix). Thin wiring over voice_lib.pipelines.intake.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from airflow.sdk import dag, task
 def voice_intake():
     @task
     def scan() -> list[dict]:
-        from voice_lib.config import get_settings
-        from voice_lib.intake import find_ready_datasets
+        from voice_lib.core.config import get_settings
+        from voice_lib.pipelines.intake import find_ready_datasets
 
         return find_ready_datasets(get_settings())
 
@@ -37,8 +37,8 @@ def voice_intake():
 
     @task
     def claim_all(datasets: list[dict], run_id=None) -> int:
-        from voice_lib.config import get_settings
-        from voice_lib.intake import claim
+        from voice_lib.core.config import get_settings
+        from voice_lib.pipelines.intake import claim
 
         for d in datasets:
             claim(get_settings(), d, run_id)

@@ -1,6 +1,6 @@
 """voice_onboarding: recordings → QC → features → LoRA fine-tuning → evaluation → registration.
 
-Thin wiring over ``voice_lib.onboarding``; heavy imports happen inside the tasks, not at parse time.
+Thin wiring over ``voice_lib.pipelines.onboarding``; heavy imports happen inside the tasks, not at parse time.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ VOICE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
 
 
 def _settings(params: dict):
-    from voice_lib.config import get_settings
+    from voice_lib.core.config import get_settings
 
     settings = get_settings()
     qc = settings.qc.model_copy(update={"min_speech_seconds": float(params["min_speech_seconds"])})
@@ -49,7 +49,7 @@ def _settings(params: dict):
 def voice_onboarding():
     @task
     def ingest(params=None) -> dict:
-        from voice_lib.onboarding import ingest as run
+        from voice_lib.pipelines.onboarding import ingest as run
 
         return run(params["voice_id"], params["data_uri"], _settings(params), shards=int(params["shards"]))
 
@@ -59,7 +59,7 @@ def voice_onboarding():
 
     @task(max_active_tis_per_dagrun=4)
     def qc_shard(dataset: dict, shard_index: int, params=None) -> dict:
-        from voice_lib.onboarding import qc_shard as run
+        from voice_lib.pipelines.onboarding import qc_shard as run
 
         return run(dataset, shard_index, _settings(params), params["language"])
 
@@ -67,7 +67,8 @@ def voice_onboarding():
     def qc_report(dataset: dict, shard_results: list, params=None) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from voice_lib.onboarding import QCRejected, qc_report as run
+        from voice_lib.pipelines.onboarding import QCRejected
+        from voice_lib.pipelines.onboarding import qc_report as run
 
         try:
             return run(dataset, _settings(params), params["language"])
@@ -76,19 +77,19 @@ def voice_onboarding():
 
     @task(max_active_tis_per_dagrun=4)
     def features_shard(dataset: dict, qc: dict, shard_index: int, params=None) -> dict:
-        from voice_lib.onboarding import features_shard as run
+        from voice_lib.pipelines.onboarding import features_shard as run
 
         return run(dataset, qc, shard_index, len(dataset["shards"]), _settings(params), params["language"])
 
     @task
     def features_manifest(dataset: dict, qc: dict, shard_results: list, params=None) -> dict:
-        from voice_lib.onboarding import features_manifest as run
+        from voice_lib.pipelines.onboarding import features_manifest as run
 
         return run(dataset, qc, _settings(params))
 
     @task(execution_timeout=timedelta(hours=2))
     def train(manifest: dict, params=None) -> dict:
-        from voice_lib.training_pipeline import finetune_voice
+        from voice_lib.pipelines.training import finetune_voice
 
         # A retry resumes from the step checkpoint written every 50 steps.
         return finetune_voice(params["voice_id"], manifest["manifest_key"], _settings(params),
@@ -96,7 +97,7 @@ def voice_onboarding():
 
     @task
     def evaluate(trained: dict, params=None) -> dict:
-        from voice_lib.training_pipeline import evaluate_voice
+        from voice_lib.pipelines.evaluation import evaluate_voice
 
         return evaluate_voice(_settings(params), trained)
 
@@ -104,7 +105,7 @@ def voice_onboarding():
     def register(trained: dict, evaluation: dict, params=None) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from voice_lib.training_pipeline import GatesFailed, register_voice
+        from voice_lib.release.registration import GatesFailed, register_voice
 
         try:
             return register_voice(_settings(params), trained, evaluation)
@@ -118,7 +119,7 @@ def voice_onboarding():
     feats = features_shard.partial(dataset=dataset, qc=qc).expand(shard_index=shards)
     @task.short_circuit
     def auto_release_enabled(registered: dict) -> bool:
-        from voice_lib.config import get_settings
+        from voice_lib.core.config import get_settings
 
         # VOICEOPS_RELEASE__AUTO_PROMOTE_AFTER_ONBOARDING: start the staged canary right away.
         return get_settings().release.auto_promote_after_onboarding

@@ -53,12 +53,20 @@ from serving.breaker import CanaryBreaker
 from serving.metrics import ServerMetrics
 from serving.pool import Snapshot, VoicePool
 from serving.routing import choose, effective_weight, requested_override
-from serving.synthesis import FORMATS, STREAM_FORMATS, RequestContext, Served, ServingError, Synthesis  # isort: split
+from serving.synthesis import (  # isort: split
+    FORMATS,
+    STREAM_FORMATS,
+    RequestContext,
+    Served,
+    ServingError,
+    Synthesis,
+)
+
 from serving.synthesis import encode_audio, pcm16, phoneme_chunks, wav_stream_header
 from serving.tenants import RateLimiter, Tenant, TenantDirectory
 from voice_lib import __version__
-from voice_lib.config import Settings, get_settings, redact_url
-from voice_lib.registry import Registry
+from voice_lib.core.config import Settings, get_settings, redact_url
+from voice_lib.release.registry import Registry
 
 log = logging.getLogger(__name__)
 SYNTHESIS_PATHS = ("/v1/tts", "/v1/audio/speech")
@@ -238,7 +246,7 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
     settings = settings or get_settings()
     from serving.memory import limit_arenas
     from serving.pool import bound_registry_requests
-    from voice_lib.text import configure_frontend_cache
+    from voice_lib.data.text import configure_frontend_cache
 
     limit_arenas(settings.serving.malloc_arena_max)  # before the batcher, poller and audit threads exist
     bound_registry_requests(settings.serving.registry_request_retries, settings.serving.registry_request_timeout_seconds)
@@ -460,7 +468,7 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
     @app.get("/metrics", tags=["probes"], response_class=Response, responses={
         200: {"description": "Prometheus text exposition format", "content": {"text/plain": {}}}})
     async def metrics() -> Response:
-        from voice_lib.text import frontend_cache_info
+        from voice_lib.data.text import frontend_cache_info
 
         svc.metrics.frontend_cache_hit_ratio.set(frontend_cache_info()["hit_rate"])
         body, content_type = svc.metrics.render()

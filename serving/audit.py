@@ -18,11 +18,27 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import (BigInteger, Column, DateTime, Float, Index, Integer, MetaData, String, Table, TypeDecorator,
-                        delete, func, insert, inspect, select, text)
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    TypeDecorator,
+    delete,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.engine import make_url
 
-from voice_lib.db import make_engine
+from voice_lib.core.db import make_engine
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from voice_lib.config import ServingSettings
-from voice_lib.registry import Registry, RegistryError
+from voice_lib.core.config import ServingSettings
+from voice_lib.release.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (voice_id, version)
@@ -67,7 +67,7 @@ def _p95(values: list[float]) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[math.ceil(0.95 * len(ordered)) - 1]  # nearest rank, as voice_lib/release.py computes it
+    return ordered[math.ceil(0.95 * len(ordered)) - 1]  # nearest rank, as voice_lib/release/rollout.py computes it
 
 
 def _canary_rtf(samples: list[_Sample], at_least: int) -> float | None:

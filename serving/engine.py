@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from serving.multilora import LoraBank, activate
-from voice_lib.audio import CLIP_LEVEL
-from voice_lib.features import FeatureConfig, world_synthesis
-from voice_lib.model import VoiceModel
-from voice_lib.train import split_features
+from voice_lib.data.audio import CLIP_LEVEL
+from voice_lib.data.datasets import split_features
+from voice_lib.data.features import FeatureConfig, world_synthesis
+from voice_lib.model.network import VoiceModel
 
 log = logging.getLogger(__name__)
 MAX_STEPS_PER_PHONE = 50  # 1 s at 20 ms steps: a duration predictor gone wild must not allocate gigabytes

@@ -1,6 +1,6 @@
 """Many LoRA adapters on one shared base model, chosen per batch row.
 
-Every voice is the shared base plus a small LoRA adapter (voice_lib.train.lora_model). Serving N voices
+Every voice is the shared base plus a small LoRA adapter (voice_lib.train.loop.lora_model). Serving N voices
 with N peft models would copy the base N times; swapping adapter weights per request would serialise
 all traffic. Instead each LoRA target Linear of the base (``qkv``, ``proj``, ``fc1``, ``fc2``) is wrapped
 once in a ``MultiLoraLinear``, and a ``LoraBank`` holds the adapters of every loaded version stacked
@@ -9,7 +9,7 @@ wrapped layer adds ``scale_i * B_i(A_i(x_i))`` to row i with two batched matmuls
 (the S-LoRA/Punica "gather then bmm" scheme). Mixed-voice batches therefore cost about one base pass.
 
 A row's output is the same alone or in any batch: the model itself zeroes convolution inputs at
-padded positions (voice_lib.model.Block, DurationPredictor).
+padded positions (voice_lib.model.network.Block, DurationPredictor).
 
 Nothing here mutates the model while serving: a new adapter set is a new ``LoraBank`` object, and a
 batch keeps the bank it started with, so reloads never race with inference.
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from voice_lib.train import LORA_TARGETS
+from voice_lib.model.checkpoints import LORA_TARGETS
 
 # (bank, per-row slot indices) of the batch running in this thread; None outside a batch (plain base).
 _ACTIVE: ContextVar[tuple[LoraBank, torch.Tensor] | None] = ContextVar("voiceops_active_lora", default=None)
@@ -63,7 +63,7 @@ class AdapterWeights:
             raise AdapterError(f"{folder}: adapter_config.json and adapter_model.safetensors are both required.")
         config = json.loads(config_path.read_text())
         # Variants that change the maths (DoRA, per-layer ranks, extra trained modules) are refused rather
-        # than silently served wrong; voice_lib.train never produces them.
+        # than silently served wrong; voice_lib.train.loop never produces them.
         for key in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out"):
             if config.get(key):
                 raise AdapterError(f"{folder}: adapter_config.json sets {key}={config[key]!r}, which the server does not support.")

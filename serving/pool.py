@@ -40,10 +40,10 @@ from serving.engine import (
 )
 from serving.memory import trim_heap
 from serving.multilora import AdapterWeights, LoraBank, install
-from voice_lib.config import Settings, redact_url
-from voice_lib.features import FeatureConfig
-from voice_lib.registry import Registry, RegistryError
-from voice_lib.train import load_base
+from voice_lib.core.config import Settings, redact_url
+from voice_lib.data.features import FeatureConfig
+from voice_lib.model.checkpoints import load_base
+from voice_lib.release.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (voice_id, version)
@@ -322,7 +322,8 @@ class VoicePool:
 
     def _resolve_base(self, lineage: Mapping[str, Any], name: str, version: str) -> BaseBundle:
         """The exact base a version was trained on (by sha256): never serve an adapter on another base."""
-        from voice_lib.training_pipeline import SHIPPED_BASE, sha256_file
+        from voice_lib.core.hashing import sha256_file
+        from voice_lib.model.checkpoints import SHIPPED_BASE
 
         sha = str(lineage.get("base_sha256") or "")
         if not sha:
@@ -410,7 +411,7 @@ def _signature(routes: Mapping[str, VoiceRoute]) -> tuple:
 
 
 def _phoneme_ids(text: str) -> list[int]:
-    from voice_lib.text import phonemes_to_ids, phonemize
+    from voice_lib.data.text import phonemes_to_ids, phonemize
 
     return phonemes_to_ids(phonemize(text, "auto"))
 

@@ -24,7 +24,13 @@ from serving.batcher import BatcherClosed, MicroBatcher
 from serving.engine import SynthesisError, bad_audio_kind
 from serving.pool import LoadedVersion, Snapshot, SynthesisOutput, VoiceRoute
 from serving.routing import CANARY, PRODUCTION, Decision
-from voice_lib.text import FrontendUnavailable, TextError, phonemes_to_ids, phonemize, split_sentences
+from voice_lib.data.text import (
+    FrontendUnavailable,
+    TextError,
+    phonemes_to_ids,
+    phonemize,
+    split_sentences,
+)
 
 CHUNK_CHARS = 200  # sentences longer than this are split at clauses (text.split_sentences)
 # format -> (soundfile container, subtype, media type); "pcm16"/"pcm" are raw 16-bit little-endian mono.

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from voice_lib.config import Settings, validate_voice_id
+from voice_lib.core.config import Settings, validate_voice_id
 
 log = logging.getLogger(__name__)
 

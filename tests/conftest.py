@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from voice_lib.config import Settings
+from voice_lib.core.config import Settings
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -98,7 +98,7 @@ def s3_settings(tmp_path, s3_endpoint, s3_bucket) -> Settings:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """A real MLflow tracking server (SQLite registry, served artifacts) started like `voiceops up` does."""
-    from voice_lib import stack
+    from voiceops import stack
 
     home = tmp_path_factory.mktemp("mlflow-home")
     port = free_port()
@@ -120,14 +120,14 @@ def voices_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def clean_voice(voices_dir) -> Path:
     """~70 s of one speaker (flite slt) with a metadata.csv: the set that should pass QC."""
-    from voice_lib.corpus import make_voice_dataset
+    from voice_lib.data.corpus import make_voice_dataset
 
     return make_voice_dataset(voices_dir / "clean-slt", "flite-slt", 70, seed=1, layout="metadata")
 
 
 @pytest.fixture(scope="session")
 def short_voice(voices_dir) -> Path:
-    from voice_lib.corpus import make_voice_dataset
+    from voice_lib.data.corpus import make_voice_dataset
 
     return make_voice_dataset(voices_dir / "short-slt", "flite-slt", 20, seed=2, layout="txt")
 
@@ -135,7 +135,7 @@ def short_voice(voices_dir) -> Path:
 @pytest.fixture(scope="session")
 def mixed_voice(voices_dir) -> Path:
     """45 s of flite slt plus 35 s of flite awb in one folder: two speakers, one metadata.csv."""
-    from voice_lib.corpus import make_voice_dataset
+    from voice_lib.data.corpus import make_voice_dataset
 
     root = voices_dir / "mixed"
     make_voice_dataset(root / "a", "flite-slt", 45, seed=3, layout="txt")

@@ -23,14 +23,15 @@ from typing import Iterator
 import httpx
 import numpy as np
 import torch
-
 from conftest import free_port
-from voice_lib.config import Settings
-from voice_lib.features import ClipFeatures, FeatureConfig, world_analysis
-from voice_lib.model import ModelConfig, VoiceModel
-from voice_lib.registry import Registry
-from voice_lib.text import SYMBOLS, phonemes_to_ids, phonemize
-from voice_lib.train import feature_matrix, lora_model, save_base
+
+from voice_lib.core.config import Settings
+from voice_lib.data.datasets import feature_matrix
+from voice_lib.data.features import ClipFeatures, FeatureConfig, world_analysis
+from voice_lib.data.text import SYMBOLS, phonemes_to_ids, phonemize
+from voice_lib.model.checkpoints import lora_model, save_base
+from voice_lib.model.network import ModelConfig, VoiceModel
+from voice_lib.release.registry import Registry
 
 SECRET = "webhook-test-secret"
 TEXT = "Hello there."
@@ -73,7 +74,7 @@ class ServerStack:
 
     def __init__(self, mlflow_server: str, home: Path, env: dict[str, str] | None = None) -> None:
         from serving.tenants import TenantDirectory
-        from voice_lib.training_pipeline import sha256_file
+        from voice_lib.core.hashing import sha256_file
 
         self.home, self.work = home, home / "work"
         self.settings = Settings(home=home, mlflow_tracking_uri=mlflow_server)
@@ -105,7 +106,7 @@ class ServerStack:
     # --- registry -----------------------------------------------------------------------------------
 
     def register(self, voice_id: str, seed: int, scale: float = 0.3) -> str:
-        from voice_lib.report import experiment_id, mlflow_client
+        from voice_lib.core.tracking import experiment_id, mlflow_client
 
         folder = make_adapter(self.base, self.work / f"{voice_id}-{seed}", seed, scale,
                               {"base_sha256": self.lineage["base_sha256"], "base_version": self.lineage["base_version"]})
@@ -127,7 +128,7 @@ class ServerStack:
 
     def start(self, timeout: float = 150, need_canary: bool = True) -> None:
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "voice_lib.cli", "serve", "--port", str(self.port)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "voiceops.cli", "serve", "--port", str(self.port)],
                                          cwd=self.home, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:

@@ -1,4 +1,4 @@
-"""voice_lib.audio: decoding what users upload, and the measurements QC decides with."""
+"""voice_lib.data.audio: decoding what users upload, and the measurements QC decides with."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ import pyloudnorm
 import pytest
 import soundfile as sf
 
-from voice_lib import corpus
-from voice_lib.audio import PEAK_CEILING, AudioError, decode_audio, estimate_snr_db, normalize_loudness
+from voice_lib.data import corpus
+from voice_lib.data.audio import (
+    PEAK_CEILING,
+    AudioError,
+    decode_audio,
+    estimate_snr_db,
+    normalize_loudness,
+)
 
 SR = 16000
 SECONDS = 2.0

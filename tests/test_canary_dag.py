@@ -14,10 +14,13 @@ import uuid
 
 import httpx
 import pytest
+from serving_stack import (  # the same tiny base and adapter registration as the server tests
+    REPO,
+    ServerStack,
+)
 
-from serving_stack import REPO, ServerStack  # the same tiny base and adapter registration as the server tests
-from voice_lib.config import Settings
-from voice_lib.registry import Registry
+from voice_lib.core.config import Settings
+from voice_lib.release.registry import Registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -50,7 +53,7 @@ class Traffic:
 @pytest.fixture(scope="module")
 def env(mlflow_server: str, tmp_path_factory):
     """One voice with production v1 on a `voiceops serve` polling every second, release settings for short steps."""
-    from voice_lib.stack import settings_env
+    from voiceops.stack import settings_env
 
     stack = ServerStack(mlflow_server, tmp_path_factory.mktemp("canary-home"))
     settings = stack.settings.model_copy(update={
@@ -73,7 +76,7 @@ def env(mlflow_server: str, tmp_path_factory):
 
 
 def _canary_promotion(settings: Settings, voice: str, version: str) -> subprocess.CompletedProcess:
-    from voice_lib.stack import _executable, airflow_env
+    from voiceops.stack import _executable, airflow_env
 
     e = airflow_env(settings)
     subprocess.run([_executable("airflow"), "db", "migrate"], env=e, check=True, capture_output=True, timeout=300)
@@ -99,7 +102,7 @@ def test_good_candidate_walks_all_steps_to_production(env: ServerStack):
     assert aliases["production"] == v2 and aliases["previous"] == "1" and "canary" not in aliases
     served = {(v, var) for _, v, var, status in traffic.log if status == 200}
     assert (v2, "canary") in served and ("1", "production") in served  # the canary really took traffic
-    from voice_lib.release import ReleaseHistory
+    from voice_lib.release.rollout import ReleaseHistory
 
     rows = list(reversed(ReleaseHistory(env.settings.resolved_audit_url).rows(voice)))
     assert rows[0]["outcome"] == "advanced" and rows[-1]["outcome"] == "promoted"
@@ -138,8 +141,8 @@ def test_manual_rollback_takes_traffic_off_the_canary_within_the_limit(env: Serv
     with Traffic(env.url, env.keys["t"], voice) as traffic:
         env.wait("canary traffic", lambda: any(v == v4 for _, v, _, _ in traffic.log), timeout=30)
         started = time.time()
-        result = subprocess.run([sys.executable, "-m", "voice_lib.cli", "rollback", voice, "--reason", "test"],
-                                env={**os.environ, **__import__("voice_lib.stack", fromlist=["x"]).settings_env(env.settings)},
+        result = subprocess.run([sys.executable, "-m", "voiceops.cli", "rollback", voice, "--reason", "test"],
+                                env={**os.environ, **__import__("voiceops.stack", fromlist=["x"]).settings_env(env.settings)},
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         env.wait("canary gone", lambda: any(t > started and v != v4 for t, v, _, _ in traffic.log) and

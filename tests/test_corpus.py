@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from voice_lib import corpus
-from voice_lib.config import VOICE_ID_PATTERN
-from voice_lib.corpus import CorpusError, VOICES
+from voice_lib.core.config import VOICE_ID_PATTERN
+from voice_lib.data import corpus
+from voice_lib.data.corpus import VOICES, CorpusError
 
 SR = 16000
 EN_TEXT = "The birch canoe slid on the smooth planks."

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from voice_lib.config import Settings
-from voice_lib.storage import artifact_store
+from voice_lib.core.config import Settings
+from voice_lib.core.storage import artifact_store
 
 DAGBAG_PROBE = r"""
 import json, sys, time
@@ -34,7 +34,7 @@ print(json.dumps({
     "errors": {k: str(v) for k, v in bag.import_errors.items()},
     "dags": sorted(bag.dags),
     "tasks": sorted(t.task_id for t in dag.tasks),
-    "heavy_modules": sorted(m for m in ("torch", "mlflow", "voice_lib.qc", "voice_lib.speech", "librosa") if m in sys.modules),
+    "heavy_modules": sorted(m for m in ("torch", "mlflow", "voice_lib.data.qc", "voice_lib.data.speech", "librosa") if m in sys.modules),
     "params": sorted(dag.params.keys()),
     "voice_id_validation": bad,
     "retries": {t.task_id: [t.retries, bool(t.retry_exponential_backoff)] for t in dag.tasks},
@@ -43,7 +43,7 @@ print(json.dumps({
 
 
 def _airflow_env(settings: Settings) -> dict:
-    from voice_lib.stack import airflow_env
+    from voiceops.stack import airflow_env
 
     env = airflow_env(settings)
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ def test_dagbag_imports_cleanly_without_heavy_modules(settings):
 
 
 def _dags_test(settings: Settings, conf: dict) -> subprocess.CompletedProcess:
-    from voice_lib.stack import _executable
+    from voiceops.stack import _executable
 
     env = _airflow_env(settings)
     airflow = _executable("airflow")
@@ -130,8 +130,8 @@ def test_onboarding_end_to_end_on_s3_and_mlflow(e2e_settings, clean_voice):
     assert {"qc_report/report.html", "qc_report/qc_overview.png", "qc_report/report.json"} <= artifacts
 
     # The version is registered with complete lineage and the candidate alias, and it synthesises.
-    from voice_lib.inference import load_registered_voice
-    from voice_lib.registry import Registry
+    from voice_lib.release.models import load_registered_voice
+    from voice_lib.release.registry import Registry
 
     registry = Registry(e2e_settings)
     candidate = registry.version_by_alias("voice-e2e-slt", "candidate")

@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel
 
 from serving.metrics import METRIC_SERIES
-from voice_lib.config import Settings
+from voice_lib.core.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -326,7 +326,7 @@ def test_literal_secret_check_catches_a_password():
 
 
 def settings_env_problem(name: str) -> str | None:
-    """None if VOICEOPS_<name> is a field of voice_lib.config.Settings (nested groups with __), else why not."""
+    """None if VOICEOPS_<name> is a field of voice_lib.core.config.Settings (nested groups with __), else why not."""
     if not name.startswith("VOICEOPS_"):
         return f"{name}: not a VOICEOPS_ name"
     parts = name.removeprefix("VOICEOPS_").lower().split("__")

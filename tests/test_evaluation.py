@@ -15,12 +15,21 @@ import time
 import numpy as np
 import pytest
 
-from voice_lib import corpus
-from voice_lib.config import EvalSettings, Settings
-from voice_lib.evaluation import HeldOutClip, check_gates, evaluate, log_eval_to_mlflow
-from voice_lib.features import FeatureConfig, extract_clip_features, world_synthesis
-from voice_lib.inference import Synthesis
-from voice_lib.train import feature_matrix, split_features
+from voice_lib.core.config import EvalSettings, Settings
+from voice_lib.data import corpus
+from voice_lib.data.datasets import feature_matrix, split_features
+from voice_lib.data.features import (
+    FeatureConfig,
+    extract_clip_features,
+    world_synthesis,
+)
+from voice_lib.eval.evaluation import (
+    HeldOutClip,
+    check_gates,
+    evaluate,
+    log_eval_to_mlflow,
+)
+from voice_lib.infer.synthesizer import Synthesis
 
 SR = 16000
 HELD_OUT = [
@@ -92,7 +101,7 @@ def held_out_clip(clip_id: str, text: str, language: str = "en") -> HeldOutClip:
 
 @pytest.fixture(scope="module")
 def reference_embedding() -> np.ndarray:
-    from voice_lib.speech import centroid, speaker_embedding
+    from voice_lib.data.speech import centroid, speaker_embedding
 
     return centroid(np.stack([speaker_embedding(corpus.synthesize(t, "flite-slt"), SR) for t in ENROLMENT]))
 

@@ -20,15 +20,14 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import free_port, report_fault
-from serving.routing import CANARY, PRODUCTION
 from serving_stack import ServerStack, running_stack
-from voice_lib.config import Settings
+
+from serving.routing import CANARY, PRODUCTION
+from voice_lib.core.config import Settings
 
 pytestmark = [pytest.mark.timeout(600)]
 LONG_TEXT = " ".join(f"This is sentence number {i} of a long answer that is streamed to the client." for i in range(12))
@@ -36,7 +35,7 @@ LONG_TEXT = " ".join(f"This is sentence number {i} of a long answer that is stre
 
 @pytest.fixture(scope="module")
 def private_mlflow(tmp_path_factory) -> Settings:
-    from voice_lib import stack
+    from voiceops import stack
 
     port = free_port()
     cfg = Settings(home=tmp_path_factory.mktemp("faults-mlflow"), mlflow_port=port, mlflow_tracking_uri=f"http://127.0.0.1:{port}")
@@ -105,7 +104,7 @@ def test_a_misbehaving_canary_is_rolled_back_and_production_is_unaffected(stack:
 
 def test_mlflow_outage_keeps_serving_reports_degraded_and_recovers(stack: ServerStack, private_mlflow: Settings,
                                                                   request: pytest.FixtureRequest) -> None:
-    from voice_lib import stack as services
+    from voiceops import stack as services
 
     outage = float(request.config.getoption("--mlflow-outage-seconds"))
     codes: list[int] = []

@@ -24,19 +24,19 @@ from pathlib import Path
 
 import boto3
 import pytest
-
 from conftest import report_fault
 from tcp_outage import TcpOutage
-from voice_lib.config import Settings
-from voice_lib.storage import StorageError, artifact_store
+
+from voice_lib.core.config import Settings
+from voice_lib.core.storage import StorageError, artifact_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 VOICE = f"faulty-{uuid.uuid4().hex[:6]}"
 TRAIN_SCRIPT = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-from voice_lib.config import Settings
-from voice_lib.training_pipeline import finetune_voice
+from voice_lib.core.config import Settings
+from voice_lib.pipelines.training import finetune_voice
 result = finetune_voice(sys.argv[1], sys.argv[2], Settings(), rank=4, steps=int(sys.argv[3]), log_to_mlflow=False)
 print("RESULT " + json.dumps(result))
 """
@@ -83,7 +83,13 @@ def down_fails_cleanly(link: TcpOutage, step, *args) -> tuple[str, float]:
 
 def prepare_manifest(settings: Settings, data: Path) -> dict:
     """ingest → qc → features, as the DAG runs them (each is a no-op when already done)."""
-    from voice_lib.onboarding import features_manifest, features_shard, ingest, qc_report, qc_shard
+    from voice_lib.pipelines.onboarding import (
+        features_manifest,
+        features_shard,
+        ingest,
+        qc_report,
+        qc_shard,
+    )
 
     dataset = ingest(VOICE, str(data), settings)
     for i in range(len(dataset["shards"])):
@@ -96,9 +102,16 @@ def prepare_manifest(settings: Settings, data: Path) -> dict:
 
 def test_s3_outage_during_onboarding_retries_and_never_registers_a_partial_version(flaky, s3_link, s3_endpoint,
                                                                                    clean_voice, tmp_path, request):
-    from voice_lib.onboarding import features_shard, ingest, qc_report, qc_shard
-    from voice_lib.registry import Registry
-    from voice_lib.training_pipeline import evaluate_voice, finetune_voice, register_voice
+    from voice_lib.pipelines.evaluation import evaluate_voice
+    from voice_lib.pipelines.onboarding import (
+        features_shard,
+        ingest,
+        qc_report,
+        qc_shard,
+    )
+    from voice_lib.pipelines.training import finetune_voice
+    from voice_lib.release.registration import register_voice
+    from voice_lib.release.registry import Registry
 
     store = artifact_store(direct(flaky, s3_endpoint))
     message, took = down_fails_cleanly(s3_link, ingest, VOICE, str(clean_voice), flaky)
@@ -128,7 +141,7 @@ def test_s3_outage_during_onboarding_retries_and_never_registers_a_partial_versi
     again = register_voice(flaky, trained, evaluation)  # a duplicate retry changes nothing
     assert first["version"] == again["version"] and first["alias"] == "candidate"
     assert [v.version for v in registry._versions(name)] == [first["version"]]
-    from voice_lib.inference import load_registered_voice
+    from voice_lib.release.models import load_registered_voice
 
     synth, _ = load_registered_voice(flaky, VOICE, "candidate")  # the registered version is complete
     assert len(synth.synthesize("The version loads and speaks.").audio) > 8000
@@ -138,8 +151,11 @@ def test_s3_outage_during_onboarding_retries_and_never_registers_a_partial_versi
 
 
 def test_verify_logged_folder_refuses_an_incomplete_upload(mlflow_server, tmp_path):
-    from voice_lib.report import experiment_id, mlflow_client
-    from voice_lib.training_pipeline import verify_logged_folder
+    from voice_lib.core.tracking import (
+        experiment_id,
+        mlflow_client,
+        verify_logged_folder,
+    )
 
     client = mlflow_client(Settings(home=tmp_path, mlflow_tracking_uri=mlflow_server))
     run_id = client.create_run(experiment_id(client, "verify-upload")).info.run_id
@@ -156,7 +172,7 @@ def test_verify_logged_folder_refuses_an_incomplete_upload(mlflow_server, tmp_pa
 
 def test_a_killed_training_worker_resumes_from_the_checkpoint_on_another_worker(flaky, s3_endpoint, clean_voice, tmp_path,
                                                                                request):
-    from voice_lib.stack import settings_env
+    from voiceops.stack import settings_env
 
     settings = direct(flaky, s3_endpoint)
     manifest = prepare_manifest(settings, clean_voice)

@@ -14,7 +14,7 @@
 Everything is bounded and derandomized (no example database), so a CI run is reproducible.
 
 Found and fixed with these tests (each has a regression example or test): a character such as U+A981 or a Latin
-letter before a Hangul jamo left espeak-ng reading every later English text with wrong vowels (voice_lib/text.py);
+letter before a Hangul jamo left espeak-ng reading every later English text with wrong vowels (voice_lib/data/text.py);
 a non-UTF-8 body was a bare 400; a JSON syntax error said "9: JSON decode error"; the webhook's 401 had no
 WWW-Authenticate; the OpenAPI document gave FastAPI's 422 shape instead of ours, left out 401/403/404/413/429/
 503/504, the audio types we send and /metrics' text/plain; "1,000" in Mandarin was read "one, zero".
@@ -44,11 +44,25 @@ from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 from schemathesis.core.failures import FailureGroup
 from schemathesis.hooks import HookDispatcher, HookScope
-
-from serving.synthesis import CHUNK_CHARS, FORMATS, STREAM_FORMATS, ServingError, phoneme_chunks
 from serving_stack import ServerStack, running_stack
-from voice_lib import text as T
-from voice_lib.text import PAUSE_TOKENS, SYMBOLS, WORD_BOUNDARY, TextError, normalize_text, phonemize, split_sentences
+
+from serving.synthesis import (
+    CHUNK_CHARS,
+    FORMATS,
+    STREAM_FORMATS,
+    ServingError,
+    phoneme_chunks,
+)
+from voice_lib.data import text as T
+from voice_lib.data.text import (
+    PAUSE_TOKENS,
+    SYMBOLS,
+    WORD_BOUNDARY,
+    TextError,
+    normalize_text,
+    phonemize,
+    split_sentences,
+)
 
 # cn2an warns (in Chinese) about numbers it leaves alone, e.g. over 16 digits; phonemize then reads them digit by digit.
 pytestmark = [pytest.mark.timeout(600), pytest.mark.filterwarnings("ignore::UserWarning:cn2an")]
@@ -414,7 +428,7 @@ def test_espeak_survives_many_script_switches() -> None:
     text, i.e. it would have killed the server process.
     """
     texts = [f"{chr(cp)} {HELLO}" for cp in [*range(0x50D, 0x52E), 0x556, 0x559, 0x55A]] * 2
-    code = ("import json, sys\nfrom voice_lib.text import phonemize\n"
+    code = ("import json, sys\nfrom voice_lib.data.text import phonemize\n"
             "for t in json.loads(sys.argv[1]):\n    phonemize(t, 'en')\nprint('ok')")
     done = subprocess.run([sys.executable, "-c", code, json.dumps(texts)], capture_output=True, text=True, timeout=120,
                           cwd=str(Path(__file__).resolve().parent.parent))

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from voice_lib import onboarding
-from voice_lib.storage import artifact_store
+from voice_lib.core.storage import artifact_store
+from voice_lib.pipelines import onboarding
 
 
 @pytest.mark.slow
 def test_gates_reject_a_broken_adapter(settings, mlflow_server, clean_voice):
     from safetensors.torch import load, save
 
-    from voice_lib.registry import Registry
-    from voice_lib.training_pipeline import GatesFailed, evaluate_voice, finetune_voice, register_voice
+    from voice_lib.pipelines.evaluation import evaluate_voice
+    from voice_lib.pipelines.training import finetune_voice
+    from voice_lib.release.registration import GatesFailed, register_voice
+    from voice_lib.release.registry import Registry
 
     settings = settings.model_copy(update={"mlflow_tracking_uri": mlflow_server})
     dataset = onboarding.ingest("gate-bad", str(clean_voice), settings, shards=1)

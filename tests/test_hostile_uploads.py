@@ -50,12 +50,20 @@ import pytest
 import soundfile as sf
 from test_ingest import make_zip, with_limits
 
-from voice_lib import corpus
-from voice_lib.audio import PEAK_CEILING, loudness_lufs
-from voice_lib.config import Settings
-from voice_lib.ingest import IngestError
-from voice_lib.onboarding import QCRejected, dataset_prefix, ingest, load_qc_report, qc_prefix, qc_report, qc_shard
-from voice_lib.storage import artifact_store, s3_client
+from voice_lib.core.config import Settings
+from voice_lib.core.storage import artifact_store, s3_client
+from voice_lib.data import corpus
+from voice_lib.data.audio import PEAK_CEILING, loudness_lufs
+from voice_lib.data.staging import IngestError
+from voice_lib.pipelines.onboarding import (
+    QCRejected,
+    dataset_prefix,
+    ingest,
+    load_qc_report,
+    qc_prefix,
+    qc_report,
+    qc_shard,
+)
 
 VOICE = "alice"
 OTHER_VOICE = "alice-2"  # shares the prefix string "voices/alice": the trailing slash must matter

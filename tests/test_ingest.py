@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from voice_lib.config import Settings
-from voice_lib.ingest import IngestError
-from voice_lib.onboarding import dataset_prefix, ingest
-from voice_lib.storage import artifact_store
+from voice_lib.core.config import Settings
+from voice_lib.core.storage import artifact_store
+from voice_lib.data.staging import IngestError
+from voice_lib.pipelines.onboarding import dataset_prefix, ingest
 
 VOICE = "alice"
 

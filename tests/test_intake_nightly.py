@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from voice_lib.intake import claim, find_ready_datasets
-from voice_lib.nightly import regressions
+from voice_lib.pipelines.intake import claim, find_ready_datasets
+from voice_lib.pipelines.nightly import regressions
 
 
 def test_intake_hands_each_complete_dataset_over_once(settings, tmp_path):

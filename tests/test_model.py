@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from voice_lib.model import ModelConfig, monotonic_alignment
-from voice_lib.text import SYMBOLS
+from voice_lib.data.text import SYMBOLS
+from voice_lib.model.network import ModelConfig, monotonic_alignment
 
 TINY = dict(d_model=64, n_heads=2, ffn_dim=128, encoder_layers=1, decoder_layers=1)
 
@@ -25,9 +25,9 @@ def test_monotonic_alignment_is_monotonic_and_complete():
 
 @pytest.fixture(scope="module")
 def tiny_examples(tmp_path_factory):
-    from voice_lib.config import Settings
-    from voice_lib.corpus import generate_corpus
-    from voice_lib.datasets import featurize_corpus
+    from voice_lib.core.config import Settings
+    from voice_lib.data.corpus import generate_corpus
+    from voice_lib.data.datasets import featurize_corpus
 
     root = tmp_path_factory.mktemp("tiny")
     generate_corpus(root / "corpus", ["flite-awb", "flite-kal16"], 6, progress=False)
@@ -36,8 +36,15 @@ def tiny_examples(tmp_path_factory):
 
 
 def test_train_infer_resume_and_lora(tiny_examples, tmp_path):
-    from voice_lib.inference import Synthesizer
-    from voice_lib.train import TrainConfig, fit, load_base, lora_model, new_base_model, save_base, trainable_parameters
+    from voice_lib.infer.synthesizer import Synthesizer
+    from voice_lib.model.checkpoints import (
+        load_base,
+        lora_model,
+        new_base_model,
+        save_base,
+        trainable_parameters,
+    )
+    from voice_lib.train.loop import TrainConfig, fit
 
     examples, settings = tiny_examples
     assert len(examples) == 12 and all(e.features.shape[1] == 63 for e in examples)

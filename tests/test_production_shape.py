@@ -25,7 +25,7 @@ import pytest
 from conftest import free_port
 from rich.console import Console
 
-from voice_lib.config import EvalSettings, Settings
+from voice_lib.core.config import EvalSettings, Settings
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -170,7 +170,7 @@ class Shape:
         return self.settings.home / "airflow"
 
     def worker_command(self) -> list[str]:
-        from voice_lib import stack
+        from voiceops import stack
 
         return [stack._executable("airflow"), "celery", "worker", "--queues", self.queue, "--celery-hostname",
                 f"{self.queue}-{len(self.components.procs)}@%h", "--concurrency", str(self.settings.airflow_parallelism),
@@ -185,7 +185,7 @@ def production_shape(tmp_path: Path, s3_endpoint: str, s3_bucket: str, budget: f
     pytest.importorskip("airflow.providers.celery", reason="install the airflow extra: pip install -e '.[airflow]'")
     import psycopg
 
-    from voice_lib import stack
+    from voiceops import stack
 
     started = time.monotonic()
     deadline = started + budget
@@ -268,8 +268,8 @@ def test_onboarding_on_the_production_shape(tmp_path, s3_endpoint, s3_bucket, cl
     import psycopg
     from mlflow import MlflowClient
 
-    from voice_lib.airflow_client import trigger_and_follow
-    from voice_lib.storage import artifact_store
+    from voice_lib.core.storage import artifact_store
+    from voiceops.airflow_client import trigger_and_follow
 
     voice_id = "prod-slt"
     with production_shape(tmp_path, s3_endpoint, s3_bucket, BUDGET_SECONDS) as shape:
@@ -351,11 +351,11 @@ def test_a_celery_worker_killed_mid_training_is_retried_and_resumes_from_the_che
     import threading
 
     import psutil
-
     from conftest import report_fault
-    from voice_lib.airflow_client import trigger_and_follow
-    from voice_lib.registry import Registry
-    from voice_lib.storage import artifact_store
+
+    from voice_lib.core.storage import artifact_store
+    from voice_lib.release.registry import Registry
+    from voiceops.airflow_client import trigger_and_follow
 
     voice_id, steps = "killed-worker", 150  # checkpoints at steps 50 and 100
     # A task whose worker died stops heartbeating: found after 20 s here (the default is 300 s).

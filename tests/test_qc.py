@@ -21,11 +21,10 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
-
-from voice_lib.speech import word_error_rate
 import soundfile as sf
 
-from voice_lib import corpus
+from voice_lib.data import corpus
+from voice_lib.data.speech import word_error_rate
 
 SR = 16000
 CLEAN_PREFIX = "flite-slt_"  # file names make_voice_dataset gives the clean speaker's clips
@@ -45,14 +44,14 @@ class QCRun:
 
 
 def run_qc(data: Path | str, home: Path, *args: str) -> QCRun:
-    """`python -m voice_lib.cli qc DATA --json --no-mlflow ARGS` in a private VOICEOPS_HOME."""
+    """`python -m voiceops.cli qc DATA --json --no-mlflow ARGS` in a private VOICEOPS_HOME."""
     home.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VOICEOPS_")}  # no stray config
     env["VOICEOPS_HOME"] = str(home)
     env["COLUMNS"] = "400"  # rich wraps stderr at 80 columns without a terminal, folding long paths
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "voice_lib.cli", "qc", str(data), "--json", "--no-mlflow", *args],
+        [sys.executable, "-m", "voiceops.cli", "qc", str(data), "--json", "--no-mlflow", *args],
         env=env, capture_output=True, text=True, cwd=home, timeout=600,
     )
     elapsed = time.monotonic() - start

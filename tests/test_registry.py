@@ -1,4 +1,4 @@
-"""voice_lib.registry against a real MLflow server (the session's `mlflow_server`), no mocks."""
+"""voice_lib.release.registry against a real MLflow server (the session's `mlflow_server`), no mocks."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from voice_lib.config import Settings
-from voice_lib.registry import BASE_MODEL, ModelVersionInfo, Registry, RegistryError
-from voice_lib.report import experiment_id, mlflow_client
+from voice_lib.core.config import Settings
+from voice_lib.core.tracking import experiment_id, mlflow_client
+from voice_lib.release.registry import (
+    BASE_MODEL,
+    ModelVersionInfo,
+    Registry,
+    RegistryError,
+)
 
 LINEAGE = {"base_model": "voice-base", "base_version": "1", "base_sha256": "b" * 64, "data_sha256": "d" * 64,
            "code_version": "0.1.0", "lora_rank": "8"}

@@ -8,9 +8,15 @@ import uuid
 
 import pytest
 
-from voice_lib.config import ReleaseSettings
-from voice_lib.release import (ReleaseHistory, WindowStats, advance_rollout, analyze, start_rollout,
-                               validate_steps)
+from voice_lib.core.config import ReleaseSettings
+from voice_lib.release.rollout import (
+    ReleaseHistory,
+    WindowStats,
+    advance_rollout,
+    analyze,
+    start_rollout,
+    validate_steps,
+)
 
 
 def test_steps_rise_to_100_and_never_more_than_double():
@@ -54,8 +60,8 @@ def release_env(tmp_path, mlflow_server):
     """A voice with production v1 and candidate v2 in the real registry, and an audit DB."""
     from mlflow import MlflowClient
 
-    from voice_lib.config import Settings
-    from voice_lib.registry import Registry
+    from voice_lib.core.config import Settings
+    from voice_lib.release.registry import Registry
 
     settings = Settings(home=tmp_path / "home", mlflow_tracking_uri=mlflow_server)
     settings = settings.model_copy(update={"release": settings.release.model_copy(update={

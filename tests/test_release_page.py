@@ -13,7 +13,7 @@ import httpx
 import pytest
 from conftest import free_port
 
-from voice_lib.config import ReleaseSettings, Settings
+from voice_lib.core.config import ReleaseSettings, Settings
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 CHROMIUM = "/usr/bin/chromium"
@@ -87,7 +87,7 @@ def _register_two_versions(settings: Settings, tmp_path: Path, voice: str) -> st
     """voice-<voice> with versions 1 (production) and 2 in the real registry, as tests/test_release.py does."""
     from mlflow import MlflowClient
 
-    from voice_lib.registry import Registry
+    from voice_lib.release.registry import Registry
 
     name = f"voice-{voice}"
     registry, client = Registry(settings), MlflowClient(settings.mlflow_tracking_uri)
@@ -107,8 +107,8 @@ def _register_two_versions(settings: Settings, tmp_path: Path, voice: str) -> st
 
 def _register_voice_in_canary(settings: Settings, tmp_path: Path) -> str:
     """Production v1 and v2 on the canary at 20% (step 2 of a staged rollout, one decision in the history)."""
-    from voice_lib.registry import Registry
-    from voice_lib.release import CheckResult, Decision, ReleaseHistory
+    from voice_lib.release.registry import Registry
+    from voice_lib.release.rollout import CheckResult, Decision, ReleaseHistory
 
     voice = f"page-{uuid.uuid4().hex[:8]}"
     name = _register_two_versions(settings, tmp_path, voice)
@@ -129,7 +129,7 @@ def _register_voice_in_canary(settings: Settings, tmp_path: Path) -> str:
 
 def _register_voice_with_tripped_breaker(settings: Settings, tmp_path: Path) -> str:
     """A canary the server's breaker took out of traffic; its last decision only in version tags (no history row)."""
-    from voice_lib.registry import Registry
+    from voice_lib.release.registry import Registry
 
     voice = f"brk-{uuid.uuid4().hex[:8]}"
     name = _register_two_versions(settings, tmp_path, voice)
@@ -157,8 +157,8 @@ def _viewer_token(admin_token: str, settings: Settings) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_release_page_in_airflow_rolls_back_a_canary(tmp_path, mlflow_server, browser):
-    from voice_lib import stack
-    from voice_lib.registry import Registry
+    from voice_lib.release.registry import Registry
+    from voiceops import stack
 
     settings = Settings(home=tmp_path / "home", airflow_port=free_port(), mlflow_tracking_uri=mlflow_server)
     assert stack.airflow_env(settings)["VOICEOPS_MLFLOW_TRACKING_URI"] == mlflow_server  # what the plugin will read

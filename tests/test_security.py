@@ -37,12 +37,12 @@ from typing import Callable, Iterator
 
 import httpx
 import pytest
-from pydantic import BaseModel, SecretStr
-
 from conftest import free_port
+from pydantic import BaseModel, SecretStr
 from serving_stack import SECRET, TEXT, ServerStack, make_adapter, running_stack
+
 from serving.tenants import TenantDirectory, stable_bucket
-from voice_lib.config import Settings
+from voice_lib.core.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -203,11 +203,11 @@ def test_revoked_key_stops_working_on_the_running_server(stack: ServerStack, cli
     pid = stack.proc.pid
     assert call(client, "GET", "/v1/voices", bearer(key)).json()["voices"][0]["voice_id"] == stack.a  # no restart
     env = {**os.environ, "VOICEOPS_HOME": str(stack.home)}
-    listed = subprocess.run([sys.executable, "-m", "voice_lib.cli", "keys", "list", "--json"], env=env, cwd=stack.home,
+    listed = subprocess.run([sys.executable, "-m", "voiceops.cli", "keys", "list", "--json"], env=env, cwd=stack.home,
                             capture_output=True, text=True, timeout=60, check=True)
     assert tenant.key_id in listed.stdout and key not in listed.stdout + listed.stderr
     assert hashlib.sha256(key.encode()).hexdigest() not in listed.stdout  # not even the hash is printed
-    revoked = subprocess.run([sys.executable, "-m", "voice_lib.cli", "keys", "revoke", tenant.key_id], env=env,
+    revoked = subprocess.run([sys.executable, "-m", "voiceops.cli", "keys", "revoke", tenant.key_id], env=env,
                              cwd=stack.home, capture_output=True, text=True, timeout=60)
     assert revoked.returncode == 0, revoked.stderr
     for path, body in (("/v1/voices", None), ("/v1/tts", _tts_body(stack.a))):
@@ -315,7 +315,7 @@ def test_admin_routes_refuse_tenant_keys(stack: ServerStack, client: httpx.Clien
 
 def _register_unloadable_voice(stack: ServerStack) -> str:
     """A production version whose lineage names a base the server does not have: it fails to load."""
-    from voice_lib.report import experiment_id, mlflow_client
+    from voice_lib.core.tracking import experiment_id, mlflow_client
 
     voice = f"srv-c-{uuid.uuid4().hex[:8]}"
     folder = make_adapter(stack.base, stack.work / voice, 9)
@@ -476,7 +476,7 @@ def test_settings_mask_every_secret(tmp_path: Path) -> None:
 
 
 def _cli(args: list[str], env: dict[str, str], cwd: Path) -> str:
-    r = subprocess.run([sys.executable, "-m", "voice_lib.cli", *args], env=env, cwd=cwd, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "voiceops.cli", *args], env=env, cwd=cwd, capture_output=True,
                        text=True, timeout=120)
     return r.stdout + r.stderr
 

@@ -26,15 +26,23 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from serving_stack import (
+    SECRET,
+    TEXT,
+    ServerStack,
+    make_adapter,
+    phoneme_ids,
+    running_stack,
+    tiny_base,
+)
 
-from serving_stack import SECRET, TEXT, ServerStack, make_adapter, phoneme_ids, running_stack, tiny_base
 from serving.multilora import AdapterWeights, LoraBank, install
 from serving.pool import BaseBundle, SynthesisError, SynthesisJob, VoiceRoute, run_batch
 from serving.routing import CANARY, PRODUCTION, choose
 from serving.tenants import stable_bucket
-from voice_lib.config import ServingSettings, Settings
-from voice_lib.features import FeatureConfig
-from voice_lib.registry import Registry
+from voice_lib.core.config import ServingSettings, Settings
+from voice_lib.data.features import FeatureConfig
+from voice_lib.release.registry import Registry
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -472,7 +480,7 @@ def test_graceful_shutdown_finishes_in_flight_requests_and_flushes_the_audit_log
 def test_a_broken_text_frontend_is_a_503_not_silence_or_a_422(monkeypatch) -> None:
     import serving.synthesis as synthesis
     from serving.synthesis import ServingError, phoneme_chunks
-    from voice_lib.text import FrontendUnavailable
+    from voice_lib.data.text import FrontendUnavailable
 
     def broken(text: str, language: str) -> str:
         raise FrontendUnavailable("espeak-ng is not installed: apt-get install espeak-ng (libespeak-ng.so.1)")

@@ -18,7 +18,7 @@ import pytest
 from serving.audit import AuditLog
 from serving.metrics import HISTOGRAMS, METRIC_NAMES, METRIC_SERIES, ServerMetrics
 from serving.tenants import RateLimiter, Tenant, TenantDirectory, stable_bucket
-from voice_lib.release import AuditSource, WindowStats
+from voice_lib.release.rollout import AuditSource, WindowStats
 
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -200,7 +200,7 @@ def _round_trip(audit: AuditLog) -> None:
     assert audit.count() == 136
     assert audit.count(variant="canary", status=500) == 5
     assert audit.count(since=now - timedelta(days=2)) == 116
-    # canary_promotion's view of the same rows (voice_lib.release.AuditSource)
+    # canary_promotion's view of the same rows (voice_lib.release.rollout.AuditSource)
     source, since, until = AuditSource(audit.url), (now - timedelta(minutes=5)).timestamp(), time.time() + 60
     stats = source.window("alice", "canary", since, until)
     assert stats.requests == 115 and stats.errors == 5 and stats.error_rate == pytest.approx(5 / 115)
@@ -335,7 +335,7 @@ def test_metrics_render_every_name():
 def _voiceops(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VOICEOPS_")}
     env["VOICEOPS_HOME"] = str(tmp_path / "home")
-    return subprocess.run([sys.executable, "-m", "voice_lib.cli", "keys", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "voiceops.cli", "keys", *args], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=120)
 
 
@@ -405,7 +405,7 @@ _DEAD_REGISTRY = r"""
 import sys, time
 from mlflow import MlflowClient
 from serving.pool import bound_registry_requests
-from voice_lib.config import ServingSettings
+from voice_lib.core.config import ServingSettings
 
 serving = ServingSettings()
 bound_registry_requests(serving.registry_request_retries, serving.registry_request_timeout_seconds)
@@ -432,10 +432,10 @@ def test_a_registry_that_went_away_fails_a_server_request_in_seconds():
 def _upgrade_round_trip(url: str) -> None:
     """An audit table written by a server from before the rtf column gets it on start, old rows kept, and
     canary_promotion's audit source reads the median RTF from it."""
-    from sqlalchemy import MetaData, Table, inspect, insert
+    from sqlalchemy import MetaData, Table, insert, inspect
 
     from serving.audit import audit_log
-    from voice_lib.db import make_engine
+    from voice_lib.core.db import make_engine
 
     engine = make_engine(url)
     old = Table("audit_log", MetaData(), *[c._copy() for c in audit_log.columns if c.name != "rtf"])

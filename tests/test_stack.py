@@ -1,4 +1,4 @@
-"""End-to-end checks of voice_lib.stack: real MLflow / Airflow processes on free ports in a tmp home."""
+"""End-to-end checks of voiceops.stack: real MLflow / Airflow processes on free ports in a tmp home."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from voice_lib import stack
 from conftest import free_port
-from voice_lib.config import Settings
+
+from voice_lib.core.config import Settings
+from voiceops import stack
 
 
 def _group_gone(pgid: int, timeout: float = 10.0) -> bool:

@@ -10,8 +10,8 @@ from typing import Callable
 import boto3
 import pytest
 
-from voice_lib.config import Settings
-from voice_lib.storage import LocalStore, S3Store, StorageError, open_store
+from voice_lib.core.config import Settings
+from voice_lib.core.storage import LocalStore, S3Store, StorageError, open_store
 
 UNSAFE_KEYS = ["../x", "/abs", "a/../../b", "..\\x", "a/.."]
 

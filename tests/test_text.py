@@ -1,4 +1,4 @@
-"""Tests for voice_lib.text against the real espeak-ng and pypinyin (no mocks)."""
+"""Tests for voice_lib.data.text against the real espeak-ng and pypinyin (no mocks)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,11 +11,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from voice_lib import text as T
-from voice_lib.text import (
-    PAUSE_TOKENS, SYMBOLS, SYMBOLS_VERSION, UNK, WORD_BOUNDARY, TextError, count_phones,
-    frontend_cache_info, normalize_text, phonemes_to_ids, phonemize, split_by_script,
-    split_sentences, symbol_to_id,
+from voice_lib.data import text as T
+from voice_lib.data.text import (
+    PAUSE_TOKENS,
+    SYMBOLS,
+    SYMBOLS_VERSION,
+    UNK,
+    WORD_BOUNDARY,
+    TextError,
+    count_phones,
+    frontend_cache_info,
+    normalize_text,
+    phonemes_to_ids,
+    phonemize,
+    split_by_script,
+    split_sentences,
+    symbol_to_id,
 )
 
 BOUNDED = settings(max_examples=200, deadline=None)
@@ -42,7 +53,7 @@ def test_phonemes_to_ids_never_fails():
 
 
 def test_import_is_lazy():
-    code = "import sys, voice_lib.text; print('phonemizer' in sys.modules, 'pypinyin' in sys.modules)"
+    code = "import sys, voice_lib.data.text; print('phonemizer' in sys.modules, 'pypinyin' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
@@ -232,7 +243,7 @@ def test_split_sentences_properties(parts, max_chars):
 def test_missing_espeak_gives_clear_text_error(tmp_path):
     # A real process pointed at a library path that does not exist, as on a box without espeak-ng.
     code = (
-        "from voice_lib.text import phonemize, TextError\n"
+        "from voice_lib.data.text import phonemize, TextError\n"
         "try:\n    phonemize('hello', 'en')\nexcept TextError as e:\n    print(e)\n"
         "print(phonemize('你好', 'zh'))\n"
     )

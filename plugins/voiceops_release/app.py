@@ -21,11 +21,20 @@ from typing import Annotated, Any
 
 from airflow.api_fastapi.app import get_auth_manager
 from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
-from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+from airflow.api_fastapi.auth.managers.models.resource_details import (
+    DagAccessEntity,
+    DagDetails,
+)
 from airflow.api_fastapi.core_api.security import get_user
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+)
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -66,21 +75,21 @@ class RollbackBody(BaseModel):
 
 @lru_cache(maxsize=1)
 def _settings():
-    from voice_lib.config import get_settings
+    from voice_lib.core.config import get_settings
 
     return get_settings()
 
 
 @lru_cache(maxsize=1)
 def _registry():
-    from voice_lib.registry import Registry
+    from voice_lib.release.registry import Registry
 
     return Registry(_settings())  # its MLflow client is made (and the server checked) on first use
 
 
 @lru_cache(maxsize=1)
 def _history_cached():
-    from voice_lib.release import ReleaseHistory
+    from voice_lib.release.rollout import ReleaseHistory
 
     return ReleaseHistory(_settings().resolved_audit_url)
 
@@ -106,7 +115,7 @@ def _registry_error(exc: Exception, voice_id: str | None, action: str | None) ->
 
 
 def _valid_voice(voice_id: str) -> str:
-    from voice_lib.config import validate_voice_id
+    from voice_lib.core.config import validate_voice_id
 
     try:
         return validate_voice_id(voice_id)
@@ -219,7 +228,7 @@ def page(user: Reader) -> FileResponse:
 
 def _voice_or_error(voice_id: str) -> dict[str, Any]:
     """voice_view, or the voice with an error message (one unreadable voice must not hide the others)."""
-    from voice_lib.registry import RegistryError
+    from voice_lib.release.registry import RegistryError
 
     try:
         return view.voice_view(_settings(), _registry(), _history(), voice_id)
@@ -232,7 +241,7 @@ def _voice_or_error(voice_id: str) -> dict[str, Any]:
 @app.get("/api/voices")
 async def list_voices(user: Reader) -> dict[str, Any]:
     """Every voice model with its aliases, canary weight, step, latest analysis, breaker and release_state."""
-    from voice_lib.registry import RegistryError
+    from voice_lib.release.registry import RegistryError
 
     settings = _settings()
     try:
@@ -252,7 +261,7 @@ async def list_voices(user: Reader) -> dict[str, Any]:
 
 
 async def _one_voice(voice_id: str) -> dict[str, Any]:
-    from voice_lib.registry import RegistryError
+    from voice_lib.release.registry import RegistryError
 
     voice_id = _valid_voice(voice_id)
 
@@ -275,7 +284,7 @@ async def get_voice(voice_id: str, user: Reader) -> dict[str, Any]:
 
 
 async def _act(voice_id: str, action: str, user: BaseUser, **kwargs: Any) -> dict[str, Any]:
-    from voice_lib.registry import RegistryError
+    from voice_lib.release.registry import RegistryError
 
     voice_id = _valid_voice(voice_id)
     who = user.get_name()

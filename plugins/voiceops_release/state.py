@@ -1,7 +1,7 @@
 """What the release page shows for a voice, built from the registry and the release history.
 
 No FastAPI or Airflow imports here: app.py serves it, and tests can call it against a real registry.
-Everything is read through ``voice_lib.registry.Registry`` and ``voice_lib.release.ReleaseHistory``;
+Everything is read through ``voice_lib.release.registry.Registry`` and ``voice_lib.release.rollout.ReleaseHistory``;
 the only writes are the four release actions, which call the registry's own methods.
 """
 
@@ -12,7 +12,7 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
-from voice_lib.config import ReleaseSettings, Settings
+from voice_lib.core.config import ReleaseSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ HISTORY_LIMIT = 20
 
 
 def thresholds(cfg: ReleaseSettings) -> dict[str, dict[str, Any]]:
-    """The configured limits of the canary analysis (voice_lib.release.analyze), by check name."""
+    """The configured limits of the canary analysis (voice_lib.release.rollout.analyze), by check name."""
     return {
         "requests": {"threshold": cfg.min_requests, "op": ">=", "unit": "requests",
                      "note": "fewer is inconclusive: the window is extended"},
@@ -85,7 +85,7 @@ def analysis_from_row(row: dict, limits: dict) -> dict[str, Any]:
 
 
 def analysis_from_tags(version: str, tags: dict[str, str], limits: dict) -> dict[str, Any] | None:
-    """The newest ``release_decision_<ms>`` version tag (written by voice_lib.release) as an analysis block."""
+    """The newest ``release_decision_<ms>`` version tag (written by voice_lib.release.rollout) as an analysis block."""
     keys = [k for k in tags if k.startswith("release_decision_") and k.removeprefix("release_decision_").isdigit()]
     for key in sorted(keys, key=lambda k: int(k.removeprefix("release_decision_")), reverse=True):
         try:
@@ -137,7 +137,7 @@ def _version_flags(tags: dict[str, str]) -> dict[str, Any]:
 
 def voice_view(settings: Settings, registry: Any, history: Any, voice_id: str) -> dict[str, Any]:
     """Everything the page shows for one voice (raises RegistryError when the voice cannot be read)."""
-    from voice_lib.registry import RegistryError
+    from voice_lib.release.registry import RegistryError
 
     name = registry.model_name(voice_id)
     state = registry.release_state(name)
@@ -234,11 +234,11 @@ ACTIONS = ("promote", "pause", "resume", "rollback")
 
 
 def perform(registry: Any, voice_id: str, action: str, *, reason: str | None = None, version: str | None = None) -> str:
-    """Run one release action through voice_lib.registry; returns what happened, in a sentence.
+    """Run one release action through voice_lib.release.registry; returns what happened, in a sentence.
 
     Raises RegistryError (from the registry, or here) when the action does not fit the voice's state.
     """
-    from voice_lib.registry import RegistryError
+    from voice_lib.release.registry import RegistryError
 
     name = registry.model_name(voice_id)
     if action == "promote":

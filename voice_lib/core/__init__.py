@@ -1,0 +1,1 @@
+"""Foundations every layer uses: settings, storage, databases, MLflow tracking, hashing."""

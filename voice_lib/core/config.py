@@ -1,0 +1,263 @@
+"""The one place VoiceOps reads configuration.
+
+Every setting can be overridden by an environment variable with the ``VOICEOPS_`` prefix
+(nested groups use ``__``: ``VOICEOPS_QC__MIN_SPEECH_SECONDS=45``) or by a ``.env`` file.
+Code receives a ``Settings`` object; nothing else reads ``os.environ`` for configuration.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+VOICE_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+# The checkout (or editable install) root: voice_lib/../ holds dags/ and plugins/.
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class QCSettings(BaseModel):
+    """Thresholds of the data quality check. Defaults suit 1-5 minutes of one speaker."""
+
+    min_speech_seconds: float = 60.0
+    min_clip_seconds: float = 0.6
+    max_clip_seconds: float = 15.0
+    target_lufs: float = -23.0
+    min_snr_db: float = 15.0
+    # Below this, a clip is too noisy to keep even after denoising.
+    reject_snr_db: float = 5.0
+    clipping_fraction: float = 0.001
+    # GE2E cosine to the voice's median embedding; different speakers score 0.40-0.68 here.
+    min_speaker_similarity: float = 0.70
+    # If more than this share of speech is flagged as another speaker, the set is rejected as mixed.
+    max_foreign_speech_fraction: float = 0.2
+    min_phones_per_second: float = 4.0
+    max_phones_per_second: float = 25.0
+    duplicate_similarity: float = 0.995
+
+
+class EvalSettings(BaseModel):
+    """Release gates of the held-out evaluation (see voice_lib/eval/evaluation.py and shared/notes/measured.md)."""
+
+    # The system the gates judge and the one it must beat (keys of the synthesizers evaluated).
+    gated_system: str = "adapted"
+    baseline_system: str = "base"
+    # GE2E cosine to the voice's embedding: same voice via another engine 0.83-0.88, other voices <= 0.70.
+    min_speaker_similarity: float = 0.75
+    min_similarity_gain_over_base: float = 0.05
+    # Synthesis WER minus the ASR's WER on the real recordings (pocketsphinx alone is ~0.36 on clean speech).
+    max_wer_gap_over_real: float = 0.25
+    # Reconstruction with reference timing; the WORLD vocoder ceiling is PESQ-wb 2.8-3.2, STOI 0.98.
+    min_pesq: float = 1.5
+    min_stoi: float = 0.6
+    max_bad_output_rate: float = 0.0
+    max_rtf: float = 0.5
+    # Bad-output detection.
+    silence_dbfs: float = -50.0
+    clipping_fraction: float = 0.001
+    min_duration_ratio: float = 0.5
+    max_duration_ratio: float = 2.5
+    report_clips: int = 5
+
+
+class ServingSettings(BaseModel):
+    """The model server (serving/): loading, routing, batching, tenants, audit, breaker."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    poll_seconds: float = 10.0  # registry poll interval; webhooks make reloads immediate
+    # Each MLflow request of the server: retries and timeout. Small, so a registry that goes away mid-reload
+    # fails that reload in seconds (readiness turns degraded) instead of MLflow's default 7 retries.
+    registry_request_retries: int = 1
+    registry_request_timeout_seconds: int = 10
+    webhook_secret: SecretStr | None = None  # HMAC key of MLflow registry webhooks
+    tenants_file: Path | None = None  # default <home>/tenants.json (API keys stored hashed)
+    audit_url: str = ""  # SQLAlchemy URL; default sqlite:///<home>/audit.db
+    audit_retention_days: int = 180
+    max_text_chars: int = 1000
+    request_timeout_seconds: float = 30.0
+    batch_max_size: int = 8
+    batch_max_wait_ms: float = 10.0
+    # Threads vocoding the rows of a batch in parallel (WORLD releases the GIL); 0 = one per usable CPU core.
+    vocoder_threads: int = Field(0, ge=0)
+    frontend_cache_size: int = 4096
+    rate_limit_per_minute: int = 600  # per API key unless the tenant sets its own
+    breaker_window_seconds: float = 60.0
+    breaker_min_requests: int = 20
+    breaker_max_error_rate: float = 0.05
+    breaker_max_p95_ms: float = 2000.0
+    breaker_max_bad_audio_rate: float = 0.05
+    # Canary over production median real-time factor (synthesis compute s per audio s; same voice, same window,
+    # both with breaker_min_requests samples): catches a canary several times slower without an absolute
+    # threshold tuned per machine, and not one that merely speaks longer (serving/breaker.py).
+    breaker_max_latency_ratio: float = 2.0
+    # Game days and staging only: honour the version tag ``fault_injection`` (raise | silence | slow:<factor>)
+    # so rollback can be rehearsed on a real release. Off in production; the server logs when it is on.
+    fault_injection: bool = False
+    # glibc malloc arenas for the server process (serving/memory.py: flat RSS under mixed-size, multi-thread
+    # allocation); 0 keeps glibc's default of 8 per core.
+    malloc_arena_max: int = 2
+    # Return freed heap pages to the OS (malloc_trim) on the poll after a version swap and at least this often;
+    # 0 never trims (serving/memory.py).
+    heap_trim_seconds: float = 60.0
+    warmup_text: str = "Hello, this is a short warm up sentence."
+    # Base model folder the server may use when a version's registered base cannot be fetched; it is only
+    # used for versions whose base_sha256 lineage tag matches its weights, never for another base.
+    base_dir: Path | None = None
+
+
+class ReleaseSettings(BaseModel):
+    """Staged canary promotion (dags/canary_promotion.py, voice_lib/release/rollout.py)."""
+
+    steps: list[int] = [10, 20, 40, 60, 80, 100]  # percent of users; never more than doubling
+    window_seconds: float = 7200.0  # observation window per step
+    poke_seconds: float = 30.0  # how often the rescheduling sensor re-checks (no worker held between)
+    blackout_hours: list[int] = []  # UTC hours in which no step advances (peak traffic)
+    manual_approval: bool = False  # hold before 100% until `voiceops promote` or the release page approves
+    max_p95_ms: float = 800.0  # canary p95 end-to-end latency: what callers wait
+    max_error_rate: float = 0.005
+    max_rtf: float = 0.5
+    # Canary over production real-time factor (synthesis compute s per audio s) over the same window:
+    # median from the audit table, mean from Prometheus. Not a p95 ratio: a canary may speak longer.
+    max_rtf_ratio: float = 1.2
+    max_bad_audio_rate: float = 0.01
+    min_requests: int = 50  # below: inconclusive, the window is extended
+    max_extensions: int = 3  # inconclusive windows before pausing for a human
+    probe_wer_margin: float = 0.10  # online probe WER may exceed the registered evaluation by this much
+    probe_similarity_margin: float = 0.05
+    prometheus_url: str | None = None  # metrics from Prometheus' HTTP API when set, else audit table + /metrics
+    server_url: str | None = None  # the model server, for /metrics and the quality probe
+    probe_api_key: SecretStr | None = None  # a key allowed to force X-Voice-Variant
+    alert_webhook_url: str | None = None  # POSTed a JSON alert on every rollback
+    auto_promote_after_onboarding: bool = False  # voice_intake/onboarding may start canary_promotion
+
+
+class LimitSettings(BaseModel):
+    """Guards against hostile or accidental uploads."""
+
+    max_upload_bytes: int = 512 * 1024**2
+    max_file_bytes: int = 200 * 1024**2
+    max_files: int = 5000
+    max_zip_ratio: float = 200.0
+    max_total_audio_seconds: float = 3600.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VOICEOPS_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    home: Path = Field(default=Path(".voiceops"), description="SQLite files, local artifacts, logs, pids.")
+    storage_uri: str = Field(default="", description="file:// or s3:// root for datasets and artifacts. Default: <home>/store.")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, moto). None means AWS.")
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+
+    mlflow_tracking_uri: str = Field(default="http://127.0.0.1:5000", description="MLflow server URL.")
+    mlflow_host: str = "127.0.0.1"
+    mlflow_port: int = 5000
+    mlflow_backend_store_uri: str = Field(default="", description="Default: sqlite:///<home>/mlflow.db")
+    mlflow_artifacts_destination: str = Field(default="", description="Default: <home>/mlartifacts")
+
+    intake_uri: str = Field(default="", description="Where voice_intake looks for new datasets (<voice_id>/ with _READY). Default <home>/incoming.")
+
+    airflow_url: str = "http://127.0.0.1:8080"
+    airflow_host: str = "127.0.0.1"
+    airflow_port: int = 8080
+    airflow_username: str = "admin"
+    airflow_password: SecretStr | None = None
+    airflow_parallelism: int = Field(default=4, description="Task slots of the local Airflow (LocalExecutor workers).")
+    dags_folder: Path = Field(default=_REPO_ROOT / "dags", description="Dags served by the local Airflow.")
+    plugins_folder: Path = Field(default=_REPO_ROOT / "plugins", description="Plugins of the local Airflow.")
+
+    sample_rate: int = 16000
+    language: str = "en"
+    qc: QCSettings = QCSettings()
+    serving: ServingSettings = ServingSettings()
+    release: ReleaseSettings = ReleaseSettings()
+    eval: EvalSettings = EvalSettings()
+    limits: LimitSettings = LimitSettings()
+
+    @field_validator("home", "dags_folder", "plugins_folder")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _client_urls_follow_ports(self) -> "Settings":
+        # Changing only a port must not leave clients pointing at the old one.
+        if "mlflow_tracking_uri" not in self.model_fields_set:
+            host = "127.0.0.1" if self.mlflow_host in ("0.0.0.0", "") else self.mlflow_host
+            self.mlflow_tracking_uri = f"http://{host}:{self.mlflow_port}"
+        if "airflow_url" not in self.model_fields_set:
+            host = "127.0.0.1" if self.airflow_host in ("0.0.0.0", "") else self.airflow_host
+            self.airflow_url = f"http://{host}:{self.airflow_port}"
+        return self
+
+    @property
+    def resolved_storage_uri(self) -> str:
+        return self.storage_uri or (self.home / "store").as_uri()
+
+    @property
+    def resolved_mlflow_backend_store_uri(self) -> str:
+        return self.mlflow_backend_store_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def resolved_mlflow_artifacts_destination(self) -> str:
+        return self.mlflow_artifacts_destination or str(self.home / "mlartifacts")
+
+    @property
+    def resolved_intake_uri(self) -> str:
+        return self.intake_uri or (self.home / "incoming").as_uri()
+
+    @property
+    def resolved_tenants_file(self) -> Path:
+        return self.serving.tenants_file or self.home / "tenants.json"
+
+    @property
+    def resolved_audit_url(self) -> str:
+        return self.serving.audit_url or f"sqlite:///{self.home / 'audit.db'}"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once. Tests build their own ``Settings(...)`` instead."""
+    return Settings()
+
+
+def validate_voice_id(voice_id: str) -> str:
+    """Return voice_id if it is a safe registry/storage name, else raise ValueError saying how to fix it."""
+    if voice_id == "base":  # "voice-base" is the shared base model's registry name
+        raise ValueError("voice_id 'base' is reserved for the shared base model (voice-base); choose another id.")
+    if not isinstance(voice_id, str) or not VOICE_ID_PATTERN.fullmatch(voice_id):
+        raise ValueError(
+            f"voice_id {voice_id!r} is invalid: use 2-63 characters of lowercase letters, digits and dashes, "
+            "starting with a letter or digit (for example 'alice-en')."
+        )
+    return voice_id
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its userinfo replaced by ``***`` (for logs and errors): ``http://u:***@host/``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

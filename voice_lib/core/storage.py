@@ -1,0 +1,231 @@
+"""Artifact and dataset storage behind URIs: ``file:///abs/path`` and ``s3://bucket/prefix``.
+
+Writes are atomic per object (local: write to a temporary file then rename; S3: a single PUT),
+so a crash never leaves a half-written object where a reader could find it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Protocol
+from urllib.parse import urlparse
+
+from voice_lib.core.config import Settings
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message names the URI."""
+
+
+def _safe_key(key: str) -> str:
+    """Normalise a relative key and refuse anything that escapes the store root."""
+    parts = PurePosixPath(key.replace("\\", "/")).parts
+    if key.startswith("/") or any(p in ("..", "") for p in parts):
+        raise StorageError(f"storage key {key!r} is not a safe relative path (no leading '/', no '..').")
+    return "/".join(parts)
+
+
+class Store(Protocol):
+    uri: str
+
+    def read_bytes(self, key: str) -> bytes: ...
+    def write_bytes(self, key: str, data: bytes) -> str: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def delete_prefix(self, prefix: str) -> int: ...
+    def download_to(self, key: str, dest: Path) -> Path: ...
+    def upload_file(self, src: Path, key: str) -> str: ...
+    def child(self, prefix: str) -> "Store": ...
+
+
+@dataclass
+class LocalStore:
+    root: Path
+
+    @property
+    def uri(self) -> str:
+        return self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / _safe_key(key) if key else self.root
+
+    def read_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise StorageError(f"{path} does not exist") from exc
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        _write_atomic(path, data)
+        return path.as_uri()
+
+    def upload_file(self, src: Path, key: str) -> str:
+        return self.write_bytes(key, Path(src).read_bytes())
+
+    def download_to(self, key: str, dest: Path) -> Path:
+        _write_atomic(dest, self.read_bytes(key))
+        return dest
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if base.is_file():
+            return [_safe_key(prefix)]
+        if not base.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.endswith(".part")
+        )
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+        return len(keys)
+
+    def child(self, prefix: str) -> "LocalStore":
+        return LocalStore(self._path(prefix))
+
+
+@dataclass
+class S3Store:
+    bucket: str
+    prefix: str
+    client: object
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def _key(self, key: str) -> str:
+        key = _safe_key(key) if key else ""
+        return "/".join(p for p in (self.prefix, key) if p)
+
+    def _call(self, what: str, key: str, fn, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404"):
+                raise StorageError(f"s3://{self.bucket}/{key} does not exist") from exc
+            raise StorageError(f"S3 {what} of s3://{self.bucket}/{key} failed: {code or exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 {what} of s3://{self.bucket}/{key} failed: {exc}") from exc
+
+    def read_bytes(self, key: str) -> bytes:
+        full = self._key(key)
+        resp = self._call("read", full, self.client.get_object, Bucket=self.bucket, Key=full)
+        return resp["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        full = self._key(key)
+        self._call("write", full, self.client.put_object, Bucket=self.bucket, Key=full, Body=data)
+        return f"s3://{self.bucket}/{full}"
+
+    def upload_file(self, src: Path, key: str) -> str:
+        return self.write_bytes(key, Path(src).read_bytes())
+
+    def download_to(self, key: str, dest: Path) -> Path:
+        _write_atomic(dest, self.read_bytes(key))
+        return dest
+
+    def exists(self, key: str) -> bool:
+        try:
+            full = self._key(key)
+            self._call("head", full, self.client.head_object, Bucket=self.bucket, Key=full)
+            return True
+        except StorageError as exc:
+            if "does not exist" in str(exc) or "404" in str(exc) or "Not Found" in str(exc):
+                return False
+            raise
+
+    def _iter_keys(self, prefix: str) -> Iterator[str]:
+        full = self._key(prefix) if prefix else self.prefix
+        if full and not full.endswith("/") and prefix:
+            # Treat the prefix as a folder unless it names an object exactly.
+            if self.exists(prefix):
+                yield full
+                return
+            full += "/"
+        elif full and not full.endswith("/"):
+            full += "/"
+        paginator = self.client.get_paginator("list_objects_v2")
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"]
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"S3 list of s3://{self.bucket}/{full} failed: {exc}") from exc
+
+    def list(self, prefix: str = "") -> list[str]:
+        strip = f"{self.prefix}/" if self.prefix else ""
+        return sorted(k[len(strip):] for k in self._iter_keys(prefix))
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = list(self._iter_keys(prefix))
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            self._call("delete", prefix, self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch})
+        return len(keys)
+
+    def child(self, prefix: str) -> "S3Store":
+        return S3Store(self.bucket, self._key(prefix), self.client)
+
+
+def s3_client(settings: Settings):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.s3_region,
+        aws_access_key_id=settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None,
+        aws_secret_access_key=settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None,
+        # Adaptive retries ride out short S3 outages; the caller's task retry handles long ones.
+        config=Config(retries={"max_attempts": 5, "mode": "adaptive"}, connect_timeout=5, read_timeout=30),
+    )
+
+
+def open_store(uri: str, settings: Settings) -> Store:
+    """Open a store from a URI. Plain paths are treated as local folders."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme else uri).expanduser().resolve()
+        return LocalStore(path)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"{uri!r} has no bucket: use s3://bucket/prefix")
+        return S3Store(parsed.netloc, parsed.path.strip("/"), s3_client(settings))
+    raise StorageError(f"unsupported storage URI {uri!r}: use a local path, file:///abs/path or s3://bucket/prefix")
+
+
+def artifact_store(settings: Settings) -> Store:
+    return open_store(settings.resolved_storage_uri, settings)
+
+
+def _write_atomic(dest: Path, data: bytes) -> None:
+    """Write a local file so that a kill or a full disk never leaves a partial file under its name:
+    callers skip files that exist, so a partial one would be reused as if it were complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,1 @@
+"""Data: decoding, speech analysis, text frontend, staging uploads, QC, corpus, features, datasets."""

@@ -1,0 +1,1 @@
+"""Inference: the core that predicts and vocodes, and the thin Synthesizer over it."""

@@ -1,0 +1,1 @@
+"""The network and its checkpoints: the shipped base, save/load, LoRA wrapping."""

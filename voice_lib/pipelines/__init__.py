@@ -1,0 +1,1 @@
+"""Pipelines: the onboarding, evaluation, nightly and intake steps the DAGs and the CLI call."""

@@ -1,0 +1,88 @@
+"""Evaluation steps: a trained voice's held-out clips, base vs adapted with the gates, re-evaluation of a registered version."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from voice_lib.core.config import Settings
+from voice_lib.core.storage import artifact_store
+from voice_lib.train.finetune import fetch_voice_model
+
+
+def held_out_clips(settings: Settings, trained: dict) -> list:
+    """The voice's held-out recordings with their texts and features (never seen in training)."""
+    from voice_lib.data.audio import decode_audio
+    from voice_lib.data.datasets import load_manifest, voice_examples
+    from voice_lib.eval.evaluation import HeldOutClip
+
+    store = artifact_store(settings)
+    manifest = load_manifest(settings, trained["manifest_key"])
+    entries = {c["clip_id"]: c for c in manifest["clips"]}
+    examples = {e.clip_id: e for e in voice_examples(manifest, settings)}
+    clips = []
+    for clip_id in trained["held_out"]:
+        entry = entries[clip_id]
+        audio = decode_audio(store.read_bytes(entry["wav"]), settings.sample_rate, entry["wav"]).audio
+        ex = examples[clip_id]
+        clips.append(HeldOutClip(clip_id=clip_id, text=entry["text"], language=entry["language"], audio=audio,
+                                 phoneme_ids=ex.phoneme_ids, features=ex.features))
+    return clips
+
+
+def evaluate_voice(settings: Settings, trained: dict) -> dict:
+    """Base vs adapted on the held-out clips; metrics and the HTML report go to the training run."""
+    from voice_lib.eval.evaluation import (
+        check_gates,
+        evaluate,
+        json_safe,
+        log_eval_to_mlflow,
+    )
+    from voice_lib.infer.synthesizer import Synthesizer
+
+    store = artifact_store(settings)
+    marker = f"{trained['model_prefix']}/evaluation.json"
+    if store.exists(marker):
+        return json_safe(json.loads(store.read_bytes(marker)))
+    model_dir = fetch_voice_model(settings, trained)
+    speaker = np.load(model_dir / "speaker_embedding.npy")
+    base_dir = Path(trained["base_dir"])
+    systems = {
+        "base": Synthesizer.load(base_dir, speaker),
+        "adapted": Synthesizer.load(base_dir, speaker, adapter_dir=model_dir),
+    }
+    out_dir = settings.cache_dir / "work" / trained["voice_id"] / f"eval-{trained['training_key']}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    result = evaluate(systems, held_out_clips(settings, trained), speaker, settings, out_dir)
+    failures = [str(f) for f in check_gates(result.aggregates, settings)]
+    if trained.get("run_id"):
+        log_eval_to_mlflow(result, out_dir, settings, trained["run_id"])
+    # NaN (metrics that don't apply, e.g. PESQ of the real recordings) becomes null: the summary is a task's
+    # return value, and Airflow's Execution API only takes strict JSON.
+    summary = {"aggregates": json_safe(result.aggregates), "gate_failures": failures, "passed": not failures,
+               "report_dir": str(out_dir)}
+    for path in out_dir.rglob("*"):
+        if path.is_file():
+            store.upload_file(path, f"{trained['model_prefix']}/eval_report/{path.relative_to(out_dir).as_posix()}")
+    store.write_bytes(marker, json.dumps(summary, indent=2, default=float).encode())
+    return summary
+
+
+def evaluate_registered(settings: Settings, voice_id: str, alias_or_version: str) -> dict:
+    """Evaluate a registered version again (same held-out clips, same gates) without registering anything."""
+    from voice_lib.eval.evaluation import check_gates, evaluate, json_safe
+    from voice_lib.infer.synthesizer import Synthesizer
+    from voice_lib.release.models import load_registered_voice
+
+    adapted, meta = load_registered_voice(settings, voice_id, alias_or_version)
+    speaker = adapted.speaker[0].numpy()
+    # A separate copy: peft injects LoRA into the adapted model's own modules.
+    base = Synthesizer.load(Path(meta["resolved_base_dir"]), speaker)
+    out_dir = settings.cache_dir / "work" / voice_id / f"eval-{alias_or_version}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    result = evaluate({"base": base, "adapted": adapted}, held_out_clips(settings, meta), speaker, settings, out_dir)
+    failures = [str(f) for f in check_gates(result.aggregates, settings)]
+    return {"aggregates": json_safe(result.aggregates), "gate_failures": failures, "passed": not failures, "report_dir": str(out_dir)}

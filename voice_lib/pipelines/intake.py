@@ -1,0 +1,53 @@
+"""Find newly complete datasets under the incoming prefix, for the voice_intake DAG.
+
+Layout: ``<incoming>/<voice_id>/...`` with a ``_READY`` file (or a ``manifest.json``) written last by
+the uploader. A dataset is handed to voice_onboarding once per content: the claim marker is keyed by
+the voice and a hash of the listing, so re-uploading changed data starts a new onboarding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+
+from voice_lib.core.config import Settings, validate_voice_id
+from voice_lib.core.storage import artifact_store, open_store
+
+log = logging.getLogger(__name__)
+READY_MARKERS = ("_READY", "manifest.json")
+
+
+def find_ready_datasets(settings: Settings) -> list[dict]:
+    """Datasets that are complete and not yet claimed: [{voice_id, data_uri, listing_sha256}]."""
+    incoming = open_store(settings.resolved_intake_uri, settings)
+    claims = artifact_store(settings)
+    by_voice: dict[str, list[str]] = {}
+    for key in incoming.list(""):
+        voice, _, rest = key.partition("/")
+        if rest:
+            by_voice.setdefault(voice, []).append(rest)
+    found = []
+    for voice, files in sorted(by_voice.items()):
+        if not any(f in READY_MARKERS for f in files):
+            continue  # still uploading
+        try:
+            validate_voice_id(voice)
+        except ValueError as exc:
+            log.warning("intake: skipping %s/: %s", voice, exc)
+            continue
+        listing = hashlib.sha256("\n".join(sorted(files)).encode()).hexdigest()
+        if claims.exists(f"intake/claimed/{voice}-{listing[:16]}.json"):
+            continue
+        found.append({"voice_id": voice, "data_uri": f"{incoming.uri}/{voice}", "listing_sha256": listing})
+    log.info("intake: %d new dataset(s) under %s", len(found), incoming.uri)
+    return found
+
+
+def claim(settings: Settings, dataset: dict, run_id: str) -> None:
+    """Record that ``dataset`` was handed to onboarding (after the trigger succeeded)."""
+    artifact_store(settings).write_bytes(
+        f"intake/claimed/{dataset['voice_id']}-{dataset['listing_sha256'][:16]}.json",
+        json.dumps({**dataset, "onboarding_run_id": run_id, "claimed_at": time.time()}).encode(),
+    )

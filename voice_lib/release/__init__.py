@@ -1,0 +1,1 @@
+"""Release: the registry (the only writer), rollout analysis, registration, loading registered models."""

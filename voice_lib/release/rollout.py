@@ -1,0 +1,392 @@
+"""Staged canary promotion: analysis of canary vs production, and the rollout state machine.
+
+``advance_rollout`` is called again and again (by the canary_promotion DAG's rescheduling sensor, so
+no worker is held while a step's window runs). Each call reads the rollout's state from the registry,
+does at most one thing (wait, extend, advance, pause, promote or roll back) and records every
+decision in the release history table and as MLflow tags. Because all state lives in the registry,
+a call can be repeated or a new DAG run can take over at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Literal, Protocol
+
+import httpx
+import sqlalchemy as sa
+
+from voice_lib.core.config import ReleaseSettings, Settings, validate_voice_id
+from voice_lib.core.db import make_engine
+
+log = logging.getLogger(__name__)
+CheckStatus = Literal["pass", "fail", "inconclusive", "skipped"]
+Outcome = Literal["waiting", "extended", "advanced", "paused", "awaiting_approval", "promoted", "rolled_back", "blackout"]
+DONE = ("promoted", "rolled_back", "paused")
+
+metadata = sa.MetaData()
+release_history = sa.Table(
+    "release_history", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ts", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("voice_id", sa.String(64), nullable=False, index=True),
+    sa.Column("version", sa.String(16), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("weight", sa.Integer, nullable=False),
+    sa.Column("outcome", sa.String(32), nullable=False),
+    sa.Column("checks", sa.Text, nullable=False),  # JSON list of CheckResult
+    sa.Column("detail", sa.Text, nullable=False),
+)
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: CheckStatus
+    value: float | None
+    threshold: float | None
+    detail: str
+
+
+@dataclass
+class WindowStats:
+    requests: int
+    errors: int
+    p95_latency_ms: float | None
+    rtf: float | None = None
+    bad_audio: int | None = None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+class MetricsSource(Protocol):
+    def window(self, voice_id: str, variant: str, since: float, until: float) -> WindowStats: ...
+
+
+@dataclass
+class Decision:
+    voice_id: str
+    version: str
+    step: int
+    weight: int
+    outcome: Outcome
+    checks: list[CheckResult] = field(default_factory=list)
+    detail: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.outcome in DONE
+
+
+def validate_steps(steps: list[int]) -> list[int]:
+    """Percent steps must rise to 100 and never more than double (the first step at most 50)."""
+    if not steps or steps[-1] != 100:
+        raise ValueError(f"steps {steps}: must end at 100.")
+    prev = None
+    for s in steps:
+        if not 0 < s <= 100 or (prev is not None and (s <= prev or s > 2 * prev)) or (prev is None and s > 50):
+            raise ValueError(f"steps {steps}: each step must be 1-100, rise, and at most double the previous "
+                             "(first step at most 50).")
+        prev = s
+    return steps
+
+
+# --- metrics sources ------------------------------------------------------------------------------
+
+class AuditSource:
+    """Requests, errors, p95 latency and median real-time factor from the server's audit table.
+
+    Computed in the database (counts, then one ordered row per percentile), so a two-hour window of a busy
+    voice is not pulled into memory. Client errors (401/404/422/429) count as requests but are neither
+    errors of the version nor timings of a synthesis; percentiles are nearest-rank over status < 400."""
+
+    def __init__(self, url: str):
+        self.engine = make_engine(url)
+
+    def window(self, voice_id: str, variant: str, since: float, until: float) -> WindowStats:
+        try:
+            table = sa.Table("audit_log", sa.MetaData(), autoload_with=self.engine)
+        except sa.exc.NoSuchTableError:  # the server has not served a single request yet
+            return WindowStats(0, 0, None)
+        c = table.c
+        window = [c.voice_id == voice_id, c.variant == variant,
+                  c.ts >= datetime.fromtimestamp(since, timezone.utc), c.ts <= datetime.fromtimestamp(until, timezone.utc)]
+        with self.engine.connect() as conn:
+            requests = conn.execute(sa.select(sa.func.count()).where(*window)).scalar_one()
+            errors = conn.execute(sa.select(sa.func.count()).where(*window, c.status >= 500)).scalar_one()
+            ok = [*window, c.status < 400]
+            p95 = _percentile(conn, c.latency_ms, ok, 0.95)
+            # A table written by a server older than the rtf column has none: no RTF check until it upgrades.
+            rtf = _percentile(conn, c.rtf, ok, 0.5) if "rtf" in c else None
+        return WindowStats(int(requests), int(errors), p95, rtf)
+
+
+def _percentile(conn: sa.Connection, column: sa.Column, where: list, fraction: float) -> float | None:
+    """Nearest-rank percentile of the non-null values of ``column`` in the rows matching ``where``."""
+    where = [*where, column.is_not(None)]
+    n = conn.execute(sa.select(sa.func.count()).where(*where)).scalar_one()
+    if not n:
+        return None
+    rank = math.ceil(fraction * n) - 1
+    return float(conn.execute(sa.select(column).where(*where).order_by(column).offset(rank).limit(1)).scalar_one())
+
+
+class PrometheusSource:
+    """The same numbers from Prometheus' HTTP API (the production shape: several replicas)."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    def _scalar(self, query: str, at: float) -> float | None:
+        resp = httpx.get(f"{self.url}/api/v1/query", params={"query": query, "time": at}, timeout=10)
+        resp.raise_for_status()
+        result = resp.json()["data"]["result"]
+        if not result:
+            return None
+        value = float(result[0]["value"][1])
+        return value if value == value else None  # NaN (no samples) → None
+
+    def window(self, voice_id: str, variant: str, since: float, until: float) -> WindowStats:
+        rng = f"{max(1, int(until - since))}s"
+        sel = f'voice="{voice_id}",variant="{variant}"'
+        requests = self._scalar(f"sum(increase(voiceops_requests_total{{{sel}}}[{rng}]))", until) or 0.0
+        errors = self._scalar(f'sum(increase(voiceops_requests_total{{{sel},status=~"5.."}}[{rng}]))', until) or 0.0
+        p95 = self._scalar(f"histogram_quantile(0.95, sum by (le) (rate(voiceops_request_latency_seconds_bucket{{{sel}}}[{rng}])))", until)
+        rtf = self._scalar(f"sum(rate(voiceops_rtf_sum{{{sel}}}[{rng}])) / sum(rate(voiceops_rtf_count{{{sel}}}[{rng}]))", until)
+        bad = self._scalar(f"sum(increase(voiceops_bad_audio_total{{{sel}}}[{rng}]))", until)
+        return WindowStats(round(requests), round(errors), None if p95 is None else p95 * 1000, rtf,
+                           None if bad is None else round(bad))
+
+
+def metrics_source(settings: Settings) -> MetricsSource:
+    if settings.release.prometheus_url:
+        return PrometheusSource(settings.release.prometheus_url)
+    return AuditSource(settings.resolved_audit_url)
+
+
+# --- analysis -------------------------------------------------------------------------------------
+
+def analyze(canary: WindowStats, production: WindowStats, cfg: ReleaseSettings, probe: list[CheckResult] | None = None) -> list[CheckResult]:
+    """Canary vs thresholds and vs production over the same window (Argo-style pass/fail/inconclusive)."""
+    if canary.requests < cfg.min_requests:
+        return [CheckResult("requests", "inconclusive", canary.requests, cfg.min_requests,
+                            f"only {canary.requests} canary requests in the window (need {cfg.min_requests})")]
+    checks = [CheckResult("requests", "pass", canary.requests, cfg.min_requests, f"{canary.requests} canary requests")]
+    rate = canary.error_rate
+    checks.append(CheckResult("error_rate", "pass" if rate <= cfg.max_error_rate else "fail", rate, cfg.max_error_rate,
+                              f"canary error rate {rate:.2%} (limit {cfg.max_error_rate:.2%})"))
+    if canary.p95_latency_ms is None:
+        checks.append(CheckResult("p95_latency_ms", "fail", None, cfg.max_p95_ms, "no successful canary request to time"))
+    else:
+        ok = canary.p95_latency_ms <= cfg.max_p95_ms
+        checks.append(CheckResult("p95_latency_ms", "pass" if ok else "fail", canary.p95_latency_ms, cfg.max_p95_ms,
+                                  f"canary p95 {canary.p95_latency_ms:.0f} ms (limit {cfg.max_p95_ms:.0f} ms)"))
+    if canary.rtf is not None:
+        checks.append(CheckResult("rtf", "pass" if canary.rtf <= cfg.max_rtf else "fail", canary.rtf, cfg.max_rtf,
+                                  f"canary RTF {canary.rtf:.3f} (limit {cfg.max_rtf:g})"))
+        # Speed relative to production per second of audio, not per request: a canary that speaks the
+        # same texts longer takes longer per request without being slower (and at the tens of ms a
+        # short text takes, a p95 ratio between two variants is mostly scheduling noise).
+        if production.rtf and production.requests >= cfg.min_requests:
+            limit = cfg.max_rtf_ratio * production.rtf
+            checks.append(CheckResult("rtf_ratio", "pass" if canary.rtf <= limit else "fail", canary.rtf / production.rtf,
+                                      cfg.max_rtf_ratio, f"canary RTF {canary.rtf:.3f} is x{canary.rtf / production.rtf:.2f} "
+                                      f"production's {production.rtf:.3f} (limit x{cfg.max_rtf_ratio:g})"))
+        else:  # at 100 % production serves (almost) nobody: nothing to compare with, the absolute limit holds
+            why = (f"only {production.requests} production requests in the window to compare with (need {cfg.min_requests})"
+                   if production.requests < cfg.min_requests else "no production real-time factor in the window")
+            checks.append(CheckResult("rtf_ratio", "skipped", None, cfg.max_rtf_ratio, why))
+    if canary.bad_audio is not None:
+        bad_rate = canary.bad_audio / canary.requests
+        checks.append(CheckResult("bad_audio_rate", "pass" if bad_rate <= cfg.max_bad_audio_rate else "fail", bad_rate,
+                                  cfg.max_bad_audio_rate, f"silent or clipped outputs {bad_rate:.2%}"))
+    return checks + list(probe or [])
+
+
+def quality_probe(settings: Settings, voice_id: str, version_tags: dict[str, str], texts: list[str]) -> list[CheckResult]:
+    """Synthesise probe texts through the canary (forced variant) and compare with the registered evaluation."""
+    import numpy as np
+
+    from voice_lib.data.audio import decode_audio
+    from voice_lib.data.speech import (
+        cosine,
+        speaker_embedding,
+        transcribe_english,
+        word_error_rate,
+    )
+
+    cfg = settings.release
+    if not (cfg.server_url and cfg.probe_api_key):
+        return [CheckResult("quality_probe", "skipped", None, None, "no VOICEOPS_RELEASE__SERVER_URL/PROBE_API_KEY set")]
+    headers = {"Authorization": f"Bearer {cfg.probe_api_key.get_secret_value()}", "X-Voice-Variant": "canary"}
+    wers, embeddings = [], []
+    with httpx.Client(base_url=cfg.server_url, headers=headers, timeout=60) as client:
+        for text in texts:
+            resp = client.post("/v1/tts", json={"text": text, "voice_id": voice_id, "format": "wav"})
+            if resp.status_code != 200:
+                return [CheckResult("quality_probe", "fail", None, None, f"probe request failed: {resp.status_code} {resp.text[:200]}")]
+            audio = decode_audio(resp.content, settings.sample_rate, "probe").audio
+            wers.append(word_error_rate(text, transcribe_english(audio, settings.sample_rate)))
+            embeddings.append(speaker_embedding(audio, settings.sample_rate))
+    checks = []
+    registered_wer = version_tags.get("eval_adapted_wer")
+    if registered_wer is not None:
+        wer, limit = float(np.mean(wers)), float(registered_wer) + cfg.probe_wer_margin
+        checks.append(CheckResult("probe_wer", "pass" if wer <= limit else "fail", wer, limit, f"probe WER {wer:.2f} vs registered {float(registered_wer):.2f}"))
+    registered_sim = version_tags.get("eval_adapted_speaker_similarity")
+    if registered_sim is not None and len(embeddings) > 1:
+        ref = np.mean(embeddings, axis=0)
+        sim = float(np.mean([cosine(e, ref) for e in embeddings]))  # consistency of the served voice
+        limit = float(registered_sim) - cfg.probe_similarity_margin
+        checks.append(CheckResult("probe_similarity", "pass" if sim >= limit else "fail", sim, limit, f"probe similarity {sim:.2f}"))
+    return checks
+
+
+# --- recording ------------------------------------------------------------------------------------
+
+class ReleaseHistory:
+    def __init__(self, url: str):
+        self.engine = make_engine(url)
+        metadata.create_all(self.engine)
+
+    def record(self, decision: Decision) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(release_history.insert().values(
+                ts=datetime.now(timezone.utc), voice_id=decision.voice_id, version=decision.version, step=decision.step,
+                weight=decision.weight, outcome=decision.outcome, detail=decision.detail,
+                checks=json.dumps([asdict(c) for c in decision.checks])))
+
+    def rows(self, voice_id: str, limit: int = 200) -> list[dict]:
+        query = sa.select(release_history).where(release_history.c.voice_id == voice_id).order_by(release_history.c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) | {"checks": json.loads(r.checks)} for r in conn.execute(query)]
+
+
+def alert(settings: Settings, decision: Decision) -> None:
+    """Log, and POST to the alert webhook when one is configured (a failed POST is logged, never raised)."""
+    log.error("RELEASE ALERT voice-%s v%s: %s", decision.voice_id, decision.version, decision.detail)
+    if settings.release.alert_webhook_url:
+        try:
+            httpx.post(settings.release.alert_webhook_url, json={"event": decision.outcome, **asdict(decision)}, timeout=10)
+        except httpx.HTTPError as exc:
+            log.warning("alert webhook %s failed: %s", settings.release.alert_webhook_url, exc)
+
+
+# --- the state machine ----------------------------------------------------------------------------
+
+def start_rollout(settings: Settings, voice_id: str, version: str | None, steps: list[int]) -> Decision:
+    """Put ``version`` (default: the candidate) on the canary at the first step."""
+    from voice_lib.release.registry import Registry, RegistryError
+
+    validate_voice_id(voice_id)
+    steps = validate_steps(steps)
+    registry, name = Registry(settings), f"voice-{voice_id}"
+    state = registry.release_state(name)
+    if not version:
+        version = state["aliases"].get("candidate") or state["aliases"].get("canary")
+        if not version:
+            raise RegistryError(f"{name} has no candidate to release; onboard a voice or pass a version.")
+    progress = state["progress"]
+    if state["aliases"].get("canary") == str(version) and progress.get("release_version") == str(version):
+        step = int(progress.get("release_step", 0))  # a re-triggered run resumes the rollout where it was
+        decision = Decision(voice_id, str(version), step, steps[step], "waiting", detail=f"resuming at step {step + 1}/{len(steps)}")
+    else:
+        registry.set_canary(name, version, steps[0])
+        registry.set_release_progress(name, release_version=str(version), release_step=0,
+                                      release_step_started=f"{time.time():.3f}", release_extensions=0,
+                                      release_steps=",".join(map(str, steps)))
+        decision = Decision(voice_id, str(version), 0, steps[0], "advanced", detail=f"canary at {steps[0]}%")
+    _record(settings, registry, decision)
+    return decision
+
+
+def _record(settings: Settings, registry, decision: Decision) -> None:
+    ReleaseHistory(settings.resolved_audit_url).record(decision)
+    tag = {"step": decision.step, "weight": decision.weight, "outcome": decision.outcome, "detail": decision.detail[:500],
+           "checks": {c.name: [c.status, c.value] for c in decision.checks}, "ts": int(time.time())}
+    registry.set_version_tags(f"voice-{decision.voice_id}", decision.version,
+                              {f"release_decision_{int(time.time() * 1000)}": json.dumps(tag), "release_last_outcome": decision.outcome})
+    log.info("release voice-%s v%s step %d (%d%%): %s %s", decision.voice_id, decision.version, decision.step,
+             decision.weight, decision.outcome, decision.detail)
+
+
+def advance_rollout(settings: Settings, voice_id: str, version: str, source: MetricsSource | None = None,
+                    now: float | None = None, probe_texts: list[str] | None = None) -> Decision:
+    """One poke of the rollout: wait, extend, advance, pause, promote or roll back. Idempotent."""
+    from voice_lib.release.registry import Registry
+
+    cfg = settings.release
+    now = now or time.time()
+    registry, name = Registry(settings), f"voice-{voice_id}"
+    state = registry.release_state(name)
+    progress = state["progress"]
+    steps = [int(s) for s in progress.get("release_steps", ",".join(map(str, cfg.steps))).split(",")]
+    step = int(progress.get("release_step", 0))
+    weight = steps[min(step, len(steps) - 1)]
+    tags = registry.version(name, version).tags
+
+    def decide(outcome: Outcome, detail: str, checks: list[CheckResult] | None = None, record: bool = True) -> Decision:
+        decision = Decision(voice_id, version, step, weight, outcome, checks or [], detail)
+        if record:
+            _record(settings, registry, decision)
+        return decision
+
+    if state["aliases"].get("production") == version:
+        return decide("promoted", "already production", record=False)
+    if state["aliases"].get("canary") != version:
+        why = tags.get("reason", "the canary alias was removed")
+        return decide("rolled_back", f"no longer the canary: {why}", record=tags.get("rolled_back") != "true")
+    if tags.get("breaker_tripped") == "true":
+        # The server already took the canary out of traffic; complete the rollback formally.
+        reason = f"circuit breaker tripped on the server: {tags.get('breaker_reason', 'no reason given')}"
+        registry.rollback(name, reason)
+        decision = decide("rolled_back", reason)
+        alert(settings, decision)
+        return decision
+    if state["release_state"] == "paused":
+        return decide("paused", "paused by a human or an inconclusive analysis; `voiceops resume` to continue", record=False)
+    started = float(progress.get("release_step_started", now))
+    if now - started < cfg.window_seconds:
+        return decide("waiting", f"{now - started:.0f}/{cfg.window_seconds:.0f} s of step {step + 1}", record=False)
+    if datetime.fromtimestamp(now, timezone.utc).hour in cfg.blackout_hours:
+        return decide("blackout", "peak-hour blackout: holding the current weight", record=False)
+
+    source = source or metrics_source(settings)
+    canary = source.window(voice_id, "canary", started, now)
+    production = source.window(voice_id, "production", started, now)
+    probe = quality_probe(settings, voice_id, tags, probe_texts) if probe_texts else []
+    checks = analyze(canary, production, cfg, probe)
+    failed = [c for c in checks if c.status == "fail"]
+    if failed:
+        reason = "; ".join(c.detail for c in failed)
+        registry.rollback(name, f"canary analysis failed at {weight}%: {reason}")
+        decision = decide("rolled_back", reason, checks)
+        alert(settings, decision)
+        return decision
+    if any(c.status == "inconclusive" for c in checks):
+        extensions = int(progress.get("release_extensions", 0))
+        if extensions < cfg.max_extensions:
+            registry.set_release_progress(name, release_step_started=f"{now:.3f}", release_extensions=extensions + 1)
+            return decide("extended", f"inconclusive, window extended ({extensions + 1}/{cfg.max_extensions})", checks)
+        registry.pause(name)
+        decision = decide("paused", f"still inconclusive after {extensions} extensions: paused for a human", checks)
+        alert(settings, decision)
+        return decision
+    if step + 1 >= len(steps):
+        if cfg.manual_approval and tags.get("release_approved") != "true":
+            return decide("awaiting_approval", "all steps passed; approve with `voiceops promote` or the release page", checks,
+                          record=tags.get("release_last_outcome") != "awaiting_approval")
+        registry.promote(name, version)
+        registry.set_release_progress(name, release_step=0, release_extensions=0)
+        return decide("promoted", f"all {len(steps)} steps passed", checks)
+    step += 1
+    weight = steps[step]
+    registry.set_canary_weight(name, weight)
+    registry.set_release_progress(name, release_step=step, release_step_started=f"{now:.3f}", release_extensions=0)
+    return decide("advanced", f"step passed; canary now at {weight}%", checks)

@@ -1,0 +1,1 @@
+"""Training: the loop, base pretraining, LoRA fine-tuning."""
