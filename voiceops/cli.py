@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from voice_lib.core.config import Settings, get_settings, validate_voice_id
+from voice_lib.core.config import Settings, get_settings, redact_url, validate_voice_id
 
 app = typer.Typer(help="VoiceOps: few-shot voice cloning, onboarded by Airflow, released through MLflow.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -230,14 +230,11 @@ def qc(
 
 
 def _mlflow_reachable(settings: Settings) -> bool:
-    import httpx
+    from voice_lib.core.tracking import mlflow_is_healthy
 
-    try:
-        ok = httpx.get(f"{settings.mlflow_tracking_uri.rstrip('/')}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        ok = False
+    ok = mlflow_is_healthy(settings.mlflow_tracking_uri, timeout=2.0)
     if not ok:
-        console.print(f"[yellow]MLflow at {settings.mlflow_tracking_uri} is not reachable: the report is stored locally only "
+        console.print(f"[yellow]MLflow at {redact_url(settings.mlflow_tracking_uri)} is not reachable: the report is stored locally only "
                       "(start the stack with `voiceops up`).[/yellow]")
     return ok
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel, SecretStr
 from rich.console import Console
 
 from voice_lib.core.config import Settings
+from voice_lib.core.tracking import mlflow_is_healthy
 
 SERVICES = ("mlflow", "airflow", "server")
 # What each service's command line contains, to tell our process from a recycled pid.
@@ -348,14 +349,16 @@ def _launch_spec(settings: Settings, name: str) -> tuple[list[str], dict[str, st
 
 def _probe(name: str, url: str) -> tuple[bool, str]:
     """(healthy, detail) from the service's health endpoint."""
-    path = {"mlflow": "/health", "server": "/livez"}.get(name, "/api/v2/monitor/health")
+    if name == "mlflow":
+        return (True, "ok") if mlflow_is_healthy(url, timeout=3.0) else (False, "/health gave no 200 answer within 3 s")
+    path = "/livez" if name == "server" else "/api/v2/monitor/health"
     try:
         resp = httpx.get(url + path, timeout=3.0)
     except httpx.HTTPError as exc:
         return False, f"no answer ({type(exc).__name__})"
     if resp.status_code != 200:
         return False, f"{path} returned HTTP {resp.status_code}"
-    if name in ("mlflow", "server"):
+    if name == "server":
         return True, "ok"
     try:
         report = resp.json()

@@ -10,6 +10,22 @@ import numpy as np
 from voice_lib.core.config import Settings
 
 
+def mlflow_is_healthy(tracking_uri: str, timeout: float = 5.0) -> bool:
+    """True when the MLflow server at ``tracking_uri`` answers ``GET /health`` with 200 within ``timeout`` seconds.
+
+    Callers probe first because MlflowClient retries a refused connection for about four minutes. A non-HTTP URI
+    (a local ``file:`` or ``sqlite:`` store) has no server to probe and counts as healthy.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return True
+    import httpx
+
+    try:
+        return httpx.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def mlflow_client(settings: Settings):
     from mlflow import MlflowClient
 

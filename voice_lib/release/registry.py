@@ -18,14 +18,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from voice_lib.core.config import Settings, redact_url, validate_voice_id
-from voice_lib.core.tracking import mlflow_client
+from voice_lib.core.tracking import mlflow_client, mlflow_is_healthy
 
 log = logging.getLogger(__name__)
 
-
-def _redacted(exc: BaseException, uri: str) -> str:
-    """An exception's text with ``uri`` (which may hold a password) shown redacted."""
-    return str(exc).replace(uri, redact_url(uri)).replace(uri.rstrip("/"), redact_url(uri).rstrip("/"))
 
 BASE_MODEL = "voice-base"
 ALIASES = ("candidate", "canary", "production", "previous")
@@ -123,14 +119,9 @@ class Registry:
 
     def _check_reachable(self) -> None:
         # MlflowClient retries a refused connection for about four minutes; fail in seconds instead.
-        if not self.uri.startswith(("http://", "https://")):
-            return
-        import httpx
-
-        try:
-            httpx.get(f"{self.uri.rstrip('/')}/health", timeout=5)
-        except httpx.HTTPError as exc:
-            raise RegistryError(f"MLflow at {self.display_uri} is not reachable ({_redacted(exc, self.uri)}); start it with `voiceops up`.") from None
+        if not mlflow_is_healthy(self.uri, timeout=5.0):
+            raise RegistryError(f"MLflow at {self.display_uri} is not reachable (no healthy answer from /health within 5 s); "
+                                "start it with `voiceops up`.")
 
     @contextmanager
     def _mlflow(self, what: str) -> Iterator[None]:
