@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from voice_lib.core.config import Settings, validate_voice_id
+from voice_lib.core.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -160,23 +160,7 @@ class TenantDirectory:
             else:
                 data = {"keys": []}
             yield data["keys"]
-            tmp_fd, tmp_name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(tmp_fd, "w", encoding="utf-8") as f:
-                    os.fchmod(f.fileno(), 0o600)
-                    json.dump(data, f, indent=2)
-                    f.write("\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp_name, self.path)
-            except BaseException:
-                Path(tmp_name).unlink(missing_ok=True)
-                raise
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_bytes_atomic(self.path, (json.dumps(data, indent=2) + "\n").encode("utf-8"), mode=0o600)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)

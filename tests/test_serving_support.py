@@ -36,7 +36,7 @@ def test_keys_are_stored_hashed_in_a_private_file(tmp_path):
     assert entry["key_id"] == tenant.key_id and entry["tenant"] == "acme" and entry["voices"] == ["alice", "bob"]
     assert len(entry["key_sha256"]) == 64 and entry["rate_per_minute"] == 60 and entry["created"]
     assert stat.S_IMODE(directory.path.stat().st_mode) == 0o600
-    assert not list(directory.path.parent.glob(".tenants.json.*.tmp"))  # no leftovers of the atomic write
+    assert not list(directory.path.parent.glob(".tenants.json.*"))  # no leftovers of the atomic write
 
 
 def test_authenticate_good_bad_and_revoked_keys(tmp_path):

@@ -11,7 +11,7 @@ import boto3
 import pytest
 
 from voice_lib.core.config import Settings
-from voice_lib.core.storage import LocalStore, S3Store, StorageError, open_store
+from voice_lib.core.storage import LocalStore, S3Store, StorageError, atomic_write, open_store
 
 UNSAFE_KEYS = ["../x", "/abs", "a/../../b", "..\\x", "a/.."]
 
@@ -227,6 +227,23 @@ def test_local_write_failure_of_new_key_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert not store.exists("d/new.bin")
     assert [p for p in (tmp_path / "root").rglob("*") if p.is_file()] == []
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails_half_way(tmp_path):
+    # The checkpoint saver, the corpus clip writer and the key file all stream into atomic_write.
+    dest = tmp_path / "ckpt" / "last.pt"
+    with atomic_write(dest) as fh:
+        fh.write(b"complete checkpoint")
+    assert oct(dest.stat().st_mode & 0o777) == oct(0o644)
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_write(dest, mode=0o600) as fh:
+            fh.write(b"half of a new")
+            raise RuntimeError("killed mid-save")
+    assert dest.read_bytes() == b"complete checkpoint"
+    assert [p.name for p in dest.parent.iterdir()] == ["last.pt"]  # no temporary file left
+    with atomic_write(dest, mode=0o600) as fh:
+        fh.write(b"secret")
+    assert dest.read_bytes() == b"secret" and dest.stat().st_mode & 0o777 == 0o600
 
 
 def test_local_list_hides_in_flight_part_files(tmp_path):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Protocol
+from typing import BinaryIO, Iterator, Protocol
 from urllib.parse import urlparse
 
 from voice_lib.core.config import Settings
@@ -61,14 +62,14 @@ class LocalStore:
 
     def write_bytes(self, key: str, data: bytes) -> str:
         path = self._path(key)
-        _write_atomic(path, data)
+        write_bytes_atomic(path, data)
         return path.as_uri()
 
     def upload_file(self, src: Path, key: str) -> str:
         return self.write_bytes(key, Path(src).read_bytes())
 
     def download_to(self, key: str, dest: Path) -> Path:
-        _write_atomic(dest, self.read_bytes(key))
+        write_bytes_atomic(dest, self.read_bytes(key))
         return dest
 
     def exists(self, key: str) -> bool:
@@ -137,7 +138,7 @@ class S3Store:
         return self.write_bytes(key, Path(src).read_bytes())
 
     def download_to(self, key: str, dest: Path) -> Path:
-        _write_atomic(dest, self.read_bytes(key))
+        write_bytes_atomic(dest, self.read_bytes(key))
         return dest
 
     def exists(self, key: str) -> bool:
@@ -217,15 +218,36 @@ def artifact_store(settings: Settings) -> Store:
     return open_store(settings.resolved_storage_uri, settings)
 
 
-def _write_atomic(dest: Path, data: bytes) -> None:
-    """Write a local file so that a kill or a full disk never leaves a partial file under its name:
-    callers skip files that exist, so a partial one would be reused as if it were complete."""
+@contextmanager
+def atomic_write(dest: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """A binary file that appears under ``dest`` whole or not at all, and survives a power cut once the block exits.
+
+    Written to a temporary file in the same folder (so the rename cannot cross filesystems), flushed and fsynced,
+    renamed over ``dest`` with ``os.replace``, then the folder is fsynced so the rename itself is durable. A kill,
+    an exception or a full disk leaves the previous ``dest`` (or none) and no temporary file: callers skip files
+    that exist, so a partial one would be reused as if it were complete. ``mode`` is the file's permission
+    (0o600 for secrets); the default is what ``open`` gives under the usual umask.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            os.fchmod(fh.fileno(), mode)
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_bytes_atomic(dest: Path, data: bytes, mode: int = 0o644) -> None:
+    """``dest.write_bytes(data)`` through :func:`atomic_write`."""
+    with atomic_write(dest, mode) as fh:
+        fh.write(data)

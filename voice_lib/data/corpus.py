@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -25,6 +24,8 @@ from typing import Literal
 import numpy as np
 import soundfile as sf
 import soxr
+
+from voice_lib.core.storage import atomic_write
 
 
 class CorpusError(RuntimeError):
@@ -184,10 +185,9 @@ def synthesize(text: str, voice: CorpusVoice | str, sample_rate: int = 16000) ->
 
 
 def _write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
-    # Write then rename, so an interrupted run never leaves a truncated clip that looks finished.
-    tmp = path.with_name(f".{path.name}.tmp")
-    sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV")
-    os.replace(tmp, path)
+    # Atomic, so an interrupted run never leaves a truncated clip that looks finished.
+    with atomic_write(path) as fh:
+        sf.write(fh, audio, sample_rate, subtype="PCM_16", format="WAV")
 
 
 def _clean(text: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from voice_lib.core.storage import atomic_write
 from voice_lib.data.datasets import Example
 from voice_lib.model.network import FEATURE_DIM, VoiceModel
 
@@ -99,10 +99,8 @@ def seed_everything(seed: int) -> None:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+    with atomic_write(path) as fh:  # a kill mid-save leaves the previous checkpoint intact
+        torch.save(obj, fh)
 
 
 def trainable_state(model: torch.nn.Module) -> dict:
