@@ -14,6 +14,7 @@ from voice_lib.release.rollout import (
     WindowStats,
     advance_rollout,
     analyze,
+    check_limits,
     start_rollout,
     validate_steps,
 )
@@ -53,6 +54,16 @@ def test_analysis_compares_speed_per_second_of_audio_not_per_request():
     alone = {c.name: c for c in analyze(WindowStats(200, 0, 300, 0.6), WindowStats(3, 0, 20, 0.01), cfg)}
     assert alone["rtf_ratio"].status == "skipped" and "only 3 production requests" in alone["rtf_ratio"].detail
     assert alone["rtf"].status == "fail"
+
+
+def test_the_limits_the_release_page_shows_are_the_ones_analyze_applies():
+    cfg = ReleaseSettings(min_requests=40, max_error_rate=0.02, max_p95_ms=650, max_rtf=0.4, max_rtf_ratio=1.3,
+                          max_bad_audio_rate=0.05)
+    limits = check_limits(cfg)
+    checks = analyze(WindowStats(200, 1, 300, 0.03, bad_audio=1), WindowStats(800, 0, 290, 0.03), cfg)
+    assert {c.name for c in checks} == {"requests", "error_rate", "p95_latency_ms", "rtf", "rtf_ratio", "bad_audio_rate"}
+    for check in checks:
+        assert check.threshold == limits[check.name]["threshold"], check
 
 
 @pytest.fixture

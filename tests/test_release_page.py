@@ -14,6 +14,7 @@ import pytest
 from conftest import free_port
 
 from voice_lib.core.config import ReleaseSettings, Settings
+from voice_lib.release.rollout import check_limits
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 CHROMIUM = "/usr/bin/chromium"
@@ -34,7 +35,7 @@ def _state_module():
 
 def test_analysis_from_decision_tags_uses_the_newest_and_configured_thresholds():
     state = _state_module()
-    limits = state.thresholds(ReleaseSettings(max_p95_ms=700, min_requests=30))
+    limits = check_limits(ReleaseSettings(max_p95_ms=700, min_requests=30))
     old = {"step": 0, "weight": 10, "outcome": "extended", "detail": "inconclusive", "checks": {"requests": ["inconclusive", 3]}, "ts": 1}
     new = {"step": 1, "weight": 20, "outcome": "advanced", "detail": "step passed", "ts": 2,
            "checks": {"p95_latency_ms": ["pass", 512.5], "requests": ["pass", 120], "error_rate": ["pass", 0.0]}}

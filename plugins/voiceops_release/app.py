@@ -39,6 +39,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from voice_lib.release.rollout import check_limits
 from voiceops_release import state as view
 
 log = logging.getLogger("voiceops_release")
@@ -256,7 +257,7 @@ async def list_voices(user: Reader) -> dict[str, Any]:
 
     voices = await asyncio.gather(*(one(n) for n in names))
     can_write = await asyncio.to_thread(_allowed, user, "PUT")
-    return {"voices": voices, "thresholds": view.thresholds(settings.release), "user": user.get_name(),
+    return {"voices": voices, "thresholds": check_limits(settings.release), "user": user.get_name(),
             "can_write": can_write, "registry": settings.mlflow_tracking_uri, "generated_at": time.time()}
 
 

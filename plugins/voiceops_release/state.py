@@ -12,33 +12,13 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
-from voice_lib.core.config import ReleaseSettings, Settings
+from voice_lib.core.config import Settings
+from voice_lib.release.rollout import CHECK_ORDER, check_limits
 
 log = logging.getLogger(__name__)
 
 ALIAS_ORDER = ("production", "canary", "candidate", "previous")
-# The canary analysis checks that have fixed thresholds in settings.release (probe checks carry their own).
-_CHECK_ORDER = ("requests", "error_rate", "p95_latency_ms", "rtf", "rtf_ratio", "bad_audio_rate", "probe_wer",
-                "probe_similarity", "quality_probe")
 HISTORY_LIMIT = 20
-
-
-def thresholds(cfg: ReleaseSettings) -> dict[str, dict[str, Any]]:
-    """The configured limits of the canary analysis (voice_lib.release.rollout.analyze), by check name."""
-    return {
-        "requests": {"threshold": cfg.min_requests, "op": ">=", "unit": "requests",
-                     "note": "fewer is inconclusive: the window is extended"},
-        "error_rate": {"threshold": cfg.max_error_rate, "op": "<=", "unit": "ratio"},
-        "p95_latency_ms": {"threshold": cfg.max_p95_ms, "op": "<=", "unit": "ms"},
-        "rtf": {"threshold": cfg.max_rtf, "op": "<=", "unit": "ratio"},
-        "rtf_ratio": {"threshold": cfg.max_rtf_ratio, "op": "<=", "unit": "x production",
-                      "note": "canary real-time factor over production's in the same window"},
-        "bad_audio_rate": {"threshold": cfg.max_bad_audio_rate, "op": "<=", "unit": "ratio"},
-        "probe_wer": {"threshold": None, "op": "<=", "unit": "ratio",
-                      "note": f"registered WER + {cfg.probe_wer_margin:g}"},
-        "probe_similarity": {"threshold": None, "op": ">=", "unit": "ratio",
-                             "note": f"registered similarity - {cfg.probe_similarity_margin:g}"},
-    }
 
 
 def _num(value: Any) -> float | int | None:
@@ -61,7 +41,7 @@ def _check(name: str, status: str, value: Any, threshold: Any, detail: str, limi
 
 
 def _sorted_checks(checks: list[dict]) -> list[dict]:
-    rank = {n: i for i, n in enumerate(_CHECK_ORDER)}
+    rank = {n: i for i, n in enumerate(CHECK_ORDER)}
     return sorted(checks, key=lambda c: rank.get(c["name"], len(rank)))
 
 
@@ -143,7 +123,7 @@ def voice_view(settings: Settings, registry: Any, history: Any, voice_id: str) -
     state = registry.release_state(name)
     aliases: dict[str, str] = state["aliases"]
     progress: dict[str, str] = state["progress"]
-    limits = thresholds(settings.release)
+    limits = check_limits(settings.release)
 
     rows: list[dict] = []
     history_error = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,7 +41,7 @@ def regressions(now: dict, reference: dict, label: str) -> list[str]:
     found = []
     for metric, (direction, tol) in TOLERANCES.items():
         a, b = now.get(metric), reference.get(metric)
-        if a is None or b is None or a != a or b != b:
+        if a is None or b is None or math.isnan(a) or math.isnan(b):
             continue
         worse = (b - a) if direction == "higher" else (a - b)
         if worse > tol:
@@ -105,7 +106,7 @@ def log_trends(settings: Settings, results: list[dict]) -> list[str]:
                                 run_name=f"nightly-{results[0]['day']}", tags={"voiceops.step": "nightly"})
         now = int(time.time() * 1000)
         metrics = [Metric(f"{r['alias']}_{k}", float(v), now, 0) for r in results if r["voice_id"] == voice_id
-                   for k, v in r["metrics"].items() if isinstance(v, (int, float)) and v == v]
+                   for k, v in r["metrics"].items() if isinstance(v, (int, float)) and not math.isnan(v)]
         client.log_batch(run.info.run_id, metrics=metrics)
         client.log_artifact(run.info.run_id, str(Path(out / "trend.png")), "nightly")
         client.set_terminated(run.info.run_id)

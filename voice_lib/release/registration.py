@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from voice_lib.core.config import Settings
 from voice_lib.core.tracking import mlflow_client, verify_logged_folder
@@ -25,7 +26,7 @@ def gate_metric_tags(aggregates: dict) -> dict[str, str]:
     tags = {}
     for system, metrics in aggregates.items():
         for metric, value in metrics.items():
-            if isinstance(value, (int, float)) and value == value:  # skip NaN
+            if isinstance(value, (int, float)) and not math.isnan(value):
                 tags[f"eval_{system}_{metric}"] = f"{float(value):.4f}"
     return tags
 

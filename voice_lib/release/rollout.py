@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 import sqlalchemy as sa
@@ -150,7 +150,7 @@ class PrometheusSource:
         if not result:
             return None
         value = float(result[0]["value"][1])
-        return value if value == value else None  # NaN (no samples) → None
+        return None if math.isnan(value) else value  # NaN: no samples in the window
 
     def window(self, voice_id: str, variant: str, since: float, until: float) -> WindowStats:
         rng = f"{max(1, int(until - since))}s"
@@ -171,6 +171,33 @@ def metrics_source(settings: Settings) -> MetricsSource:
 
 
 # --- analysis -------------------------------------------------------------------------------------
+
+# The order the checks are shown in (the release page, reports): the analyze() checks, then the probe's.
+CHECK_ORDER = ("requests", "error_rate", "p95_latency_ms", "rtf", "rtf_ratio", "bad_audio_rate", "probe_wer",
+               "probe_similarity", "quality_probe")
+
+
+def check_limits(cfg: ReleaseSettings) -> dict[str, dict[str, Any]]:
+    """The limit each check of :func:`analyze` and :func:`quality_probe` applies, by check name: the threshold
+    from ``cfg`` (None where it depends on the version's registered evaluation), the comparison and the unit.
+
+    The release page shows this table; tests/test_release.py checks that analyze() applies these thresholds.
+    """
+    return {
+        "requests": {"threshold": cfg.min_requests, "op": ">=", "unit": "requests",
+                     "note": "fewer is inconclusive: the window is extended"},
+        "error_rate": {"threshold": cfg.max_error_rate, "op": "<=", "unit": "ratio"},
+        "p95_latency_ms": {"threshold": cfg.max_p95_ms, "op": "<=", "unit": "ms"},
+        "rtf": {"threshold": cfg.max_rtf, "op": "<=", "unit": "ratio"},
+        "rtf_ratio": {"threshold": cfg.max_rtf_ratio, "op": "<=", "unit": "x production",
+                      "note": "canary real-time factor over production's in the same window"},
+        "bad_audio_rate": {"threshold": cfg.max_bad_audio_rate, "op": "<=", "unit": "ratio"},
+        "probe_wer": {"threshold": None, "op": "<=", "unit": "ratio",
+                      "note": f"registered WER + {cfg.probe_wer_margin:g}"},
+        "probe_similarity": {"threshold": None, "op": ">=", "unit": "ratio",
+                             "note": f"registered similarity - {cfg.probe_similarity_margin:g}"},
+    }
+
 
 def analyze(canary: WindowStats, production: WindowStats, cfg: ReleaseSettings, probe: list[CheckResult] | None = None) -> list[CheckResult]:
     """Canary vs thresholds and vs production over the same window (Argo-style pass/fail/inconclusive)."""
