@@ -53,7 +53,7 @@ from serving.synthesis import (
     ServingError,
     phoneme_chunks,
 )
-from voice_lib.data import text as T
+from voice_lib.data.text import phonemes as T
 from voice_lib.data.text import (
     PAUSE_TOKENS,
     SYMBOLS,

@@ -65,9 +65,9 @@ class ClipFeatures:
 
 
 def cache_key(wav_sha256: str, text: str, language: str, config: FeatureConfig) -> str:
-    from voice_lib.data.text import SYMBOLS_VERSION
+    from voice_lib.data.text import FRONTEND_VERSION, SYMBOLS_VERSION
 
-    raw = f"{wav_sha256}|{language}|{text}|{config.digest}|symbols{SYMBOLS_VERSION}"
+    raw = f"{wav_sha256}|{language}|{text}|{config.digest}|symbols{SYMBOLS_VERSION}|frontend{FRONTEND_VERSION}"
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
