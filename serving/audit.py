@@ -5,6 +5,11 @@
 wait in a bounded queue (the oldest are dropped and counted in ``dropped``): the request path never blocks
 and never fails because of auditing. ``close()`` flushes everything before returning.
 
+No row can stop the log: ``record`` makes every string field storable (lone surrogates and NUL replaced by
+U+FFFD, truncated to its column), and a batch refused for anything but a lost connection is split until the
+rows that fail alone are found; those are set aside (``rejected``, logged and exported as
+``voiceops_audit_rejected_total``) and the rest are written. Only connection errors are retried.
+
 SQLite (default, WAL + busy timeout so the server and a reader share the file) and PostgreSQL
 (``postgresql+psycopg://user@host/db``; ``postgresql://`` is taken to mean psycopg 3) are supported.
 """
@@ -36,6 +41,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from voice_lib.core.db import make_engine
@@ -82,7 +88,30 @@ audit_log = Table(
     Index("ix_audit_log_voice_variant_ts", "voice_id", "variant", "ts"),
 )
 FIELDS = frozenset(c.name for c in audit_log.columns) - {"id"}
+# Column name -> its length, for every string column (what record() must fit a value into).
+_STRING_LENGTHS = {c.name: c.type.length for c in audit_log.columns if isinstance(c.type, String)}
 _STOP = object()
+# Errors that say the database (or the way to it) is unavailable, not that the rows are bad: the batch is
+# kept and retried. Anything else is the rows' fault (an encoding error, a NUL PostgreSQL refuses, a value
+# out of range) and retrying the same rows would fail for ever.
+_TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError,
+              ConnectionError, TimeoutError)
+
+
+def storable_text(value: object, limit: int) -> str:
+    """``value`` as text every database stores: lone surrogates and NUL become U+FFFD, at most ``limit`` chars.
+
+    A valid surrogate pair (as ``json.loads`` may leave in a str) is joined into its character first."""
+    text_value = value if isinstance(value, str) else str(value)
+    if not text_value.isascii():
+        text_value = text_value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text_value.replace("\x00", "\ufffd")[:limit]
+
+
+def _is_transient(error: BaseException) -> bool:
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, _TRANSIENT)
 
 
 def create_or_upgrade(engine) -> list[str]:  # noqa: ANN001
@@ -119,6 +148,7 @@ class AuditLog:
         self.batch_size, self.batch_seconds = batch_size, batch_seconds
         self.max_queue, self.max_backoff_seconds = max_queue, max_backoff_seconds
         self.dropped = 0  # rows lost to a full queue (DB down for long), to close()'s timeout or after close
+        self.rejected = 0  # rows the database refused on their own (set aside so that the others are written)
         self.written = self.write_errors = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._counter_lock = threading.Lock()
@@ -158,8 +188,9 @@ class AuditLog:
             return
         fields.setdefault("ts", datetime.now(timezone.utc))
         fields = {name: None for name in FIELDS} | fields  # one key set per batch, whichever fields a caller gave
-        if fields.get("error") is not None:
-            fields["error"] = str(fields["error"])[:200]
+        for name, limit in _STRING_LENGTHS.items():
+            if fields[name] is not None:
+                fields[name] = storable_text(fields[name], limit)
         self._queue.put(fields)
         while self._queue.qsize() > self.max_queue:  # drop the oldest, never the caller's time
             try:
@@ -226,20 +257,18 @@ class AuditLog:
             self._write_with_retry(late[start:start + self.batch_size])
 
     def _write_with_retry(self, batch: list[dict]) -> None:
+        """Write ``batch``: retry while the database is unreachable, split it when some rows are refused."""
         backoff = 0.5
         while True:
             if self._abandon.is_set():
                 return self._count_drop(len(batch))
             try:
-                if not self._table_ready:
-                    create_or_upgrade(self.engine)
-                    self._table_ready = True
-                with self.engine.begin() as conn:
-                    conn.execute(insert(audit_log), batch)
-                self.written += len(batch)
+                self._insert(batch)
                 return
-            except Exception as exc:  # noqa: BLE001 - keep the rows, retry later
+            except Exception as exc:  # noqa: BLE001 - sorted below: retried, or split into the rows that fit
                 self.write_errors += 1
+                if not _is_transient(exc):
+                    return self._write_splitting(batch, exc)
                 log.warning("audit log %s: writing %d rows failed (%s); retrying in %.1f s",
                             self._safe_url, len(batch), exc, backoff)
                 if self._stopping.is_set():  # shutting down: keep trying until close()'s timeout
@@ -247,6 +276,27 @@ class AuditLog:
                 else:
                     self._stopping.wait(backoff)  # close() cuts a long backoff short
                     backoff = min(backoff * 2, self.max_backoff_seconds)
+
+    def _insert(self, batch: list[dict]) -> None:
+        if not self._table_ready:
+            create_or_upgrade(self.engine)
+            self._table_ready = True
+        with self.engine.begin() as conn:
+            conn.execute(insert(audit_log), batch)
+        self.written += len(batch)
+
+    def _write_splitting(self, batch: list[dict], error: BaseException) -> None:
+        """The database refused ``batch`` for its data: write each half on its own, down to single rows."""
+        if len(batch) == 1:
+            with self._counter_lock:
+                self.rejected += 1
+            row = batch[0]
+            log.error("audit log %s: row set aside, the database refuses it (%s): request_id=%r status=%r",
+                      self._safe_url, str(error).splitlines()[0][:200], row.get("request_id"), row.get("status"))
+            return
+        middle = len(batch) // 2
+        for half in (batch[:middle], batch[middle:]):
+            self._write_with_retry(half)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every row recorded before this call is written. False on timeout."""

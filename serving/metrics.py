@@ -35,11 +35,12 @@ CANARY_WEIGHT = "voiceops_canary_weight"
 BREAKER_OPEN = "voiceops_breaker_open"
 ROLLBACKS = "voiceops_rollbacks_total"
 AUDIT_DROPPED = "voiceops_audit_dropped_total"
+AUDIT_REJECTED = "voiceops_audit_rejected_total"
 
 # The names as written in PromQL. Histograms are queried through their _bucket/_sum/_count series.
 METRIC_NAMES: tuple[str, ...] = (
     REQUESTS, REQUEST_LATENCY, RTF, FIRST_CHUNK, BAD_AUDIO, BATCH_SIZE, FRONTEND_CACHE_HIT_RATIO,
-    ADAPTERS_LOADED, RESIDENT_MEMORY, CANARY_WEIGHT, BREAKER_OPEN, ROLLBACKS, AUDIT_DROPPED,
+    ADAPTERS_LOADED, RESIDENT_MEMORY, CANARY_WEIGHT, BREAKER_OPEN, ROLLBACKS, AUDIT_DROPPED, AUDIT_REJECTED,
 )
 HISTOGRAMS = frozenset({REQUEST_LATENCY, RTF, FIRST_CHUNK, BATCH_SIZE})
 # Every series name a query may use: the names above plus each histogram's sample series.
@@ -59,10 +60,11 @@ def resident_memory_bytes() -> int:
 
 
 class _ScrapeTimeCollector(Collector):
-    """Values read when Prometheus scrapes: resident memory and the audit log's dropped rows."""
+    """Values read when Prometheus scrapes: resident memory and the audit log's dropped and rejected rows."""
 
-    def __init__(self, audit_dropped: Callable[[], int]) -> None:
+    def __init__(self, audit_dropped: Callable[[], int], audit_rejected: Callable[[], int]) -> None:
         self.audit_dropped = audit_dropped
+        self.audit_rejected = audit_rejected
 
     def collect(self) -> Iterable[Metric]:
         memory = GaugeMetricFamily(RESIDENT_MEMORY, "Resident memory of the server process.")
@@ -72,10 +74,14 @@ class _ScrapeTimeCollector(Collector):
                                       "Audit rows dropped because the audit database stayed unreachable.")
         dropped.add_metric([], self.audit_dropped())
         yield dropped
+        rejected = CounterMetricFamily(AUDIT_REJECTED.removesuffix("_total"),
+                                       "Audit rows set aside because the audit database refused their data.")
+        rejected.add_metric([], self.audit_rejected())
+        yield rejected
 
 
 class ServerMetrics:
-    """Every series the server exports. Pass ``audit`` (anything with a ``dropped`` int) to export its drops."""
+    """Every series the server exports. Pass ``audit`` (anything with ``dropped``/``rejected`` ints) to export them."""
 
     def __init__(self, audit: object | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -101,7 +107,8 @@ class ServerMetrics:
                                   registry=r)
         self.rollbacks = Counter(ROLLBACKS, "Automatic or manual rollbacks.", ["voice", "reason"], registry=r)
         self._audit = audit
-        r.register(_ScrapeTimeCollector(lambda: int(getattr(self._audit, "dropped", 0) or 0)))
+        r.register(_ScrapeTimeCollector(lambda: int(getattr(self._audit, "dropped", 0) or 0),
+                                        lambda: int(getattr(self._audit, "rejected", 0) or 0)))
 
     def attach_audit(self, audit: object) -> None:
         self._audit = audit

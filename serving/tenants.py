@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -198,16 +199,29 @@ class TenantDirectory:
         return removed
 
 
+# A key may spend this many seconds of its allowance at once (at least BURST_FLOOR requests, never more than its
+# rate per minute). A bucket holding a whole minute let one key fire 600 maximum-length requests in one instant.
+BURST_SECONDS = 5.0
+BURST_FLOOR = 10
+
+
+def burst_capacity(rate_per_minute: int, burst_seconds: float = BURST_SECONDS) -> float:
+    """Tokens a key's bucket holds when full: ``burst_seconds`` of its rate, within [BURST_FLOOR, rate]."""
+    return float(min(rate_per_minute, max(BURST_FLOOR, math.ceil(rate_per_minute * burst_seconds / 60.0))))
+
+
 class RateLimiter:
-    """Token bucket per key id: capacity = the rate per minute, refilled continuously.
+    """Token bucket per key id: refilled continuously at the rate per minute, holding ``burst_capacity`` tokens.
 
     The buckets live in this process: with N server replicas a key gets N times its limit (behind a
     load balancer that spreads keys evenly), unless the buckets move to a shared store such as Redis.
     A rate of 0 or less disables limiting for that call.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000,
+                 burst_seconds: float = BURST_SECONDS) -> None:
         self._clock = clock
+        self.burst_seconds = burst_seconds
         self._lock = threading.Lock()
         self._buckets: dict[str, list[float]] = {}  # key_id -> [tokens, last_refill]
         self._max_keys = max_keys
@@ -216,8 +230,8 @@ class RateLimiter:
         """``(True, 0.0)`` if the request may go ahead, else ``(False, seconds until a token is back)``."""
         if rate_per_minute <= 0:
             return True, 0.0
-        capacity = float(rate_per_minute)
-        per_second = capacity / 60.0
+        capacity = burst_capacity(rate_per_minute, self.burst_seconds)
+        per_second = rate_per_minute / 60.0
         now = self._clock()
         with self._lock:
             bucket = self._buckets.get(key_id)
@@ -234,7 +248,8 @@ class RateLimiter:
             return False, (1.0 - tokens) / per_second
 
     def _prune(self, now: float) -> None:
-        # Forget buckets idle for over a minute: any rate has refilled them completely by then.
+        # Forget buckets idle for over a minute: any rate has refilled them completely by then (a full bucket
+        # holds at most a minute's allowance).
         for key_id in [k for k, (_, last) in self._buckets.items() if now - last > 60.0]:
             del self._buckets[key_id]
 

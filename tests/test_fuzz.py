@@ -27,6 +27,7 @@ import re
 import string
 import subprocess
 import sys
+import time
 import unicodedata
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -209,17 +210,59 @@ def test_protocol_errors_are_clear(stack: ServerStack) -> None:
     assert {"401", "404", "413", "429", "503"} <= tts.keys() and "audio/L16" in tts["200"]["content"]
 
 
+# --- strings no database stores, in every string field ------------------------------------------------------
+
+UNSTORABLE = ("\ud800", "x\udfffy", "a\x00b", "\x00")  # lone surrogates break every UTF-8 encode, NUL PostgreSQL
+
+
+def _string_fields(voice: str) -> dict[str, dict[str, Any]]:
+    """A valid body per synthesis path, and the names of its string fields (the OpenAI voice both ways)."""
+    return {"/v1/tts": {"text": "Hello there.", "voice_id": voice, "user_id": "u1"},
+            "/v1/audio/speech": {"model": "tts-1", "input": "Hello there.", "voice": voice, "instructions": "calm",
+                                 "user": "u1"}}
+
+
+def test_surrogates_and_nul_in_every_string_field_are_answered_and_audited(stack: ServerStack) -> None:
+    """Regression: a lone surrogate in voice_id (pydantic lets it through a plain str) stopped the audit writer
+    for good, and a NUL did on PostgreSQL; every later row queued until it was dropped."""
+    import sqlite3
+
+    key = {"Authorization": f"Bearer {stack.keys['acme']}", "content-type": "application/json"}
+    sent = []
+    for path, valid in _string_fields(stack.a).items():
+        variants = [(field, hostile) for field in valid for hostile in UNSTORABLE]
+        variants += [("voice", {"id": hostile}) for hostile in UNSTORABLE] if path == "/v1/audio/speech" else []
+        for field, hostile in variants:
+            body = {**valid, field: hostile}
+            answer = httpx.post(f"{stack.url}{path}", content=json.dumps(body), headers=key, timeout=120)
+            assert answer.status_code < 500, (path, field, hostile, answer.text[:300])
+            if answer.status_code >= 400:
+                assert answer.json()["error"]["code"], (path, field, answer.text[:300])
+            sent.append(answer.headers["x-request-id"])
+    deadline = time.monotonic() + 20
+    missing = set(sent)
+    while missing and time.monotonic() < deadline:
+        with sqlite3.connect(f"file:{stack.home / 'audit.db'}?mode=ro", uri=True) as db:
+            found = {row[0] for row in db.execute("select request_id from audit_log")}
+        missing -= found
+        time.sleep(0.3)
+    assert not missing, f"{len(missing)} of {len(sent)} requests never reached the audit table"
+    metrics = httpx.get(f"{stack.url}/metrics", timeout=30).text
+    assert "voiceops_audit_rejected_total 0.0" in metrics
+
+
 # --- hypothesis-built synthesis requests against the live server, with an oracle --------------------------
 
 
 # Text that stresses the frontend: arbitrary unicode (controls, format characters, emoji, RTL, combining marks;
-# st.text never yields surrogates, which JSON-decoded requests cannot carry past pydantic either), words from
+# st.text never yields surrogates, so lone ones are among the tokens: a JSON "\\ud800" escape decodes to one, and
+# pydantic refuses it only in fields with a length limit, so plain str fields such as voice_id carry it), words from
 # many scripts, SSML-like and option-like tokens, numbers in every shape the normaliser rewrites, very long
 # words, and Mandarin/English mixes.
 _TOKENS = ("hello", "Dr.", "e.g.", "U.S.A.", "node.js", "don't", "שלום", "مرحبا", "Привет", "你好", "世界", "嗯", "〇",
            "😀", "👍🏽", "👨\u200d👩\u200d👧", "🇫🇷", "ǅ", "ﬁ", "①", "Ⅻ", "½", "²", "๓", "٣", "１２", "e\u0301", "\u0301",
            "<speak>", "</voice>", "<break time='9s'/>", "&amp;", "[[h@l'oU]]", "--help", "-v", "\\", "%s", "{0}",
-           "\x00", "\x1b[31m", "\u200b", "\u200f", "\u202e", "\ufeff", "\u2028", "\x85", "\u3000", "…", "—", "¿", "¡")
+           "\x00", "\ud800", "\udfffx", "\x1b[31m", "\u200b", "\u200f", "\u202e", "\ufeff", "\u2028", "\x85", "\u3000", "…", "—", "¿", "¡")
 _NUMBERS = st.one_of(
     st.integers(-10**16, 10**16).map(str),
     st.integers(0, 10**12).map(lambda n: f"{n:,}"),
@@ -318,7 +361,9 @@ def test_tts_bodies(stack: ServerStack, data: st.DataObject | None) -> None:
     path = data.draw(st.sampled_from(["/v1/tts", "/v1/audio/speech"]), label="path")
     body = data.draw(_bodies(path, voices), label="body")
     status, what = _expected(path, body, stack.a)
-    answer = httpx.post(f"{stack.url}{path}", json=body, headers=key, timeout=120)
+    # json.dumps escapes non-ASCII (httpx's json= would try to encode a lone surrogate as UTF-8 and fail)
+    answer = httpx.post(f"{stack.url}{path}", content=json.dumps(body), timeout=120,
+                        headers={**key, "content-type": "application/json"})
     assert answer.status_code == status, (status, what, answer.text[:300])
     if status == 200:
         assert answer.headers["content-type"].startswith(what) and answer.content

@@ -83,10 +83,10 @@ def test_may_use():
 
 # --- rate limits -------------------------------------------------------------------------------------
 
-def test_rate_limiter_allows_the_rate_then_refuses_then_refills():
+def test_rate_limiter_allows_the_burst_then_refuses_then_refills():
     now = [1000.0]
     limiter = RateLimiter(clock=lambda: now[0])
-    assert all(limiter.allow("k_a", 60)[0] for _ in range(60))
+    assert all(limiter.allow("k_a", 60)[0] for _ in range(10))  # a burst of 10 (5 s of 60/min, at least 10)
     allowed, retry_after = limiter.allow("k_a", 60)
     assert not allowed and 0.9 <= retry_after <= 1.0  # 60/min: one token per second
     assert limiter.allow("k_b", 60) == (True, 0.0)  # buckets are per key
@@ -96,7 +96,18 @@ def test_rate_limiter_allows_the_rate_then_refuses_then_refills():
     now[0] += 0.5
     assert limiter.allow("k_a", 60)[0] and not limiter.allow("k_a", 60)[0]
     now[0] += 3600
-    assert sum(limiter.allow("k_a", 60)[0] for _ in range(100)) == 60  # refills to capacity, not beyond
+    assert sum(limiter.allow("k_a", 60)[0] for _ in range(100)) == 10  # refills to the burst, not beyond
+    for _ in range(50):  # over a minute at the rate, a key still gets its rate
+        now[0] += 1.0
+        assert limiter.allow("k_a", 60)[0]
+
+
+def test_one_key_cannot_fire_a_minutes_allowance_at_once():
+    """Regression: the bucket held a full minute, so a 600/min key could send 600 long requests in one instant."""
+    limiter = RateLimiter(clock=lambda: 0.0)
+    assert sum(limiter.allow("k", 600)[0] for _ in range(600)) == 50  # 5 s of 600/min
+    assert sum(limiter.allow("k2", 2)[0] for _ in range(5)) == 2  # never more than the rate per minute
+    assert sum(limiter.allow("k3", 100_000)[0] for _ in range(20_000)) == 8334  # 5 s of it
 
 
 def test_rate_limiter_is_thread_safe():
@@ -104,7 +115,7 @@ def test_rate_limiter_is_thread_safe():
     results = []
 
     def hammer():
-        results.extend(limiter.allow("k", 100)[0] for _ in range(50))
+        results.extend(limiter.allow("k", 1200)[0] for _ in range(50))
 
     threads = [threading.Thread(target=hammer) for _ in range(4)]
     for t in threads:
@@ -289,11 +300,87 @@ def test_audit_recovers_when_the_database_comes_back(pg_database):
             audit.record(**_row(i))
         time.sleep(0.8)
         assert audit.write_errors >= 1 and audit.written == 0
+        assert audit.rejected == 0  # a connection error is retried, never taken for bad rows
         create()
         assert audit.flush(timeout=20)
-        assert audit.count() == 30 and audit.dropped == 0
+        assert audit.count() == 30 and audit.dropped == 0 and audit.rejected == 0
     finally:
         audit.close(timeout=10)
+
+
+# Strings that once stopped the audit writer for good (a lone surrogate breaks the UTF-8 encode on every
+# driver, a NUL breaks PostgreSQL's text), with what the table must hold instead.
+HOSTILE_AUDIT_STRINGS = {
+    "\ud800": "\ufffd", "x\udfffy": "x\ufffdy", "a\x00b": "a\ufffdb", "\x00": "\ufffd",
+    "\ud83d\ude00": "\U0001f600",  # a valid surrogate pair, as json.loads leaves it, is joined
+    "\x1b[31m\u202e": "\x1b[31m\u202e",  # storable as it is: kept (terminals are the log reader's concern)
+}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def audit_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'audit.db'}"
+        return
+    name, create, url = request.getfixturevalue("pg_database")
+    create()
+    yield url
+
+
+def test_hostile_strings_in_every_audit_field_never_stop_the_log(audit_url):
+    from serving.audit import _STRING_LENGTHS
+
+    audit = AuditLog(audit_url)
+    try:
+        expected = {}
+        for field, limit in _STRING_LENGTHS.items():
+            for i, (hostile, stored) in enumerate(HOSTILE_AUDIT_STRINGS.items()):
+                request_id = f"{field}-{i}"
+                audit.record(**_row(0) | {"request_id": request_id, field: hostile})
+                expected[request_id] = (field, stored)
+            audit.record(**_row(0) | {"request_id": f"{field}-long", field: "\ud800" * (limit + 50)})
+        for i in range(10):  # rows after the hostile ones are written too, promptly
+            audit.record(**_row(i, request_id=f"after-{i}"))
+        assert audit.flush(timeout=15), "the audit writer is stuck on a hostile row"
+        assert audit.rejected == 0 and audit.dropped == 0
+        assert audit.count(request_id="after-9") == 1
+        with audit.engine.connect() as conn:
+            from sqlalchemy import select
+
+            from serving.audit import audit_log
+
+            rows = [r._asdict() for r in conn.execute(select(audit_log))]
+        assert len(rows) == len(expected) + len(_STRING_LENGTHS) + 10
+        by_marker = {}
+        for row in rows:
+            for field in _STRING_LENGTHS:
+                value = row[field] or ""
+                assert "\x00" not in value and len(value) <= _STRING_LENGTHS[field], (field, value)
+            by_marker.setdefault(row["request_id"], row)
+        for request_id, (field, stored) in expected.items():
+            if field == "request_id":
+                assert stored in by_marker, (request_id, stored)
+            else:
+                assert by_marker[request_id][field] == stored, (request_id, field)
+        long_rows = [r for r in rows if r["voice_id"] and len(r["voice_id"]) == 64]
+        assert long_rows and set(long_rows[0]["voice_id"]) == {"\ufffd"}
+    finally:
+        assert audit.close(timeout=10)
+
+
+def test_rows_the_database_refuses_are_set_aside_and_the_rest_written(audit_url):
+    audit = AuditLog(audit_url)
+    try:
+        for i in range(150):
+            # An integer no column holds: a data error that no sanitising of strings prevents.
+            audit.record(**_row(i, characters=2**70 if i in (7, 120) else 40))
+        assert audit.flush(timeout=15)
+        assert audit.count() == 148 and audit.rejected == 2 and audit.dropped == 0
+        assert audit.count(request_id="r7") == 0 and audit.count(request_id="r8") == 1
+        metrics = ServerMetrics(audit=audit)
+        assert b"voiceops_audit_rejected_total 2.0" in metrics.render()[0]
+    finally:
+        assert audit.close(timeout=10)
 
 
 # --- metrics -----------------------------------------------------------------------------------------
@@ -303,6 +390,7 @@ def test_metrics_render_every_name():
 
     class FakeAudit:
         dropped = 7
+        rejected = 3
 
     metrics = ServerMetrics(audit=FakeAudit())
     second = ServerMetrics()  # a second app in the same process must not collide
@@ -323,6 +411,7 @@ def test_metrics_render_every_name():
         assert (f"{name}_count" if name in HISTOGRAMS else name) in samples, name
     assert set(samples) & METRIC_SERIES >= {f"{h}_bucket" for h in HISTOGRAMS}
     assert samples["voiceops_audit_dropped_total"].value == 7
+    assert samples["voiceops_audit_rejected_total"].value == 3
     assert samples["voiceops_resident_memory_bytes"].value > 10 * 2**20
     assert samples["voiceops_requests_total"].labels == {"voice": "alice", "version": "3", "variant": "canary",
                                                          "status": "200"}
