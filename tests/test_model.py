@@ -104,3 +104,76 @@ def test_train_infer_resume_and_lora(tiny_examples, tmp_path):
     a = adapted.synthesize("The birch canoe slid on the smooth planks.").audio
     b = Synthesizer.load(tmp_path / "base", examples[0].speaker).synthesize("The birch canoe slid on the smooth planks.").audio
     assert len(a) > 0 and (len(a) != len(b) or not np.allclose(a, b))  # the adapter changes the output
+
+
+# --- checkpoints a resuming worker can trust (voice_lib/train/resume.py) ------------------------------------
+
+class _Planted:
+    """What a writer to the artifact store could plant: unpickling it runs code (here: creates a file)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _tiny_fit(examples, checkpoint, steps, on_checkpoint=None):
+    from voice_lib.model.checkpoints import new_base_model
+    from voice_lib.train.loop import TrainConfig, fit
+
+    torch.manual_seed(0)
+    model = new_base_model(examples, ModelConfig(n_symbols=len(SYMBOLS), **TINY))
+    cfg = TrainConfig(steps=steps, batch_size=4, eval_every=3, checkpoint_every=3)
+    return fit(model, model, examples[:10], examples[10:], cfg, checkpoint, on_checkpoint=on_checkpoint)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_not_run(tiny_examples, tmp_path):
+    """Regression: fit loaded checkpoints with weights_only=False, so a planted pickle ran on the worker."""
+    examples, _ = tiny_examples
+    marker = tmp_path / "code-ran"
+    checkpoint = tmp_path / "planted.pt"
+    torch.save({"trainable": {}, "step": 0, "payload": _Planted(str(marker))}, checkpoint)
+    with pytest.raises(ValueError, match=r"planted\.pt holds more than weights.*delete it"):
+        _tiny_fit(examples, checkpoint, 3)
+    assert not marker.exists()
+
+
+def test_resume_trusts_only_the_checkpoint_whose_sha256_the_run_recorded(tiny_examples, tmp_path, mlflow_server):
+    from voice_lib.core.config import Settings
+    from voice_lib.core.hashing import sha256_file
+    from voice_lib.core.storage import artifact_store
+    from voice_lib.core.tracking import experiment_id, mlflow_client
+    from voice_lib.train.resume import CHECKPOINT_SHA256_TAG, CheckpointLedger, mirror_checkpoint, restore_checkpoint
+
+    examples, _ = tiny_examples
+    settings = Settings(home=tmp_path / "home", mlflow_tracking_uri=mlflow_server)
+    store, key = artifact_store(settings), "voices/v/checkpoints/k.pt"
+    client = mlflow_client(settings)
+    run_id = client.create_run(experiment_id(client, "checkpoint-trust")).info.run_id
+    ledger = CheckpointLedger(settings, run_id)
+    worker_a = tmp_path / "worker-a" / "k.pt"
+    first = _tiny_fit(examples, restore_checkpoint(store, key, worker_a, ledger), 6,
+                      on_checkpoint=lambda path, step: mirror_checkpoint(store, ledger, path, key, step))
+    assert first.step == 6
+    recorded = client.get_run(run_id).data.tags[CHECKPOINT_SHA256_TAG]
+    assert recorded == sha256_file(worker_a) == sha256_file(store.download_to(key, tmp_path / "copy.pt"))
+
+    # A corrupt local checkpoint (a full disk truncated it) is fetched again from the store, and training resumes.
+    worker_a.write_bytes(worker_a.read_bytes()[:1000])
+    resumed = _tiny_fit(examples, restore_checkpoint(store, key, worker_a, ledger), 9)
+    assert resumed.resumed_from == 6 and sha256_file(tmp_path / "copy.pt") == recorded
+
+    # A checkpoint planted in the store (another run's valid weights) is not loaded on a fresh worker.
+    other = tmp_path / "other.pt"
+    _tiny_fit(examples, other, 3)
+    store.upload_file(other, key)
+    worker_b = tmp_path / "worker-b" / "k.pt"
+    assert not restore_checkpoint(store, key, worker_b, ledger).exists()
+    assert _tiny_fit(examples, worker_b, 3).resumed_from == 0
+
+    # A run that recorded no checkpoint trusts none, local or stored.
+    fresh_run = CheckpointLedger(settings, client.create_run(experiment_id(client, "checkpoint-trust")).info.run_id)
+    worker_b.parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "other.pt").replace(worker_b)
+    assert not restore_checkpoint(store, key, worker_b, fresh_run).exists()

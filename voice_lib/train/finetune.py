@@ -17,6 +17,7 @@ from voice_lib.core.hashing import sha256_file
 from voice_lib.core.storage import artifact_store
 from voice_lib.core.tracking import MlflowMetrics, start_run
 from voice_lib.model.checkpoints import write_model_card
+from voice_lib.train.resume import CheckpointLedger, mirror_checkpoint, restore_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ def finetune_voice(voice_id: str, manifest_key: str, settings: Settings, base_di
     log.info("fine-tuning %s: %d train / %d validation / %d held-out clips, %d adapter parameters (rank %d)",
              voice_id, len(train), len(val), len(held_out), trainable_parameters(model), rank)
     local, remote = settings.cache_dir / "checkpoints" / f"{voice_id}-{key}.pt", f"voices/{voice_id}/checkpoints/{key}.pt"
-    result = fit(model, base, train, val, cfg, restore_checkpoint(store, remote, local), metrics,
-                 on_checkpoint=lambda path, step: mirror_checkpoint(store, path, remote, step))
+    ledger = CheckpointLedger(settings, run_id)  # resume only from a checkpoint whose sha256 this run recorded
+    result = fit(model, base, train, val, cfg, restore_checkpoint(store, remote, local, ledger), metrics,
+                 on_checkpoint=lambda path, step: mirror_checkpoint(store, ledger, path, remote, step))
     metrics.flush()
     work = settings.cache_dir / "work" / voice_id / f"model-{key}"
     shutil.rmtree(work, ignore_errors=True)
@@ -73,27 +75,6 @@ def finetune_voice(voice_id: str, manifest_key: str, settings: Settings, base_di
                "held_out": [e.clip_id for e in held_out], "manifest_key": manifest_key, "base_dir": str(base_dir), **facts}
     store.write_bytes(f"{prefix}/voice.json", json.dumps(summary, indent=2).encode())  # commit marker, last
     return summary
-
-
-def restore_checkpoint(store, key: str, local: Path) -> Path:
-    """The local checkpoint path, first fetched from the store when this machine has none: a retry of the
-    train task may run on another worker than the one that died, and must resume all the same."""
-    if not local.exists() and store.exists(key):
-        store.download_to(key, local)
-        log.info("fetched checkpoint %s from the artifact store to resume on this worker", key)
-    return local
-
-
-def mirror_checkpoint(store, path: Path, key: str, step: int) -> None:
-    """Copy a step checkpoint to the artifact store (after the local atomic write). A failed copy does not stop
-    training: the local checkpoint still serves a retry on this machine, and the next checkpoint tries again."""
-    from voice_lib.core.storage import StorageError
-
-    try:
-        store.upload_file(path, key)
-        log.info("checkpoint at step %d copied to %s", step, key)
-    except (StorageError, OSError) as exc:
-        log.warning("could not copy the step-%d checkpoint to the artifact store (%s); training goes on", step, exc)
 
 
 def fetch_voice_model(settings: Settings, trained: dict) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -103,6 +104,19 @@ def _save_atomic(obj: dict, path: Path) -> None:
         torch.save(obj, fh)
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A step checkpoint, loaded as tensors and plain containers only: a file that would unpickle anything
+    else (code planted in the artifact store) is refused, never run (voice_lib/train/resume.py)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message is a page long and suggests weights_only=False; keep the line that says what was found
+        found = next((line.split("error:", 1)[-1].strip() for line in str(exc).splitlines()
+                      if "Unsupported global" in line), "not plain weights")
+        raise ValueError(f"checkpoint {path} holds more than weights and was not loaded ({found}); delete it to "
+                         "train from step 0, and check who can write to the artifact store") from exc
+
+
 def trainable_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if _is_trainable(model, k)}
 
@@ -150,7 +164,7 @@ def fit(
     step, best, best_state, bad_evals, resumed_from, history = 0, float("inf"), None, 0, 0, []
     earlier_seconds = 0.0  # training time of the runs this one resumes, so reports show the total
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = load_checkpoint(checkpoint)
         model.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
