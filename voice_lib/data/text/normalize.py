@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from voice_lib.data.text.symbols import Language, TextError, check_language, split_by_script
+from voice_lib.data.text.symbols import Language, Unpronounceable, check_language, split_by_script
 
 _WHITESPACE_RE = re.compile(r"\s+")
 _THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
@@ -185,12 +185,12 @@ def normalize_text(text: str, language: Language) -> str:
 
     English numbers, dates, money, units... become English words; Mandarin ones become Chinese numerals
     (二零二四年五月一日, 十点三十分, 百分之五十). ``language="auto"`` normalises each script run on its own.
-    Raises TextError when nothing is left.
+    Raises Unpronounceable (a TextError) when nothing is left.
     """
     check_language(language)
     text = _normalize_cleaned(clean_text(text), language)
     if not text:
-        raise TextError("text is empty after normalisation (only whitespace/control characters?)")
+        raise Unpronounceable("text is empty after normalisation (only whitespace/control characters?)")
     return text
 
 

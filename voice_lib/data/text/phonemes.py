@@ -22,12 +22,13 @@ from voice_lib.data.text.symbols import (
     WORD_BOUNDARY,
     FrontendUnavailable,
     Language,
-    TextError,
+    Unpronounceable,
     phonemes_to_ids,
     split_by_script,
 )
 
-__all__ = ["phonemize", "count_phones", "frontend_cache_info", "configure_frontend_cache", "phonemes_to_ids"]
+__all__ = ["phonemize", "count_phones", "frontend_cache_info", "configure_frontend_cache", "phonemes_to_ids",
+           "pinyin_syllable_phones", "pause_token"]
 _NOT_PHONES = NOT_PHONES  # the name the frontend's property tests read
 
 _PAUSE_MAP = {",": ",", ";": ",", ":": ",", "、": ",", "—": ",", "–": ",", "，": ",",
@@ -47,6 +48,7 @@ _ZH_TOKEN_RE = re.compile(
     r"|(?P<num>\d+(?:\.\d+)?)|(?P<pause>" + _PAUSE_RE.pattern + r")")
 _ZH_DIGITS = "零一二三四五六七八九"
 _SYLLABIC_NASALS = ("m", "n", "ng")
+PINYIN_SYLLABLE_RE = re.compile(r"[a-zêü]+[1-5]")  # what a character's reading (and a lexicon's pinyin) looks like
 
 _backend: Any = None  # created on first English text: loading espeak costs ~0.2 s
 _separator: Any = None
@@ -113,6 +115,12 @@ def _espeak(pieces: list[str]) -> list[str]:
             raise FrontendUnavailable(f"espeak-ng failed to phonemise the text: {exc}") from exc
 
 
+def pause_token(text: str) -> str | None:
+    """The pause token of the first pausing punctuation in ``text`` (for text that has nothing else)."""
+    match = _PAUSE_RE.search(text)
+    return _PAUSE_MAP[match.group()[0]] if match else None
+
+
 def _english_items(text: str) -> list[list[str] | str]:
     """Words (lists of phones) and pause tokens for an English run."""
     parts: list[str] = []  # alternating text piece / pause token
@@ -147,20 +155,23 @@ def _english_items(text: str) -> list[list[str] | str]:
 def _pinyin_phones(han: str) -> list[str]:
     """Initial + tonal final for every syllable of a run of Han characters."""
     from pypinyin import Style, lazy_pinyin
-    from pypinyin.contrib.tone_convert import to_finals_tone3, to_initials
 
     phones: list[str] = []
     # One call on the whole run so pypinyin's phrase dictionary can pick readings of polyphones.
     for syllable in lazy_pinyin(han, style=Style.TONE3, neutral_tone_with_five=True):
-        if not re.fullmatch(r"[a-zêü]+[1-5]", syllable):
-            phones.append(UNK)  # character pypinyin has no reading for
-        elif syllable[:-1] in _SYLLABIC_NASALS:
-            phones.append(syllable)  # 嗯 "ng2": to_initials would wrongly report "n"
-        else:
-            initial = to_initials(syllable, strict=False)
-            phones += [initial] if initial else []
-            phones.append(to_finals_tone3(syllable, strict=False, neutral_tone_with_five=True))
+        phones += pinyin_syllable_phones(syllable) if PINYIN_SYLLABLE_RE.fullmatch(syllable) else [UNK]
     return phones
+
+
+def pinyin_syllable_phones(syllable: str) -> list[str]:
+    """Initial and tonal final of one tone-numbered pinyin syllable ("zhong1" -> ["zh", "ong1"])."""
+    from pypinyin.contrib.tone_convert import to_finals_tone3, to_initials
+
+    if syllable[:-1] in _SYLLABIC_NASALS:
+        return [syllable]  # 嗯 "ng2": to_initials would wrongly report "n"
+    initial = to_initials(syllable, strict=False)
+    return [initial, to_finals_tone3(syllable, strict=False, neutral_tone_with_five=True)] if initial else \
+        [to_finals_tone3(syllable, strict=False, neutral_tone_with_five=True)]
 
 
 def _mandarin_items(text: str) -> list[list[str] | str]:
@@ -197,7 +208,7 @@ def _phonemize_normalized(text: str, language: str) -> tuple[str, ...]:
                 tokens.append(WORD_BOUNDARY)  # a pause already separates words
             tokens += item
     if not any(t not in _NOT_PHONES for t in tokens):
-        raise TextError(f"text has nothing pronounceable: {text[:80]!r}")
+        raise Unpronounceable(f"text has nothing pronounceable: {text[:80]!r}")
     return tuple(tokens)
 
 

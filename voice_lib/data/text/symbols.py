@@ -14,6 +14,10 @@ class TextError(ValueError):
     """Text that cannot be turned into phones (empty, unpronounceable, no backend)."""
 
 
+class Unpronounceable(TextError):
+    """Text with nothing to say (empty, or only punctuation and symbols): silence, where a caller allows it."""
+
+
 class FrontendUnavailable(TextError):
     """The G2P backend itself is missing or broken: no fault of the text (a server answers 5xx, not 422)."""
 
@@ -40,7 +44,7 @@ STRESS_MARKS = ("ˈ", "ˌ")  # espeak prefixes stressed vowels; we emit them as 
 # ~125k words of the CMU dictionary (lower, upper and capitalised), random
 # acronyms, ASCII characters and sentences.  Hard-coded so the ids never depend
 # on the espeak build installed on a machine.
-_EN_PHONES = (
+EN_PHONES = (
     "aɪ", "aɪə", "aɪɚ", "aʊ", "b", "d", "dʒ", "eɪ", "f", "h", "i", "iə", "iː", "iːː",
     "j", "k", "l", "m", "n", "nʲ", "n̩", "o", "oʊ", "oː", "oːɹ", "p", "r", "s", "t",
     "tʃ", "uː", "v", "w", "x", "z", "æ", "ææ", "ð", "ŋ", "ɐ", "ɑː", "ɑːɹ", "ɑ̃", "ɔ",
@@ -63,7 +67,7 @@ _ZH_TONES = ("1", "2", "3", "4", "5")  # 5 = neutral tone
 # dict.fromkeys de-duplicates while keeping first-seen order: pinyin initials
 # spelled like an IPA phone (b, d, m, ...) share that phone's id.
 SYMBOLS: tuple[str, ...] = tuple(dict.fromkeys((
-    PAD, UNK, WORD_BOUNDARY, *PAUSE_TOKENS, *STRESS_MARKS, *_EN_PHONES, *_ZH_INITIALS,
+    PAD, UNK, WORD_BOUNDARY, *PAUSE_TOKENS, *STRESS_MARKS, *EN_PHONES, *_ZH_INITIALS,
     *(final + tone for final in _ZH_FINALS for tone in _ZH_TONES),
 )))
 symbol_to_id: dict[str, int] = {s: i for i, s in enumerate(SYMBOLS)}
