@@ -33,7 +33,9 @@ def voice_intake():
 
     @task
     def onboarding_confs(datasets: list[dict]) -> list[dict]:
-        return [{"voice_id": d["voice_id"], "data_uri": d["data_uri"]} for d in datasets]
+        # The language rides along when the upload's manifest names it (POST /v1/voices); else the DAG's default.
+        return [{"voice_id": d["voice_id"], "data_uri": d["data_uri"],
+                 **({"language": d["language"]} if "language" in d else {})} for d in datasets]
 
     @task
     def claim_all(datasets: list[dict], run_id=None) -> int:

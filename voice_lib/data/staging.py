@@ -48,7 +48,7 @@ class StagedDataset:
         return {**asdict(self), "root": str(self.root)}
 
 
-def _check_member_name(name: str, source: str) -> str | None:
+def check_member_name(name: str, source: str) -> str | None:
     """Return a safe relative POSIX path, None for ignorable entries; raise on traversal."""
     clean = name.replace("\\", "/")
     parts = PurePosixPath(clean).parts
@@ -112,7 +112,7 @@ def _stage_zip(archive: Path, dest: Path, settings: Settings, skipped: list[dict
         for info in zf.infolist():
             if info.is_dir():
                 continue
-            rel = _check_member_name(info.filename, archive.name)
+            rel = check_member_name(info.filename, archive.name)
             if rel is None:
                 continue
             if stat.S_ISLNK(info.external_attr >> 16):
@@ -162,7 +162,7 @@ def _stage_folder(folder: Path, dest: Path, settings: Settings, skipped: list[di
     entries = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if _check_member_name(rel, folder.name) is None:
+        if check_member_name(rel, folder.name) is None:
             continue
         if path.is_symlink():
             # A symlink can expose files outside the dataset (e.g. /etc/passwd): never follow it.
@@ -185,7 +185,7 @@ def _stage_s3(uri: str, dest: Path, settings: Settings, skipped: list[dict]) -> 
     store = open_store(uri, settings)
     keys = []
     for key in store.list(""):
-        rel = _check_member_name(key, uri)
+        rel = check_member_name(key, uri)
         if rel is None or rel.endswith("_READY"):
             continue
         if not _accept(rel):
@@ -222,7 +222,7 @@ def stage_dataset(data_uri: str, dest: Path, settings: Settings) -> StagedDatase
             elif zipfile.is_zipfile(source):
                 _stage_zip(source, tmp, settings, skipped)
             elif source.suffix.lower() in AUDIO_EXTENSIONS:
-                _check_member_name(source.name, data_uri)
+                check_member_name(source.name, data_uri)
                 _check_file_size(source.name, source.stat().st_size, settings, data_uri)
                 shutil.copyfile(source, tmp / source.name)
             elif source.suffix.lower() == ".zip":

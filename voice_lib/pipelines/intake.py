@@ -7,20 +7,21 @@ the voice and a hash of the listing, so re-uploading changed data starts a new o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 
 from voice_lib.core.config import Settings, validate_voice_id
 from voice_lib.core.storage import artifact_store, open_store
+from voice_lib.data.uploads import LANGUAGES, listing_sha256, read_manifest
 
 log = logging.getLogger(__name__)
 READY_MARKERS = ("_READY", "manifest.json")
 
 
 def find_ready_datasets(settings: Settings) -> list[dict]:
-    """Datasets that are complete and not yet claimed: [{voice_id, data_uri, listing_sha256}]."""
+    """Datasets that are complete and not yet claimed: [{voice_id, data_uri, listing_sha256[, language]}]
+    (the language when the upload's manifest.json names one: uploads through POST /v1/voices do)."""
     incoming = open_store(settings.resolved_intake_uri, settings)
     claims = artifact_store(settings)
     by_voice: dict[str, list[str]] = {}
@@ -37,17 +38,25 @@ def find_ready_datasets(settings: Settings) -> list[dict]:
         except ValueError as exc:
             log.warning("intake: skipping %s/: %s", voice, exc)
             continue
-        listing = hashlib.sha256("\n".join(sorted(files)).encode()).hexdigest()
-        if claims.exists(f"intake/claimed/{voice}-{listing[:16]}.json"):
+        listing = listing_sha256(files)
+        if claims.exists(claim_key(voice, listing)):
             continue
-        found.append({"voice_id": voice, "data_uri": f"{incoming.uri}/{voice}", "listing_sha256": listing})
+        dataset = {"voice_id": voice, "data_uri": f"{incoming.uri}/{voice}", "listing_sha256": listing}
+        manifest = read_manifest(settings, voice) if "manifest.json" in files else None
+        if manifest and manifest.get("language") in LANGUAGES:  # an upload through POST /v1/voices says it
+            dataset["language"] = manifest["language"]
+        found.append(dataset)
     log.info("intake: %d new dataset(s) under %s", len(found), incoming.uri)
     return found
+
+
+def claim_key(voice_id: str, listing: str) -> str:
+    return f"intake/claimed/{voice_id}-{listing[:16]}.json"
 
 
 def claim(settings: Settings, dataset: dict, run_id: str) -> None:
     """Record that ``dataset`` was handed to onboarding (after the trigger succeeded)."""
     artifact_store(settings).write_bytes(
-        f"intake/claimed/{dataset['voice_id']}-{dataset['listing_sha256'][:16]}.json",
+        claim_key(dataset["voice_id"], dataset["listing_sha256"]),
         json.dumps({**dataset, "onboarding_run_id": run_id, "claimed_at": time.time()}).encode(),
     )
