@@ -224,3 +224,40 @@ def test_plan_speech_gives_inventory_ids_or_a_text_error(parts, language):
         assert ids and all(0 <= i < len(SYMBOLS) for i in ids)
         assert 0.0 <= chunk.pause_after <= 10.0 * len(parts) + 0.1
     assert set(BREAK_STRENGTHS) >= {"medium"}
+
+
+# --- word timestamps -------------------------------------------------------------------------------------
+
+def said(chunk) -> list[tuple[str, str]]:
+    return [(w.word, "".join(chunk.phonemes[w.start:w.end])) for w in chunk.words]
+
+
+def test_each_spoken_word_knows_its_phones():
+    (chunk,) = plan_speech("It costs $3.25, ok?", "en")
+    assert [w for w, _ in said(chunk)] == ["It", "costs", "three", "dollars", "twenty", "five", "cents", "ok"]
+    assert said(chunk)[2] == ("three", "θɹˈiː")
+    # Mandarin runs split per character; an override is one word, as written.
+    first, second = plan_speech('我喜欢<phoneme ph="t ə m ˈɑː t oʊ">tomato</phoneme>。你好！', "auto")
+    assert said(first) == [("我", "wo3"), ("喜", "xi3"), ("欢", "huan1"), ("tomato", "təmˈɑːtoʊ")]
+    assert [w for w, _ in said(second)] == ["你", "好"]
+
+
+def test_when_espeak_regroups_words_the_piece_is_one_span():
+    (chunk,) = plan_speech("I use node.js daily.", "en")
+    (span,) = chunk.words  # espeak reads "node.js" as two words (node, J S): no guessing which is which
+    assert span.word == "I use nodejs daily" and (span.start, span.end) == (0, len(chunk.phonemes) - 1)
+
+
+def test_word_timings_add_up_the_durations():
+    from voice_lib.data.text import word_timings
+
+    (chunk,) = plan_speech("Hello big world.", "en")
+    durations = [3 if p not in ("|", ".") else 10 for p in chunk.phonemes]
+    times = word_timings(chunk.words, durations, seconds_per_step=0.01, offset_seconds=1.5)
+    hello = chunk.words[0].end - chunk.words[0].start
+    assert times[0] == {"word": "Hello", "start": 1.5, "end": round(1.5 + hello * 0.03, 3)}
+    assert times[1]["start"] == round(times[0]["end"] + 0.10, 3)  # the boundary's 10 steps lie between
+    assert [t["word"] for t in times] == ["Hello", "big", "world"]
+    assert all(a["end"] <= b["start"] for a, b in zip(times, times[1:]))
+    with pytest.raises(ValueError, match="past the 2 durations"):
+        word_timings(chunk.words, [1, 1], 0.01)

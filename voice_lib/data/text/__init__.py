@@ -8,10 +8,25 @@ turns a request's text into speech chunks and silences (``plan_speech``) and spl
 Importing the package is cheap (it is reached from Airflow DAG parsing): espeak-ng, pypinyin and the grammars
 load on first use.
 """
-from voice_lib.data.text.chunks import BREAK_STRENGTHS, SpeechChunk, plan_speech, split_sentences
-from voice_lib.data.text.lexicon import Lexicon, LexiconError, load_lexicon, save_lexicon
+from voice_lib.data.text.chunks import (
+    BREAK_STRENGTHS,
+    SpeechChunk,
+    plan_speech,
+    split_sentences,
+)
+from voice_lib.data.text.lexicon import (
+    Lexicon,
+    LexiconError,
+    load_lexicon,
+    save_lexicon,
+)
 from voice_lib.data.text.normalize import clean_text, normalize_text
-from voice_lib.data.text.phonemes import configure_frontend_cache, count_phones, frontend_cache_info, phonemize
+from voice_lib.data.text.phonemes import (
+    configure_frontend_cache,
+    count_phones,
+    frontend_cache_info,
+    phonemize,
+)
 from voice_lib.data.text.symbols import (
     FRONTEND_VERSION,
     PAD,
@@ -29,6 +44,7 @@ from voice_lib.data.text.symbols import (
     split_by_script,
     symbol_to_id,
 )
+from voice_lib.data.text.timing import WordSpan, word_timings
 
 __all__ = [
     "TextError", "FrontendUnavailable", "FRONTEND_VERSION", "Language", "SYMBOLS_VERSION", "SYMBOLS", "PAD", "UNK", "WORD_BOUNDARY",
@@ -36,4 +52,5 @@ __all__ = [
     "phonemize", "phonemes_to_ids", "count_phones", "split_sentences",
     "frontend_cache_info", "configure_frontend_cache", "Unpronounceable",
     "plan_speech", "SpeechChunk", "BREAK_STRENGTHS", "Lexicon", "LexiconError", "load_lexicon", "save_lexicon",
+    "WordSpan", "word_timings",
 ]

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from voice_lib.data.text.lexicon import Lexicon, LexiconError, ipa_phones, pinyin_phones
+from voice_lib.data.text.normalize import normalize_text
 from voice_lib.data.text.phonemes import pause_token, phonemize
 from voice_lib.data.text.symbols import (
     HAN_CLASS,
@@ -31,6 +32,7 @@ from voice_lib.data.text.symbols import (
     TextError,
     Unpronounceable,
 )
+from voice_lib.data.text.timing import WordSpan, label_piece
 
 MAX_BREAK_SECONDS = 10.0
 MAX_SENTENCE_PAUSE_SECONDS = 5.0
@@ -79,6 +81,7 @@ class SpeechChunk:
     text: str  # as written
     phonemes: tuple[str, ...]
     pause_after: float
+    words: tuple[WordSpan, ...] = ()  # which phones say which word (timing.py)
 
 
 def _attributes(raw: str) -> dict[str, str]:
@@ -122,7 +125,7 @@ def parse_ssml(text: str, marks: Marks) -> list[Piece]:
     pos = 0
     text = _PRIVATE_RE.sub("", text)
     for match in [*_TAG_RE.finditer(text), None]:
-        chunk = html.unescape(text[pos:match.start() if match else len(text)])
+        chunk = _PRIVATE_RE.sub("", html.unescape(text[pos:match.start() if match else len(text)]))  # &#xE000;
         (inner[2] if inner else buffer).append(chunk)
         if match is None:
             break
@@ -159,9 +162,13 @@ def apply_lexicon(text: str, lexicon: Lexicon | None, marks: Marks) -> str:
     return "".join(out) + text[pos:]
 
 
-def phonemize_marked(text: str, language: Language, marks: Marks) -> tuple[str, ...]:
-    """Phones of a chunk whose marks carry fixed phones; raises Unpronounceable when there is nothing to say."""
+def phonemize_marked(text: str, language: Language, marks: Marks) -> tuple[tuple[str, ...], tuple[WordSpan, ...]]:
+    """Phones of a chunk whose marks carry fixed phones, and the word each group of them says.
+
+    Raises Unpronounceable when there is nothing to say.
+    """
     tokens: list[str] = []
+    words: list[WordSpan] = []
     for piece in _MARK_SPLIT_RE.split(text):
         if piece in marks.phones:
             phones: list[str] | tuple[str, ...] = marks.phones[piece]
@@ -176,10 +183,19 @@ def phonemize_marked(text: str, language: Language, marks: Marks) -> tuple[str, 
         if phones:
             if tokens and tokens[-1] not in PAUSE_TOKENS and phones[0] not in PAUSE_TOKENS:
                 tokens.append(WORD_BOUNDARY)
+            start = len(tokens)
             tokens += phones
+            if piece in marks.phones:
+                words.append(WordSpan(marks.words[piece] or "", start, len(tokens)))
+            else:
+                words += label_piece(normalize_text(piece, language), phones, start)
     if not any(t not in NOT_PHONES for t in tokens):
         raise Unpronounceable(f"text has nothing pronounceable: {marks.written(text)[:80]!r}")
-    return tuple(tokens)
+    return tuple(tokens), tuple(words)
+
+
+def _chunk(text: str, marked: tuple[tuple[str, ...], tuple[WordSpan, ...]], pause: float) -> SpeechChunk:
+    return SpeechChunk(text, marked[0], pause, marked[1])
 
 
 def plan_speech(text: str, language: Language = "auto", *, lexicon: Lexicon | None = None,
@@ -207,7 +223,7 @@ def plan_speech(text: str, language: Language = "auto", *, lexicon: Lexicon | No
             else:
                 pause = sentence_pause if p < len(pieces) - 1 else 0.0
             try:
-                chunks.append(SpeechChunk(marks.written(sentence), phonemize_marked(sentence, language, marks), pause))
+                chunks.append(_chunk(marks.written(sentence), phonemize_marked(sentence, language, marks), pause))
             except Unpronounceable:
                 if chunks:
                     chunks[-1] = replace(chunks[-1], pause_after=chunks[-1].pause_after + pause)

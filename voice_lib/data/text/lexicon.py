@@ -24,7 +24,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from voice_lib.data.text.phonemes import PINYIN_SYLLABLE_RE, pinyin_syllable_phones
-from voice_lib.data.text.symbols import EN_PHONES, NOT_PHONES, STRESS_MARKS, WORD_BOUNDARY, TextError, is_han, symbol_to_id
+from voice_lib.data.text.symbols import (
+    EN_PHONES,
+    NOT_PHONES,
+    STRESS_MARKS,
+    WORD_BOUNDARY,
+    TextError,
+    is_han,
+    symbol_to_id,
+)
 
 MAX_ENTRIES = 5000
 MAX_WORD_CHARS = 64

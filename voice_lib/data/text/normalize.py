@@ -19,7 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from voice_lib.data.text.symbols import Language, Unpronounceable, check_language, split_by_script
+from voice_lib.data.text.symbols import (
+    Language,
+    Unpronounceable,
+    check_language,
+    split_by_script,
+)
 
 _WHITESPACE_RE = re.compile(r"\s+")
 _THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
