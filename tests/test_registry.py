@@ -250,3 +250,24 @@ def test_unreachable_server_fails_fast(settings: Settings) -> None:
     with pytest.raises(RegistryError, match="not reachable.*voiceops up"):
         Registry(settings).version_by_alias(BASE_MODEL, "production")
     assert time.monotonic() - started < 10  # MlflowClient alone retries for about four minutes
+
+
+def test_archive_takes_the_voice_out_of_serving_and_keeps_its_history(registry: Registry, name: str,
+                                                                       tmp_path: Path) -> None:
+    one, two = register(registry, name, tmp_path, 1), register(registry, name, tmp_path, 2)
+    registry.promote(name, one.version)
+    registry.set_canary(name, two.version, 30)
+    with pytest.raises(RegistryError, match="say why you archive it"):
+        registry.archive(name, "  ")
+    held = registry.archive(name, "deleted by tenant acme over DELETE /v1/voices")
+    assert held == {"production": one.version, "canary": two.version}
+    assert registry.aliases(name) == {}  # the server routes voices by their production alias: none left
+    tags = registry.model_tags(name)
+    assert tags["archived"] == "true" and tags["canary_weight"] == "0"
+    assert tags["archived_reason"].startswith("deleted by tenant acme")
+    assert tags["archived_aliases"] == f"canary={two.version},production={one.version}"
+    versions = registry.versions(name)  # nothing deleted: versions, lineage and runs stay
+    assert [v.version for v in versions] == [one.version, two.version]
+    assert versions[0].tags["data_sha256"] == LINEAGE["data_sha256"] and versions[0].run_id == one.run_id
+    with pytest.raises(RegistryError):
+        registry.archive(BASE_MODEL, "no")

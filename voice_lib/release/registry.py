@@ -374,6 +374,22 @@ class Registry:
             raise RegistryError(f"{name} is not a paused canary (release_state {state['release_state']}, aliases {state['aliases']}).")
         self._set_model_tags(name, release_state="canary")
 
+    def archive(self, name: str, reason: str) -> dict[str, str]:
+        """Take a voice out of serving and keep its history: canary weight 0 first (the server reads it), the
+        model tagged ``archived`` with the reason and the aliases it held, then every alias dropped, so the
+        server stops routing it on its next poll. Versions, their tags and runs stay. Returns the old aliases."""
+        self._require_voice(name, "archive")
+        if not reason or not reason.strip():
+            raise RegistryError(f"{name}: say why you archive it; the reason is recorded on the model.")
+        held = self.aliases(name)
+        self._set_model_tags(name, canary_weight=0, archived="true", archived_reason=reason.strip()[:_MAX_TAG_VALUE],
+                             archived_aliases=",".join(f"{a}={v}" for a, v in sorted(held.items())),
+                             archived_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        for alias in held:
+            self._drop_alias(name, alias)
+        log.warning("archived %s (aliases were %s): %s", name, held or "none", reason)
+        return held
+
     def set_release_progress(self, name: str, **progress: Any) -> None:
         """Record where a staged rollout stands (``release_step``, ``release_step_started``, ...).
 
@@ -400,6 +416,14 @@ class Registry:
         model = self._model(name, missing_ok=True)
         version = dict(model.aliases or {}).get(alias) if model is not None else None
         return self.version(name, version) if version else None
+
+    def versions(self, name: str) -> list[ModelVersionInfo]:
+        """Every version of one model, oldest first, with its tags and aliases."""
+        return sorted((_info(mv) for mv in self._versions(name)), key=lambda v: int(v.version))
+
+    def model_tags(self, name: str) -> dict[str, str]:
+        """The registered model's tags (``canary_weight``, ``release_state``, ``archived``, ...)."""
+        return dict(self._model(name).tags or {})
 
     def aliases(self, name: str) -> dict[str, str]:
         """alias -> version for one model."""
