@@ -1,7 +1,7 @@
 """base_model_pretrain: multi-speaker synthetic corpus → base model `voice-base` (alias production).
 
 Held-out speakers (voice_lib.data.corpus.PRETRAIN_HOLDOUT) never enter pretraining, so cloning quality
-is measured on unseen voices. Thin wiring over ``voice_lib.data.corpus`` and ``voice_lib.pipelines.training``.
+is measured on unseen voices. Thin wiring over ``voice_lib.pipelines.training``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, task
+
+from voice_lib.core.config import get_settings  # light (pydantic): read at parse time for the queue
 
 
 @dag(
@@ -28,26 +30,21 @@ from airflow.sdk import Param, dag, task
     },
 )
 def base_model_pretrain():
+    # The corpus and the step checkpoints live in the artifact store, not on a worker's disk: the two tasks
+    # (and a retry of either) may run on different workers.
     @task
-    def build_corpus(params=None) -> str:
-        from voice_lib.core.config import get_settings
-        from voice_lib.data.corpus import generate_corpus, pretrain_voices
+    def build_corpus(params=None) -> dict:
+        from voice_lib.pipelines.training import build_pretrain_corpus
+
+        return build_pretrain_corpus(get_settings(), int(params["sentences_per_voice"]))
+
+    @task(execution_timeout=timedelta(hours=6), queue=get_settings().train.queue)  # VOICEOPS_TRAIN__QUEUE=gpu: the gpu worker
+    def pretrain(corpus: dict, params=None) -> dict:
+        from voice_lib.pipelines.training import pretrain_from_store
 
         settings = get_settings()
-        out = settings.home / "pretrain-corpus"
-        generate_corpus(out, pretrain_voices("en"), int(params["sentences_per_voice"]), progress=False)
-        return str(out)
-
-    @task(execution_timeout=timedelta(hours=6))
-    def pretrain(corpus_dir: str, params=None) -> dict:
-        from pathlib import Path
-
-        from voice_lib.core.config import get_settings
-        from voice_lib.pipelines.training import pretrain_and_register
-
-        settings = get_settings()
-        info = pretrain_and_register(Path(corpus_dir), settings, settings.home / "models" / "voice-base",
-                             steps=int(params["steps"]), batch_size=int(params["batch_size"]))
+        info = pretrain_from_store(corpus["corpus_prefix"], settings, settings.home / "models" / "voice-base",
+                                   steps=int(params["steps"]), batch_size=int(params["batch_size"]))
         return {k: info[k] for k in ("base_dir", "base_sha256", "run_id", "best_val_loss") if k in info} | {"version": info.get("version")}
 
     pretrain(build_corpus())

@@ -11,12 +11,12 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, task
 
+from voice_lib.core.config import get_settings  # light (pydantic): read at parse time for the queue
+
 VOICE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
 
 
 def _settings(params: dict):
-    from voice_lib.core.config import get_settings
-
     settings = get_settings()
     qc = settings.qc.model_copy(update={"min_speech_seconds": float(params["min_speech_seconds"])})
     return settings.model_copy(update={"qc": qc})
@@ -87,7 +87,7 @@ def voice_onboarding():
 
         return run(dataset, qc, _settings(params))
 
-    @task(execution_timeout=timedelta(hours=2))
+    @task(execution_timeout=timedelta(hours=2), queue=get_settings().train.queue)  # VOICEOPS_TRAIN__QUEUE=gpu: the gpu worker
     def train(manifest: dict, params=None) -> dict:
         from voice_lib.pipelines.training import finetune_voice
 
@@ -119,8 +119,6 @@ def voice_onboarding():
     feats = features_shard.partial(dataset=dataset, qc=qc).expand(shard_index=shards)
     @task.short_circuit
     def auto_release_enabled(registered: dict) -> bool:
-        from voice_lib.core.config import get_settings
-
         # VOICEOPS_RELEASE__AUTO_PROMOTE_AFTER_ONBOARDING: start the staged canary right away.
         return get_settings().release.auto_promote_after_onboarding
 

@@ -39,10 +39,15 @@ class Decision:
     forced: bool = False
 
 
-def effective_weight(route: VoiceRoute, breaker_open: bool) -> int:
-    if route.canary is None or breaker_open or route.release_state == "rolled_back":
+def canary_share(canary_weight: int, release_state: str, has_canary: bool, breaker_open: bool = False) -> int:
+    """The percent of routing buckets the canary gets, from the registry's state (see the module docstring)."""
+    if not has_canary or breaker_open or release_state == "rolled_back":
         return 0
-    return max(0, min(100, int(route.canary_weight)))
+    return max(0, min(100, int(canary_weight)))
+
+
+def effective_weight(route: VoiceRoute, breaker_open: bool) -> int:
+    return canary_share(route.canary_weight, route.release_state, route.canary is not None, breaker_open)
 
 
 def requested_override(headers: Mapping[str, str], cookies: Mapping[str, str]) -> str | None:

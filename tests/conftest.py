@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -35,6 +36,20 @@ def report_fault(request: pytest.FixtureRequest, scenario: str, passed: bool, **
     if path:
         with open(path, "a") as fh:
             fh.write(line + "\n")
+
+
+def services_required() -> bool:
+    """True on a machine that must have PostgreSQL, Redis and Chromium: CI (``CI=true``, set by every CI
+    service) or ``VOICEOPS_REQUIRE_SERVICES=1`` (set by .ci/run)."""
+    return os.environ.get("VOICEOPS_REQUIRE_SERVICES") == "1" or os.environ.get("CI", "").lower() == "true"
+
+
+def skip_unless_required(reason: str) -> None:
+    """Skip a test whose service is missing, saying why; where the service is required, fail instead, so a
+    broken CI machine cannot turn the database, broker or browser tests into silent skips."""
+    if services_required():
+        pytest.fail(f"{reason} (required here: CI=true or VOICEOPS_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(reason)
 
 
 def free_port() -> int:

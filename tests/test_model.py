@@ -177,3 +177,30 @@ def test_resume_trusts_only_the_checkpoint_whose_sha256_the_run_recorded(tiny_ex
     worker_b.parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / "other.pt").replace(worker_b)
     assert not restore_checkpoint(store, key, worker_b, fresh_run).exists()
+
+
+@pytest.mark.slow
+def test_pretraining_corpus_and_checkpoints_live_in_the_store_not_on_a_worker(tmp_path):
+    """base_model_pretrain's tasks may run on different workers: each finds what the last one made in the store."""
+    from voice_lib.core.config import Settings
+    from voice_lib.core.storage import artifact_store
+    from voice_lib.pipelines.training import build_pretrain_corpus, pretrain_from_store
+
+    store_uri = (tmp_path / "store").as_uri()
+
+    def worker(n: int) -> Settings:  # a machine of its own: its own home and cache, the shared store
+        return Settings(home=tmp_path / f"worker-{n}", storage_uri=store_uri)
+
+    corpus = build_pretrain_corpus(worker(1), sentences_per_voice=2)
+    store = artifact_store(worker(1))
+    assert store.exists(f"{corpus['corpus_prefix']}/corpus.list") and len(store.list(corpus["corpus_prefix"])) >= 20
+    assert build_pretrain_corpus(worker(4), sentences_per_voice=2) == corpus  # committed: found, not rendered again
+    assert not (worker(4).cache_dir / "corpora").exists()
+
+    first = pretrain_from_store(corpus["corpus_prefix"], worker(2), tmp_path / "base-2", steps=2, batch_size=4, log_to_mlflow=False)
+    assert first["steps_trained"] == 2 and first["resumed_from_step"] == 0
+    assert len(store.list("pretrain/checkpoints")) == 1
+    # A retry with a bigger budget on a third worker resumes from the store's checkpoint, not from step 0.
+    again = pretrain_from_store(corpus["corpus_prefix"], worker(3), tmp_path / "base-3", steps=3, batch_size=4, log_to_mlflow=False)
+    assert again["resumed_from_step"] == 2 and again["steps_trained"] == 3
+    assert (tmp_path / "base-3" / "model.safetensors").exists()

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import free_port, skip_unless_required
 from rich.console import Console
 
 from voice_lib.core.config import EvalSettings, Settings
@@ -37,21 +37,27 @@ STOP_GRACE_SECONDS = 20.0
 
 
 def _pg_admin():
-    psycopg = pytest.importorskip("psycopg")
+    try:
+        import psycopg
+    except ImportError:
+        skip_unless_required("psycopg is not installed: pip install -e '.[dev]'")
     try:
         return psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True,
                                connect_timeout=3)
     except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT} ({exc}); start it with: {PG_START}")
+        skip_unless_required(f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT} ({exc}); start it with: {PG_START}")
 
 
 def _claim_redis_db(token: str):
     """A Redis client on an empty database number nobody else claimed (0 is left to people)."""
-    redis = pytest.importorskip("redis")
+    try:
+        import redis
+    except ImportError:
+        skip_unless_required("the redis client is not installed: pip install -e '.[dev]'")
     try:
         redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=3).ping()
     except redis.RedisError as exc:
-        pytest.skip(f"Redis is not reachable at {REDIS_HOST}:{REDIS_PORT} ({exc}); start it with: {REDIS_START}")
+        skip_unless_required(f"Redis is not reachable at {REDIS_HOST}:{REDIS_PORT} ({exc}); start it with: {REDIS_START}")
     numbers = list(range(1, 16))
     random.shuffle(numbers)
     for number in numbers:

@@ -371,3 +371,23 @@ def test_gpt_sovits_list_with_absolute_paths_from_another_machine(clean_voice: P
         assert c["status"] == "accepted", c["reasons"]
         assert c["text_source"] == "provided" and c["text"] == texts[c["file"]]
         assert c["language"] == "en"
+
+
+def test_same_text_within_the_duplicate_duration_tolerance_is_one_recording() -> None:
+    from voice_lib.core.config import Settings
+    from voice_lib.data.qc import ClipResult, summarize
+
+    def clip(name: str, seconds: float, sha: str) -> ClipResult:
+        return ClipResult(clip_id=name, file=name, start=0.0, end=seconds, duration=seconds, speech_seconds=seconds,
+                          snr_db=30.0, clipped=False, clipped_fraction=0.0, loudness_lufs=-20.0, denoised=False,
+                          text="The birch canoe slid on the smooth planks.", text_source="provided", language="en",
+                          phones_per_second=12.0, pcm_sha256=sha)
+
+    def rejected(tolerance: float) -> list[str]:
+        settings = Settings(qc={"duplicate_duration_tolerance": tolerance, "min_speech_seconds": 1.0})
+        clips = [clip("a.wav", 3.00, "a" * 64), clip("b.wav", 3.05, "b" * 64)]  # durations 1.6 % apart
+        report = summarize("alice", clips, {}, [], [], settings)
+        return [c.file for c in report.clips if c.status == "rejected"]
+
+    assert rejected(0.03) == ["b.wav"]  # the default: a re-encoded copy of a.wav
+    assert rejected(0.01) == []  # stricter: two takes of the same sentence

@@ -95,6 +95,21 @@ def release_env(tmp_path, mlflow_server):
     return settings, voice, versions, registry
 
 
+def test_synth_user_id_picks_the_variant_the_server_routes_that_user_to(release_env):
+    from serving.tenants import stable_bucket
+    from voiceops.cli import routed_alias
+
+    settings, voice, versions, registry = release_env
+    users = [f"user-{i}" for i in range(200)]
+    assert {routed_alias(settings, voice, u) for u in users} == {"production"}  # no canary yet
+    registry.set_canary(f"voice-{voice}", versions[1], 30)
+    routed = {u: routed_alias(settings, voice, u) for u in users}
+    assert all((routed[u] == "canary") == (stable_bucket(u) < 30) for u in users)
+    assert 30 <= sum(v == "canary" for v in routed.values()) <= 90  # about 30 % of 200
+    registry.rollback(f"voice-{voice}", reason="test")
+    assert {routed_alias(settings, voice, u) for u in users} == {"production"}
+
+
 def _traffic(settings, voice: str, variant: str, n: int, latency_ms: float, status: int = 200, rtf: float = 0.03) -> None:
     from serving.audit import AuditLog
 

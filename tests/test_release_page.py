@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import free_port, skip_unless_required
 
 from voice_lib.core.config import ReleaseSettings, Settings
 from voice_lib.release.rollout import check_limits
@@ -70,14 +70,14 @@ def browser():
         from playwright.sync_api import Error as PlaywrightError
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("playwright is not installed: pip install -e '.[dev]'")
+        skip_unless_required("playwright is not installed: pip install -e '.[dev]'")
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"Debian chromium is not installed ({CHROMIUM} is missing): run scripts/install-system-deps.sh")
+        skip_unless_required(f"Debian chromium is not installed ({CHROMIUM} is missing): run scripts/install-system-deps.sh")
     with sync_playwright() as pw:
         try:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
         except PlaywrightError as exc:
-            pytest.skip(f"{CHROMIUM} could not be launched by Playwright: {exc.message.splitlines()[0]}")
+            skip_unless_required(f"{CHROMIUM} could not be launched by Playwright: {exc.message.splitlines()[0]}")
         try:
             yield browser
         finally:

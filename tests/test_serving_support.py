@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from conftest import skip_unless_required
 
 from serving.audit import AuditLog
 from serving.metrics import HISTOGRAMS, METRIC_NAMES, METRIC_SERIES, ServerMetrics
@@ -259,7 +260,7 @@ def pg_database():
         admin.connect().close()
     except Exception as exc:  # noqa: BLE001
         admin.dispose()
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable ({type(exc).__name__}): start it with "
+        skip_unless_required(f"PostgreSQL at 127.0.0.1:5432 is not reachable ({type(exc).__name__}): start it with "
                     "'pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start'")
     name = f"voiceops_test_{uuid.uuid4().hex[:12]}"
 

@@ -331,10 +331,12 @@ def synth(
     voice_id: str = typer.Option(..., "--voice-id"),
     text: str = typer.Option(..., "--text"),
     out: Path = typer.Option(..., "-o", "--out", help="Output .wav"),
-    alias: str = typer.Option("production", help="Registry alias (production, canary, candidate) or a version number."),
+    alias: Optional[str] = typer.Option(None, help="Registry alias (production, canary, candidate) or a version number; "
+                                        "default production."),
     language: str = typer.Option("en"),
     speed: float = typer.Option(1.0, min=0.5, max=2.0),
-    user_id: Optional[str] = typer.Option(None, help="Accepted for parity with the server's routing; the CLI uses --alias."),
+    user_id: Optional[str] = typer.Option(None, help="Speak with the variant the server routes this user to (the sticky "
+                                          "canary routing key); instead of --alias."),
 ) -> None:
     """Synthesise speech with a registered voice version."""
     from voice_lib.data.audio import write_wav
@@ -342,15 +344,37 @@ def synth(
     from voice_lib.release.models import load_registered_voice
     from voice_lib.release.registry import RegistryError
 
+    if alias is not None and user_id is not None:
+        raise _usage_error("--alias and --user-id both pick the version: pass one of them.")
     try:
         validate_voice_id(voice_id)
-        synthesizer, meta = load_registered_voice(get_settings(), voice_id, alias)
+        settings = get_settings()
+        if user_id is not None:
+            alias = routed_alias(settings, voice_id, user_id)
+            console.print(f"user {user_id!r} is routed to the {alias} of voice-{voice_id}")
+        alias = alias or "production"
+        synthesizer, meta = load_registered_voice(settings, voice_id, alias)
         result = synthesizer.synthesize(text, language, speed)
     except (ValueError, RegistryError, TextError, FileNotFoundError) as exc:
         raise _usage_error(str(exc)) from exc
     write_wav(out, result.audio, result.sample_rate)
     console.print(f"{out}: {len(result.audio) / result.sample_rate:.2f} s of audio from voice-{voice_id}@{alias} "
                   f"(RTF {result.rtf:.3f})")
+
+
+def routed_alias(settings: Settings, voice_id: str, user_id: str) -> str:
+    """``canary`` or ``production``: where the server routes ``user_id`` under the registry's canary weight.
+
+    The server's rule (serving/routing.py) without its circuit breaker, which only the running server knows:
+    a canary the breaker has just shut off is still chosen here until the rollback reaches the registry.
+    """
+    from serving.routing import CANARY, PRODUCTION, canary_share
+    from serving.tenants import stable_bucket
+    from voice_lib.release.registry import Registry
+
+    state = Registry(settings).release_state(f"voice-{voice_id}")
+    share = canary_share(state["canary_weight"], state["release_state"], "canary" in state["aliases"])
+    return CANARY if stable_bucket(user_id) < share else PRODUCTION
 
 
 @app.command()

@@ -36,7 +36,9 @@ class QCSettings(BaseModel):
     max_foreign_speech_fraction: float = 0.2
     min_phones_per_second: float = 4.0
     max_phones_per_second: float = 25.0
-    duplicate_similarity: float = 0.995
+    # Two accepted clips with the same transcript whose durations differ by at most this fraction are one
+    # recording uploaded twice (re-encoded or trimmed); byte-identical audio is a duplicate at any tolerance.
+    duplicate_duration_tolerance: float = Field(default=0.03, ge=0.0, le=0.5)
 
 
 class EvalSettings(BaseModel):
@@ -135,6 +137,15 @@ class ReleaseSettings(BaseModel):
     auto_promote_after_onboarding: bool = False  # voice_intake/onboarding may start canary_promotion
 
 
+class TrainSettings(BaseModel):
+    """Where the training tasks of the DAGs run."""
+
+    # The Celery queue of the fine-tuning and pretraining tasks. "gpu" sends them to the airflow-worker-gpu
+    # service of docker-compose.yml; read when the DAG files are parsed, so set it for the dag processor
+    # and scheduler too. LocalExecutor (`voiceops up`) has no queues and ignores it.
+    queue: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
 class LimitSettings(BaseModel):
     """Guards against hostile or accidental uploads."""
 
@@ -178,12 +189,12 @@ class Settings(BaseSettings):
     plugins_folder: Path = Field(default=_REPO_ROOT / "plugins", description="Plugins of the local Airflow.")
 
     sample_rate: int = 16000
-    language: str = "en"
     qc: QCSettings = QCSettings()
     serving: ServingSettings = ServingSettings()
     release: ReleaseSettings = ReleaseSettings()
     eval: EvalSettings = EvalSettings()
     limits: LimitSettings = LimitSettings()
+    train: TrainSettings = TrainSettings()
 
     @field_validator("home", "dags_folder", "plugins_folder")
     @classmethod

@@ -218,6 +218,29 @@ def artifact_store(settings: Settings) -> Store:
     return open_store(settings.resolved_storage_uri, settings)
 
 
+def upload_folder(store: Store, folder: Path, prefix: str, marker: str | None = None) -> list[str]:
+    """Copy every file under ``folder`` to ``prefix/<relative path>``; ``marker`` (a relative path) goes last,
+    so a reader that waits for it never sees a half-copied folder. Returns the keys written."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    rels = [p.relative_to(folder).as_posix() for p in files]
+    if marker is not None:
+        if marker not in rels:
+            raise StorageError(f"{folder}: the commit marker {marker} is missing; the folder is incomplete.")
+        rels = [r for r in rels if r != marker] + [marker]
+    return [store.upload_file(folder / rel, f"{prefix}/{rel}") for rel in rels]
+
+
+def download_prefix(store: Store, prefix: str, dest: Path) -> Path:
+    """A local copy of every object under ``prefix`` at ``dest/<relative key>``; files already there are kept
+    (every write is atomic, so an existing file is complete). Returns ``dest``."""
+    prefix = prefix.rstrip("/")
+    for key in store.list(prefix):
+        target = dest / key[len(prefix):].lstrip("/")
+        if not target.exists():
+            store.download_to(key, target)
+    return dest
+
+
 @contextmanager
 def atomic_write(dest: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
     """A binary file that appears under ``dest`` whole or not at all, and survives a power cut once the block exits.

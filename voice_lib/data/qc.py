@@ -305,7 +305,7 @@ def summarize(
         key_text = re.sub(r"\W+", " ", (c.text or "").lower()).strip()
         twin = seen.get(c.pcm_sha256) or next(
             (o for o in seen.values() if key_text and re.sub(r"\W+", " ", (o.text or "").lower()).strip() == key_text
-             and abs(o.duration - c.duration) <= 0.03 * max(o.duration, c.duration)), None)
+             and abs(o.duration - c.duration) <= qc.duplicate_duration_tolerance * max(o.duration, c.duration)), None)
         if twin is not None:
             c.reject(f"{c.file}: duplicate of {twin.file}; keep one copy.")
         else:

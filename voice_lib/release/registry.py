@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 BASE_MODEL = "voice-base"
 ALIASES = ("candidate", "canary", "production", "previous")
-RELEASE_STATES = ("idle", "canary", "paused", "rolled_back")
 LINEAGE_TAGS = ("base_model", "base_version", "base_sha256", "data_sha256", "code_version", "lora_rank")
 # Keys end up inside a search filter string, so only a quote-free alphabet is accepted.
 _TRAINING_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")

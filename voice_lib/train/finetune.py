@@ -14,7 +14,7 @@ import numpy as np
 from voice_lib import __version__
 from voice_lib.core.config import Settings, validate_voice_id
 from voice_lib.core.hashing import sha256_file
-from voice_lib.core.storage import artifact_store
+from voice_lib.core.storage import artifact_store, download_prefix
 from voice_lib.core.tracking import MlflowMetrics, start_run
 from voice_lib.model.checkpoints import write_model_card
 from voice_lib.train.resume import CheckpointLedger, mirror_checkpoint, restore_checkpoint
@@ -79,10 +79,5 @@ def finetune_voice(voice_id: str, manifest_key: str, settings: Settings, base_di
 
 def fetch_voice_model(settings: Settings, trained: dict) -> Path:
     """Local copy of a trained voice's adapter folder (from the artifact store)."""
-    store = artifact_store(settings)
     dest = settings.cache_dir / "models" / trained["voice_id"] / trained["training_key"]
-    for key in store.list(trained["model_prefix"]):
-        target = dest / key.rsplit("/", 1)[-1]
-        if not target.exists():
-            store.download_to(key, target)
-    return dest
+    return download_prefix(artifact_store(settings), trained["model_prefix"], dest)

@@ -220,20 +220,6 @@ def fit(
     return FitResult(step, best, stopped_early, resumed_from, earlier_seconds + time.monotonic() - started, history)
 
 
-# --- base model -----------------------------------------------------------------------------------
-
-
-
-
-
-
-
-# --- LoRA -----------------------------------------------------------------------------------------
-
-
-
-
-
 def pick_device() -> torch.device:
     """CUDA when present, else CPU (the default on this project's machines)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,6 +15,8 @@ from pathlib import Path
 from voice_lib import __version__
 from voice_lib.core.config import Settings
 from voice_lib.core.hashing import sha256_file
+from voice_lib.core.storage import artifact_store
+from voice_lib.train.resume import CheckpointLedger, mirror_checkpoint, restore_checkpoint
 from voice_lib.core.tracking import MlflowMetrics, start_run
 from voice_lib.model.checkpoints import write_model_card
 
@@ -47,13 +49,18 @@ def pretrain_base(corpus_dir: Path, settings: Settings, out_dir: Path, steps: in
     run_id = start_run(settings, "voice-base", f"pretrain-{key[:8]}", {"voiceops.key": f"pretrain-{key}", "voiceops.step": "pretrain"}, params) if log_to_mlflow else None
     metrics = MlflowMetrics(settings, run_id)
     log.info("pretraining on %d clips from %d speakers (%d held for validation), %d parameters", len(train), len(speakers), len(val), model.n_params())
-    result = fit(model, model, train, val, cfg, settings.cache_dir / "checkpoints" / f"base-{key}.pt", metrics)
+    # Step checkpoints go to the store too, so a retry on another worker resumes instead of starting over.
+    store, remote = artifact_store(settings), f"pretrain/checkpoints/{key}.pt"
+    ledger = CheckpointLedger(settings, run_id)  # resume only from a checkpoint whose sha256 this run recorded
+    local = restore_checkpoint(store, remote, settings.cache_dir / "checkpoints" / f"base-{key}.pt", ledger)
+    result = fit(model, model, train, val, cfg, local, metrics,
+                 on_checkpoint=lambda path, step: mirror_checkpoint(store, ledger, path, remote, step))
     metrics.flush()
     extra = {
         "feature_config": asdict(FeatureConfig(sample_rate=settings.sample_rate)),
         "training": cfg.to_dict(), "speakers": speakers, "held_out_speakers": list(PRETRAIN_HOLDOUT),
         "corpus_sha256": data_sha, "code_version": __version__, "best_val_loss": result.best_val_loss,
-        "steps_trained": result.step, "train_seconds": round(result.seconds, 1), "mlflow_run_id": run_id,
+        "steps_trained": result.step, "resumed_from_step": result.resumed_from, "train_seconds": round(result.seconds, 1), "mlflow_run_id": run_id,
     }
     save_base(model, out_dir, extra)
     write_model_card(out_dir, "voice-base", extra)
