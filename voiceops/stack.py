@@ -25,6 +25,7 @@ import httpx
 from pydantic import BaseModel, SecretStr
 from rich.console import Console
 
+from voice_lib.core import airflow as core_airflow
 from voice_lib.core.config import Settings
 from voice_lib.core.tracking import mlflow_is_healthy
 
@@ -281,15 +282,13 @@ def _write_private(path: Path, text: str) -> None:
 
 def airflow_password(settings: Settings, create: bool = False) -> str:
     """settings.airflow_password, else the generated one kept in <home>/airflow/admin-password.txt."""
-    if settings.airflow_password is not None:
-        return settings.airflow_password.get_secret_value()
-    path = _airflow_home(settings) / "admin-password.txt"
-    if path.exists():
-        return path.read_text().strip()
-    if not create:
-        raise StackError(f"No Airflow password: set VOICEOPS_AIRFLOW_PASSWORD or run `up` to generate {path}.")
+    try:
+        return core_airflow.airflow_password(settings)
+    except core_airflow.AirflowError as exc:
+        if not create:
+            raise StackError(str(exc)) from None
     password = secrets.token_urlsafe(18)
-    _write_private(path, password + "\n")
+    _write_private(core_airflow.password_file(settings), password + "\n")
     return password
 
 
@@ -488,13 +487,7 @@ def down(settings: Settings) -> list[str]:
 
 def airflow_api_token(settings: Settings, url: str | None = None) -> str:
     """A JWT for the Airflow REST API (send as `Authorization: Bearer <token>`)."""
-    base = (url or settings.airflow_url).rstrip("/")
-    creds = {"username": settings.airflow_username, "password": airflow_password(settings)}
     try:
-        resp = httpx.post(f"{base}/auth/token", json=creds, timeout=10.0)
-    except httpx.HTTPError as exc:
-        raise StackError(f"Cannot reach Airflow at {base}: {exc}") from exc
-    if resp.status_code not in (200, 201):
-        raise StackError(f"Airflow refused a token for {settings.airflow_username!r}: "
-                         f"HTTP {resp.status_code} {resp.text[:200]}")  # fmt: skip
-    return resp.json()["access_token"]
+        return core_airflow.api_token(settings, url)
+    except core_airflow.AirflowError as exc:
+        raise StackError(str(exc)) from None

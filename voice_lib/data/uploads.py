@@ -55,6 +55,11 @@ def listing_sha256(files: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(files)).encode()).hexdigest()
 
 
+def claim_key(voice_id: str, listing: str) -> str:
+    """Where voice_intake records (in the artifact store) the onboarding run it started for a listing."""
+    return f"intake/claimed/{voice_id}-{listing[:16]}.json"
+
+
 def _check_fields(voice_id: str, language: str, description: str) -> None:
     try:
         validate_voice_id(voice_id)

@@ -13,7 +13,7 @@ import time
 
 from voice_lib.core.config import Settings, validate_voice_id
 from voice_lib.core.storage import artifact_store, open_store
-from voice_lib.data.uploads import LANGUAGES, listing_sha256, read_manifest
+from voice_lib.data.uploads import LANGUAGES, claim_key, listing_sha256, read_manifest
 
 log = logging.getLogger(__name__)
 READY_MARKERS = ("_READY", "manifest.json")
@@ -48,10 +48,6 @@ def find_ready_datasets(settings: Settings) -> list[dict]:
         found.append(dataset)
     log.info("intake: %d new dataset(s) under %s", len(found), incoming.uri)
     return found
-
-
-def claim_key(voice_id: str, listing: str) -> str:
-    return f"intake/claimed/{voice_id}-{listing[:16]}.json"
 
 
 def claim(settings: Settings, dataset: dict, run_id: str) -> None:

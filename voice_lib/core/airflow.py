@@ -1,0 +1,64 @@
+"""Airflow's REST API, read-only, for code below the composition root (the model server's voice status).
+
+The credentials are the stack's: ``settings.airflow_password``, else the password ``voiceops up`` generated in
+``<home>/airflow/admin-password.txt``. voiceops.stack writes that file and builds on these functions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from voice_lib.core.config import Settings
+
+TIMEOUT_SECONDS = 10.0
+
+
+class AirflowError(RuntimeError):
+    """Airflow cannot be reached or refuses us; the message says which and what to set."""
+
+
+def password_file(settings: Settings) -> Path:
+    return settings.home / "airflow" / "admin-password.txt"
+
+
+def airflow_password(settings: Settings) -> str:
+    """settings.airflow_password, else the generated one kept beside Airflow's home."""
+    if settings.airflow_password is not None:
+        return settings.airflow_password.get_secret_value()
+    path = password_file(settings)
+    if path.exists():
+        return path.read_text().strip()
+    raise AirflowError(f"No Airflow password: set VOICEOPS_AIRFLOW_PASSWORD or run `up` to generate {path}.")
+
+
+def api_token(settings: Settings, url: str | None = None) -> str:
+    """A JWT for the Airflow REST API (send as `Authorization: Bearer <token>`)."""
+    base = (url or settings.airflow_url).rstrip("/")
+    creds = {"username": settings.airflow_username, "password": airflow_password(settings)}
+    try:
+        resp = httpx.post(f"{base}/auth/token", json=creds, timeout=TIMEOUT_SECONDS)
+    except httpx.HTTPError as exc:
+        raise AirflowError(f"Cannot reach Airflow at {base}: {exc}") from exc
+    if resp.status_code not in (200, 201):
+        raise AirflowError(f"Airflow refused a token for {settings.airflow_username!r}: "
+                           f"HTTP {resp.status_code} {resp.text[:200]}")
+    return resp.json()["access_token"]
+
+
+def dag_run(settings: Settings, dag_id: str, run_id: str) -> dict[str, Any] | None:
+    """One DAG run's state, start, end and URL; None when Airflow does not know the run."""
+    base = settings.airflow_url.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_token(settings)}"}
+    try:
+        resp = httpx.get(f"{base}/api/v2/dags/{dag_id}/dagRuns/{run_id}", headers=headers, timeout=TIMEOUT_SECONDS)
+    except httpx.HTTPError as exc:
+        raise AirflowError(f"Cannot reach Airflow at {base}: {exc}") from exc
+    if resp.status_code == 404:
+        return None
+    if resp.status_code != 200:
+        raise AirflowError(f"Airflow answered HTTP {resp.status_code} for {dag_id} run {run_id}: {resp.text[:200]}")
+    run = resp.json()
+    return {"dag_id": dag_id, "run_id": run_id, "state": run.get("state"), "start_date": run.get("start_date"),
+            "end_date": run.get("end_date"), "url": f"{base}/dags/{dag_id}/runs/{run_id}"}
