@@ -54,8 +54,9 @@ def main() -> None:
     from fastapi.responses import Response
     from peft import PeftModel
 
-    from serving.engine import BaseBundle, SynthesisJob, run_batch
-    from serving.multilora import LoraBank
+    from serving.engine import SynthesisJob, run_batch
+    from voice_lib.infer.end_to_end import EndToEndBackend
+    from voice_lib.infer.multilora import LoraBank
     from serving.synthesis import ServingError, encode_audio, phoneme_chunks
     from voice_lib.data.features import FeatureConfig
     from voice_lib.model.checkpoints import SHIPPED_BASE, load_base
@@ -66,19 +67,19 @@ def main() -> None:
     folders = sorted(p for p in args.voices_dir.iterdir() if (p / "adapter_config.json").exists())
     speakers = {p.name: torch.from_numpy(np.load(p / "speaker_embedding.npy").astype(np.float32)).reshape(-1) for p in folders}
     started = time.monotonic()
-    bundles: dict[str, BaseBundle] = {}
+    bundles: dict[str, EndToEndBackend] = {}
     lock = threading.Lock()
     peft_model = None
     if args.mode == "copies":
         for p in folders:
             merged = PeftModel.from_pretrained(load_base(base_dir), str(p)).merge_and_unload().eval()
-            bundles[p.name] = BaseBundle(p.name, merged, {}, feature_config, str(p))
+            bundles[p.name] = EndToEndBackend(p.name, merged, {}, feature_config, str(p))
     else:
         peft_model = PeftModel.from_pretrained(load_base(base_dir), str(folders[0]), adapter_name=folders[0].name)
         for p in folders[1:]:
             peft_model.load_adapter(str(p), adapter_name=p.name)
         peft_model.eval()
-        shared = BaseBundle("swap", peft_model.get_base_model(), {}, feature_config, "swap")
+        shared = EndToEndBackend("swap", peft_model.get_base_model(), {}, feature_config, "swap")
         bundles = {p.name: shared for p in folders}
     load_seconds = time.monotonic() - started
     print(f"baseline {args.mode}: {len(folders)} voices loaded in {load_seconds:.1f} s", flush=True)

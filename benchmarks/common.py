@@ -270,8 +270,9 @@ def make_adapter(base_info: BaseInfo, out: Path, seed: int, scale: float = LORA_
     import numpy as np
     import torch
 
-    from serving.engine import BaseBundle, SynthesisJob, run_batch
-    from serving.multilora import LoraBank
+    from serving.engine import SynthesisJob, run_batch
+    from voice_lib.infer.end_to_end import EndToEndBackend
+    from voice_lib.infer.multilora import LoraBank
     from voice_lib.data.features import FeatureConfig
     from voice_lib.model.checkpoints import load_base, lora_model
 
@@ -293,7 +294,7 @@ def make_adapter(base_info: BaseInfo, out: Path, seed: int, scale: float = LORA_
         speaker = np.random.default_rng(draw).standard_normal(256).astype(np.float32)
         if math.isnan(scale):
             break
-        bundle = BaseBundle("check", peft_model.get_base_model().eval(), {}, _BASE_MODEL_CACHE["fc"], "check")
+        bundle = EndToEndBackend("check", peft_model.get_base_model().eval(), {}, _BASE_MODEL_CACHE["fc"], "check")
         job = SynthesisJob(_BASE_MODEL_CACHE["ids"], 1.0, bundle, LoraBank([], {}), 0, torch.from_numpy(speaker))
         result = dict(run_batch([job]))[0]
         if not isinstance(result, Exception) and result.bad is None:

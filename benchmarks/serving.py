@@ -155,7 +155,7 @@ def main() -> None:
                 m[f"per_voice_{k}"] = (b - a) / params["extra_voices"] if a is not None and b is not None else None
             b = m["eleven_voices_after_traffic"]["vmrss_bytes"]
             m["per_voice_after_traffic_vmrss_bytes"] = (b - m["one_voice"]["vmrss_bytes"]) / params["extra_voices"]
-        from serving.multilora import AdapterWeights
+        from voice_lib.infer.multilora import AdapterWeights
 
         adapter_dir = bench.home / "adapters" / f"{voices[0]}-0"
         n_params = AdapterWeights.load(adapter_dir).n_params

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from serving.pool import LoadedVersion, VoiceRoute
+from serving.snapshot import LoadedVersion, VoiceRoute
 from serving.tenants import stable_bucket
 
 PRODUCTION, CANARY = "production", "canary"

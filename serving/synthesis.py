@@ -21,16 +21,11 @@ from typing import Any
 import numpy as np
 
 from serving.batcher import BatcherClosed, MicroBatcher
-from serving.engine import SynthesisError, bad_audio_kind
-from serving.pool import LoadedVersion, Snapshot, SynthesisOutput, VoiceRoute
+from serving.engine import SynthesisError, SynthesisOutput, bad_audio_kind
 from serving.routing import CANARY, PRODUCTION, Decision
-from voice_lib.data.text import (
-    FrontendUnavailable,
-    TextError,
-    phonemes_to_ids,
-    phonemize,
-    split_sentences,
-)
+from serving.snapshot import LoadedVersion, Snapshot, VoiceRoute
+from voice_lib.data.text import FrontendUnavailable, TextError, split_sentences
+from voice_lib.infer.end_to_end import phoneme_inputs
 
 CHUNK_CHARS = 200  # sentences longer than this are split at clauses (text.split_sentences)
 # format -> (soundfile container, subtype, media type); "pcm16"/"pcm" are raw 16-bit little-endian mono.
@@ -84,7 +79,7 @@ def phoneme_chunks(text: str, language: str) -> list[list[int]]:
     ids: list[list[int]] = []
     for chunk in chunks:
         try:
-            ids.append(phonemes_to_ids(phonemize(chunk, language)))  # type: ignore[arg-type]
+            ids.append(phoneme_inputs(chunk, language))
         except FrontendUnavailable as exc:  # the server is broken, not the text: never answer as if it were silence
             raise ServingError(503, "frontend_unavailable", f"the text frontend is unavailable: {exc}",
                                {"Retry-After": "30"}) from exc

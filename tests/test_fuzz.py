@@ -317,7 +317,7 @@ def _expected(path: str, body: dict[str, Any], voice: str) -> tuple[int, str]:
     """(status, error code or media type) the server must answer for ``body`` from the acme key (voice ``voice``)."""
     from pydantic import ValidationError
 
-    from serving.app import SpeechRequest, TTSRequest
+    from serving.schemas import SpeechRequest, TTSRequest
 
     try:
         request = (TTSRequest if path == "/v1/tts" else SpeechRequest).model_validate(body)

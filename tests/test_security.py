@@ -378,7 +378,7 @@ def test_variant_override_is_ignored_without_the_right(stack: ServerStack, clien
 # --- 3. webhook signatures -------------------------------------------------------------------------------------
 
 def test_webhooks_refuse_bad_signatures_and_replays_without_reloading(stack: ServerStack, client: httpx.Client) -> None:
-    from serving.app import WEBHOOK_TOLERANCE_S
+    from serving.routers.admin import WEBHOOK_TOLERANCE_S
 
     def attempts() -> float:
         return stack.status()["last_attempt_at"]

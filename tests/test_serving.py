@@ -36,12 +36,14 @@ from serving_stack import (
     tiny_base,
 )
 
-from serving.multilora import AdapterWeights, LoraBank, install
-from serving.pool import BaseBundle, SynthesisError, SynthesisJob, VoiceRoute, run_batch
+from serving.engine import SynthesisError, SynthesisJob, run_batch
 from serving.routing import CANARY, PRODUCTION, choose
+from serving.snapshot import VoiceRoute
 from serving.tenants import stable_bucket
 from voice_lib.core.config import ServingSettings, Settings
 from voice_lib.data.features import FeatureConfig
+from voice_lib.infer.end_to_end import EndToEndBackend
+from voice_lib.infer.multilora import AdapterWeights, LoraBank, install
 from voice_lib.release.registry import Registry
 
 pytestmark = pytest.mark.timeout(300)
@@ -66,7 +68,7 @@ def test_multi_lora_matches_peft_and_mixed_batches_match_single_requests(tmp_pat
     assert sorted({p.rsplit(".", 1)[-1] for p in shapes}) == ["fc1", "fc2", "proj", "qkv"]
     weights = {f.name: AdapterWeights.load(f) for f in (*folders, broken)}
     bank = LoraBank(list(weights.items()), shapes)
-    from serving.multilora import activate
+    from voice_lib.infer.multilora import activate
 
     with torch.inference_mode(), activate(bank, [bank.slot("a1")]):
         got = served.infer(ids, speaker)
@@ -75,7 +77,7 @@ def test_multi_lora_matches_peft_and_mixed_batches_match_single_requests(tmp_pat
     with torch.inference_mode():
         assert torch.equal(served.infer(ids, speaker), base.infer(ids, speaker))  # outside a batch: the plain base
 
-    bundle = BaseBundle("sha", served, shapes, FeatureConfig(), "test")
+    bundle = EndToEndBackend("sha", served, shapes, FeatureConfig(), "test")
     spk = {k: torch.from_numpy(np.load(tmp_path / k / "speaker_embedding.npy")) for k in ("a1", "a2", "nan")}
     job = lambda key, text=TEXT: SynthesisJob(phoneme_ids(text), 1.0, bundle, bank, bank.slot(key), spk[key])
     long_text = "Good morning to you all, and welcome."
@@ -92,11 +94,11 @@ def test_multi_lora_matches_peft_and_mixed_batches_match_single_requests(tmp_pat
     # Vocoding the rows on a thread pool (what the server does) changes nothing but where they run.
     from concurrent.futures import ThreadPoolExecutor
 
-    import serving.engine as engine
+    import voice_lib.infer.core as core
 
     threads: set[str] = set()
-    vocode = engine._vocode
-    monkeypatch.setattr(engine, "_vocode", lambda *a: (threads.add(threading.current_thread().name), vocode(*a))[1])
+    vocode = core.vocode
+    monkeypatch.setattr(core, "vocode", lambda *a: (threads.add(threading.current_thread().name), vocode(*a))[1])
     with ThreadPoolExecutor(2, thread_name_prefix="vocoder") as pool:
         parallel = dict(run_batch([job("a1"), job("nan"), job("a2"), job("a1", long_text)], vocoder=pool))
     assert sorted(parallel) == [0, 1, 2, 3] and isinstance(parallel[1], SynthesisError)
@@ -193,7 +195,7 @@ def test_breaker_judges_synthesis_speed_not_the_length_of_what_a_canary_says() -
 def test_webhook_signature_is_the_one_mlflow_sends() -> None:
     from mlflow.webhooks.delivery import _generate_hmac_signature
 
-    from serving.app import verify_mlflow_signature
+    from serving.routers.admin import verify_mlflow_signature
 
     body = json.dumps({"entity": "model_version_alias", "action": "created", "data": {"name": "voice-x"}})
     ts, delivery = str(int(time.time())), str(uuid.uuid4())
@@ -340,6 +342,27 @@ def test_a_failing_canary_trips_the_breaker_and_production_keeps_serving(stack: 
     assert f'voiceops_rollbacks_total{{reason="error_rate",voice="{stack.a}"}} 1.0' in metrics
 
 
+def test_evaluation_hears_what_production_serves(stack: Stack) -> None:
+    """Evaluation's Synthesizer (as voice_lib/pipelines/evaluation.py loads it) and the live server run one
+    inference core, guards included: for the same version and text they give the same 16-bit PCM, sample for
+    sample. No tolerance: both call voice_lib.infer.core.synthesize_rows on the same multi-LoRA layers."""
+    from serving.synthesis import pcm16
+    from voice_lib.release.models import load_registered_voice
+
+    settings = stack.settings.model_copy(update={"serving": ServingSettings(base_dir=stack.base_dir)})
+    synth, meta = load_registered_voice(settings, stack.b, "production")
+    assert meta["resolved_base_dir"] == str(stack.base_dir)  # the base the server resolved (by sha256), not the shipped one
+    text = "The birch canoe slid on the smooth planks."
+    evaluated = synth.synthesize(text, "en")
+    r = httpx.post(f"{stack.url}/v1/tts", json={"text": text, "voice_id": stack.b, "format": "pcm16", "language": "en"},
+                   headers=stack.auth("globex"), timeout=60)
+    assert r.status_code == 200 and r.headers["X-Voice-Version"] == "1", r.text
+    assert int(r.headers["X-Sample-Rate"]) == evaluated.sample_rate
+    served, expected = np.frombuffer(r.content, "<i2"), np.frombuffer(pcm16(evaluated.audio), "<i2")
+    assert len(expected) > evaluated.sample_rate // 2 and np.abs(expected).max() > 100  # real, audible speech
+    assert len(served) == len(expected) and np.array_equal(served, expected), np.abs(served - expected.astype(int)).max()
+
+
 def test_openai_client_works_against_the_server(stack: Stack) -> None:
     import soundfile as sf
     from openai import NotFoundError, OpenAI
@@ -478,7 +501,7 @@ def test_graceful_shutdown_finishes_in_flight_requests_and_flushes_the_audit_log
 
 
 def test_a_broken_text_frontend_is_a_503_not_silence_or_a_422(monkeypatch) -> None:
-    import serving.synthesis as synthesis
+    import voice_lib.data.text as text_frontend
     from serving.synthesis import ServingError, phoneme_chunks
     from voice_lib.data.text import FrontendUnavailable
 
@@ -486,7 +509,7 @@ def test_a_broken_text_frontend_is_a_503_not_silence_or_a_422(monkeypatch) -> No
         raise FrontendUnavailable("espeak-ng is not installed: apt-get install espeak-ng (libespeak-ng.so.1)")
 
     assert phoneme_chunks("Hello there. ?!", "en")  # the real frontend: the bare punctuation is silence
-    monkeypatch.setattr(synthesis, "phonemize", broken)
+    monkeypatch.setattr(text_frontend, "phonemize", broken)  # what the end-to-end frontend calls
     with pytest.raises(ServingError) as err:
         phoneme_chunks("Hello there.", "en")
     assert err.value.status == 503 and err.value.code == "frontend_unavailable" and "apt-get install" in err.value.message

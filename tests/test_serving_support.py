@@ -494,7 +494,7 @@ def test_trim_heap_returns_freed_pages_to_the_os():
 _DEAD_REGISTRY = r"""
 import sys, time
 from mlflow import MlflowClient
-from serving.pool import bound_registry_requests
+from serving.registry_reader import bound_registry_requests
 from voice_lib.core.config import ServingSettings
 
 serving = ServingSettings()

@@ -174,3 +174,34 @@ def estimate_snr_db(audio: np.ndarray, sample_rate: int, speech_mask: np.ndarray
     if noise_power < 1e-10:
         return 60.0
     return float(np.clip(10 * np.log10(signal_power / noise_power), -20.0, 60.0))
+
+
+def audio_defects(audio: np.ndarray, silence_dbfs: float, clipping_fraction: float, *, sample_rate: int | None = None,
+                  reference_seconds: float | None = None, duration_range: tuple[float, float] = (0.0, float("inf")),
+                  what: str = "output") -> dict[str, str]:
+    """The one bad-audio check: {"silent"|"clipped"|"truncated": reason}, empty for usable audio.
+
+    Always: RMS below ``silence_dbfs`` is silent; more than ``clipping_fraction`` of the samples at
+    ``CLIP_LEVEL`` is clipped. With ``sample_rate`` also a VAD (no speech found is silent), and with
+    ``reference_seconds`` a duration ratio outside ``duration_range`` is truncated (or runaway). The server
+    runs the cheap part on every response; evaluation runs all of it (voice_lib/eval/evaluation.py).
+    """
+    found: dict[str, str] = {}
+    rms_db = 20 * np.log10(float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))) + 1e-12) if len(audio) else -240.0
+    if rms_db < silence_dbfs:
+        found["silent"] = f"{what} silent: RMS {rms_db:.1f} dBFS < {silence_dbfs:g}"
+    elif sample_rate is not None:
+        from voice_lib.data.speech import detect_speech
+
+        if not detect_speech(audio, sample_rate):
+            found["silent"] = f"{what} silent: VAD found no speech"
+    clipped = float(np.mean(np.abs(audio) >= CLIP_LEVEL)) if len(audio) else 0.0
+    if clipped > clipping_fraction:
+        found["clipped"] = f"{what} clipped: {clipped:.2%} of samples at full scale (> {clipping_fraction:.1%})"
+    if reference_seconds is not None and sample_rate is not None:
+        low, high = duration_range
+        ratio = len(audio) / sample_rate / max(reference_seconds, 1e-6)
+        if ratio < low or ratio > high:
+            kind = "truncated" if ratio < low else "runaway"
+            found["truncated"] = f"{what} {kind}: {ratio:.0%} of the real clip's duration (allowed {low:.0%}-{high:.0%})"
+    return found

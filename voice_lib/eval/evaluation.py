@@ -23,7 +23,7 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 
 from voice_lib.core.config import EvalSettings, Settings
-from voice_lib.data.audio import CLIP_LEVEL, resample, write_wav
+from voice_lib.data.audio import audio_defects, resample, write_wav
 from voice_lib.data.features import FeatureConfig, world_synthesis
 
 log = logging.getLogger(__name__)
@@ -174,22 +174,8 @@ def intrusive_scores(reference: np.ndarray, degraded: np.ndarray, notes: list[st
 
 def bad_output_reasons(audio: np.ndarray, reference_duration: float, ev: EvalSettings, what: str) -> dict[str, str]:
     """{"silent"|"clipped"|"truncated": reason} for a 16 kHz output, empty when it looks like usable speech."""
-    from voice_lib.data.speech import detect_speech
-
-    found: dict[str, str] = {}
-    rms_db = 20 * math.log10(float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))) + 1e-12) if len(audio) else -240.0
-    if rms_db < ev.silence_dbfs:
-        found["silent"] = f"{what} silent: RMS {rms_db:.1f} dBFS < {ev.silence_dbfs:g}"
-    elif not detect_speech(audio, SR):
-        found["silent"] = f"{what} silent: VAD found no speech"
-    clipped = float(np.mean(np.abs(audio) >= CLIP_LEVEL)) if len(audio) else 0.0
-    if clipped > ev.clipping_fraction:
-        found["clipped"] = f"{what} clipped: {clipped:.2%} of samples at full scale (> {ev.clipping_fraction:.1%})"
-    ratio = len(audio) / SR / max(reference_duration, 1e-6)
-    if ratio < ev.min_duration_ratio or ratio > ev.max_duration_ratio:
-        kind = "truncated" if ratio < ev.min_duration_ratio else "runaway"
-        found["truncated"] = f"{what} {kind}: {ratio:.0%} of the real clip's duration (allowed {ev.min_duration_ratio:.0%}-{ev.max_duration_ratio:.0%})"
-    return found
+    return audio_defects(audio, ev.silence_dbfs, ev.clipping_fraction, sample_rate=SR, reference_seconds=reference_duration,
+                         duration_range=(ev.min_duration_ratio, ev.max_duration_ratio), what=what)
 
 
 def _speech_metrics(row: ClipRow, audio: np.ndarray, text: str, reference_embedding: np.ndarray, silent: bool) -> None:

@@ -1,12 +1,13 @@
-"""One thin inference class shared by the CLI, evaluation and the server.
+"""One thin single-utterance class over the inference core, for the CLI and evaluation.
 
-A ``Synthesizer`` is a base model, optionally a LoRA adapter, and the voice's GE2E embedding.
-Text → phonemes → model → WORLD features → waveform.
+A ``Synthesizer`` is an acoustic backend (a base model), optionally one LoRA adapter, and the voice's GE2E
+embedding. It calls the same ``voice_lib.infer.core.synthesize_rows`` the server's batches call, on the
+same multi-LoRA layers (a bank of one adapter), so evaluation hears what production serves
+(tests/test_serving.py checks the two are bit-identical).
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -15,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voice_lib.data.datasets import split_features
-from voice_lib.data.features import FeatureConfig, world_synthesis
-from voice_lib.model.checkpoints import load_base
-from voice_lib.model.network import VoiceModel
+from voice_lib.data.features import FeatureConfig
+from voice_lib.infer.core import END_TO_END, AcousticBackend, AcousticRow, RowAudio, synthesize_rows, vocode
+from voice_lib.infer.end_to_end import load_backend
+from voice_lib.infer.multilora import AdapterWeights, LoraBank
+
+ADAPTER = "adapter"  # the key of the one adapter in a Synthesizer's bank
 
 
 @dataclass
@@ -33,58 +36,42 @@ class Synthesis:
 
 
 class Synthesizer:
-    def __init__(self, model: torch.nn.Module, base: VoiceModel, speaker: np.ndarray, feature_config: FeatureConfig | None = None):
-        self.model = model.eval()
-        self.base = base
-        self.speaker = torch.from_numpy(np.asarray(speaker, dtype=np.float32))[None]
-        self.feature_config = feature_config or FeatureConfig()
+    def __init__(self, backend: AcousticBackend, bank: LoraBank, slot: int, speaker: np.ndarray):
+        self.backend, self.bank, self.slot = backend, bank, slot
+        self.speaker = torch.from_numpy(np.asarray(speaker, dtype=np.float32).reshape(-1))[None]
         self._lock = threading.Lock()  # torch modules are not safe to call from several threads at once
 
     @classmethod
-    def load(cls, base_dir: Path, speaker: np.ndarray, adapter_dir: Path | None = None) -> "Synthesizer":
-        base = load_base(base_dir)
-        model: torch.nn.Module = base
-        if adapter_dir is not None:
-            from peft import PeftModel
+    def load(cls, base_dir: Path, speaker: np.ndarray, adapter_dir: Path | None = None,
+             backend: str = END_TO_END) -> "Synthesizer":
+        """The base in ``base_dir`` with the peft adapter folder ``adapter_dir`` (None: the plain base)."""
+        model = load_backend(backend, base_dir)
+        adapters = [(ADAPTER, AdapterWeights.load(adapter_dir))] if adapter_dir is not None else []
+        bank = LoraBank(adapters, model.shapes)
+        return cls(model, bank, bank.slot(ADAPTER) if adapters else 0, speaker)
 
-            model = PeftModel.from_pretrained(base, str(adapter_dir))
-        config = json.loads((base_dir / "config.json").read_text()).get("feature_config")
-        return cls(model, base, speaker, FeatureConfig(**config) if config else None)
+    @property
+    def feature_config(self) -> FeatureConfig:
+        return self.backend.feature_config
 
     @property
     def sample_rate(self) -> int:
         return self.feature_config.sample_rate
 
-    def _net(self) -> VoiceModel:
-        # Under a PeftModel the LoRA layers live inside the base model's modules; call its methods directly.
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-
-    def vocode(self, normalized: torch.Tensor) -> np.ndarray:
-        matrix = self.base.denormalize(normalized[0]).numpy()
-        lf0, vuv, env, bap = split_features(matrix)
-        return world_synthesis(lf0, vuv, env, bap, self.feature_config)
-
     def synthesize(self, text: str, language: str = "en", speed: float = 1.0) -> Synthesis:
-        from voice_lib.data.text import phonemes_to_ids, phonemize
-
+        """Raises ``SynthesisError`` when the model's output is unusable (the server answers 500 then)."""
         started = time.perf_counter()
-        ids = torch.tensor([phonemes_to_ids(phonemize(text, language))], dtype=torch.long)
-        with self._lock, torch.inference_mode():
-            pred = self._net().infer(ids, self.speaker, speed=speed)
-        audio = self.vocode(pred)
-        return Synthesis(audio, self.sample_rate, time.perf_counter() - started)
+        row = AcousticRow(self.backend.model_inputs(text, language), self.speaker[0], self.slot, speed)
+        with self._lock:
+            (_, out), = synthesize_rows(self.backend, self.bank, [row])
+        if not isinstance(out, RowAudio):
+            raise out
+        return Synthesis(out.audio, self.sample_rate, time.perf_counter() - started)
 
     def reconstruct(self, phoneme_ids: np.ndarray, features: np.ndarray) -> Synthesis:
         """Synthesis with the reference recording's timing (durations aligned to its features)."""
         started = time.perf_counter()
-        net = self._net()
-        r = net.cfg.reduction
-        frames = len(features) // r * r
-        ids = torch.from_numpy(phoneme_ids.astype(np.int64))[None]
-        with self._lock, torch.inference_mode():
-            target = net.normalize(torch.from_numpy(features[:frames]))[None]
-            phone_mask = torch.zeros_like(ids, dtype=torch.bool)
-            _, mean, _ = net.encode(ids, phone_mask, self.speaker)
-            durations = net.align(mean, net.reduce(target), torch.tensor([ids.shape[1]]), torch.tensor([frames // r]))
-            pred = net.infer(ids, self.speaker, durations=durations)
-        return Synthesis(self.vocode(pred), self.sample_rate, time.perf_counter() - started)
+        row = AcousticRow(phoneme_ids.astype(np.int64).tolist(), self.speaker[0], self.slot)
+        with self._lock:
+            predicted = self.backend.predict_with_timing(row, self.bank, features)
+        return Synthesis(vocode(predicted, self.feature_config), self.sample_rate, time.perf_counter() - started)

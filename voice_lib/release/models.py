@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from voice_lib.core.config import Settings
+from voice_lib.infer.core import END_TO_END
 from voice_lib.infer.synthesizer import Synthesizer
 from voice_lib.model.checkpoints import SHIPPED_BASE
 
@@ -30,33 +33,51 @@ def base_model_dir(settings: Settings) -> Path:
     return SHIPPED_BASE
 
 
-def load_registered_voice(settings, voice_id: str, alias_or_version: str = "production") -> tuple[Synthesizer, dict]:
-    """A Synthesizer for ``voice-<voice_id>@alias`` (or a version number) from the MLflow registry.
+def trained_base_dir(settings: Settings, lineage: Mapping[str, Any], what: str, registry: Any | None = None) -> Path:
+    """The exact base a version was trained on, by the ``base_sha256`` in its lineage: never another base.
 
-    The base it was trained on is resolved from the version's lineage: the registered voice-base
-    version whose weights hash matches, else the shipped base if its hash matches; never another base.
+    Candidates in order: the registered ``base_model`` (voice-base) version named by ``base_version``
+    (downloaded once into the cache: versions are immutable), ``serving.base_dir``, the shipped base. The
+    first whose weights hash matches wins; without a ``base_sha256`` (versions older than the tag) the first
+    that exists. ``what`` names the version in the error ("voice-x version 3").
     """
     from voice_lib.core.hashing import sha256_file
-    from voice_lib.model.checkpoints import SHIPPED_BASE
     from voice_lib.release.registry import Registry, RegistryError
+
+    sha = str(lineage.get("base_sha256") or "")
+    base_version = str(lineage.get("base_version") or "")
+    candidates: list[Path] = []
+    if base_version.isdigit():
+        base_model = str(lineage.get("base_model") or "voice-base")
+        # Beside, not inside, base_model_dir's voice-base folder: a download replaces its destination.
+        dest = settings.cache_dir / "models" / f"{base_model}-v{base_version}"
+        try:
+            if not (dest / "model.safetensors").exists():
+                (registry or Registry(settings)).download(base_model, base_version, dest)
+            candidates.append(dest)
+        except RegistryError as exc:  # the configured or shipped base may still be the right one
+            log.info("%s: registered base version %s unavailable (%s)", what, base_version, exc)
+    candidates += [p for p in (settings.serving.base_dir, SHIPPED_BASE) if p is not None]
+    for folder in candidates:
+        weights = folder / "model.safetensors"
+        if weights.exists() and (not sha or sha256_file(weights) == sha):
+            return folder
+    raise FileNotFoundError(
+        f"{what} was trained on base sha256 {sha[:12] or '?'}…, which is neither voice-base version "
+        f"{base_version or '?'}, serving.base_dir nor the shipped base; register that base (voiceops pretrain), "
+        "point VOICEOPS_SERVING__BASE_DIR at it, or re-onboard the voice.")
+
+
+def load_registered_voice(settings, voice_id: str, alias_or_version: str = "production") -> tuple[Synthesizer, dict]:
+    """A Synthesizer for ``voice-<voice_id>@alias`` (or a version number) from the MLflow registry, on the
+    base its lineage names (``trained_base_dir``) and with the backend it names (lineage tag ``backend``)."""
+    from voice_lib.release.registry import Registry
 
     registry = Registry(settings)
     name = f"voice-{voice_id}"
     voice_dir = registry.download(name, alias_or_version, settings.cache_dir / "models" / name / str(alias_or_version))
     meta = json.loads((voice_dir / "voice.json").read_text()) if (voice_dir / "voice.json").exists() else {}
-    base_sha = meta.get("base_sha256")
-    candidates = []
-    if meta.get("base_version") not in (None, "", "shipped"):
-        try:
-            candidates.append(registry.download("voice-base", meta["base_version"], settings.cache_dir / "models" / "voice-base" / meta["base_version"]))
-        except RegistryError:
-            pass
-    candidates.append(SHIPPED_BASE)
-    for base_dir in candidates:
-        if (base_dir / "model.safetensors").exists() and (base_sha is None or sha256_file(base_dir / "model.safetensors") == base_sha):
-            speaker = np.load(voice_dir / "speaker_embedding.npy")
-            return Synthesizer.load(base_dir, speaker, adapter_dir=voice_dir), {**meta, "resolved_base_dir": str(base_dir)}
-    raise FileNotFoundError(
-        f"{name}@{alias_or_version} was trained on base sha256 {base_sha}, which is neither registered nor shipped; "
-        "register that base (voiceops pretrain) or re-onboard the voice."
-    )
+    base_dir = trained_base_dir(settings, meta, f"{name}@{alias_or_version}", registry)
+    speaker = np.load(voice_dir / "speaker_embedding.npy")
+    synthesizer = Synthesizer.load(base_dir, speaker, adapter_dir=voice_dir, backend=meta.get("backend") or END_TO_END)
+    return synthesizer, {**meta, "resolved_base_dir": str(base_dir)}

@@ -1,12 +1,14 @@
 """Many LoRA adapters on one shared base model, chosen per batch row.
 
-Every voice is the shared base plus a small LoRA adapter (voice_lib.train.loop.lora_model). Serving N voices
-with N peft models would copy the base N times; swapping adapter weights per request would serialise
+Every voice is the shared base plus a small LoRA adapter (voice_lib.model.checkpoints.lora_model). Serving N
+voices with N peft models would copy the base N times; swapping adapter weights per request would serialise
 all traffic. Instead each LoRA target Linear of the base (``qkv``, ``proj``, ``fc1``, ``fc2``) is wrapped
 once in a ``MultiLoraLinear``, and a ``LoraBank`` holds the adapters of every loaded version stacked
 into one tensor per layer. A batch says which adapter each row uses (``activate(bank, rows)``) and every
 wrapped layer adds ``scale_i * B_i(A_i(x_i))`` to row i with two batched matmuls over gathered weights
 (the S-LoRA/Punica "gather then bmm" scheme). Mixed-voice batches therefore cost about one base pass.
+The single-utterance Synthesizer (evaluation, the CLI) uses the same layers with a one-adapter bank, so
+its audio is the server's (voice_lib/infer/core.py).
 
 A row's output is the same alone or in any batch: the model itself zeroes convolution inputs at
 padded positions (voice_lib.model.network.Block, DurationPredictor).
@@ -63,7 +65,7 @@ class AdapterWeights:
             raise AdapterError(f"{folder}: adapter_config.json and adapter_model.safetensors are both required.")
         config = json.loads(config_path.read_text())
         # Variants that change the maths (DoRA, per-layer ranks, extra trained modules) are refused rather
-        # than silently served wrong; voice_lib.train.loop never produces them.
+        # than silently served wrong; voice_lib.model.checkpoints.lora_model never produces them.
         for key in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out"):
             if config.get(key):
                 raise AdapterError(f"{folder}: adapter_config.json sets {key}={config[key]!r}, which the server does not support.")
