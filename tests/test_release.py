@@ -88,7 +88,7 @@ def release_env(tmp_path, mlflow_server):
         run = client.create_run(exp)
         client.log_artifacts(run.info.run_id, str(art), "voice")
         tags = {"training_key": f"k{i}-{voice}", "base_model": "voice-base", "base_version": "1", "base_sha256": "x" * 64,
-                "data_sha256": "y" * 64, "code_version": "0.1.0", "lora_rank": "8"}
+                "data_sha256": "y" * 64, "code_version": "0.1.0", "lora_rank": "8", "gates_passed": "true"}
         versions.append(registry.register(f"voice-{voice}", run.info.run_id, "voice", tags).version)
     registry.promote(f"voice-{voice}", versions[0])
     registry.mark_candidate(f"voice-{voice}", versions[1])
@@ -183,3 +183,50 @@ def test_breaker_trip_is_completed_as_a_formal_rollback(release_env):
     decision = advance_rollout(settings, voice, v2)
     assert decision.outcome == "rolled_back" and "breaker" in decision.detail
     assert registry.version(f"voice-{voice}", v2).tags["rolled_back"] == "true"
+
+
+CANARY_DAG_PROBE = r"""
+import copy, importlib.util, json, sys
+from airflow.dag_processing.dagbag import DagBag
+from voice_lib.release.rollout import start_rollout
+folder, voice = sys.argv[1], sys.argv[2]
+dag = DagBag(dag_folder=folder).dags["canary_promotion"]
+params = copy.deepcopy(dag.params)
+params.update({"voice_id": voice, "version": ""})  # what onboarding's trigger gives: no release knobs
+resolved = params.validate()
+spec = importlib.util.spec_from_file_location("canary_promotion_module", f"{folder}/canary_promotion.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+settings = module._settings(resolved)  # what every task of the run computes from its params
+decision = start_rollout(settings, voice, None, settings.release.steps)
+print(json.dumps({"release": settings.release.model_dump(mode="json", include={"steps", "window_seconds",
+                  "blackout_hours", "manual_approval", "poke_seconds"}), "weight": decision.weight}))
+"""
+
+
+def test_canary_promotion_follows_the_release_settings_when_not_given_as_params(release_env):
+    """Regression: the DAG's Param defaults (10..100 %, 7200 s, no blackout, no approval) overwrote
+    VOICEOPS_RELEASE__*, so the rollout onboarding starts ignored them."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from voiceops.stack import airflow_env
+
+    settings, voice, versions, registry = release_env
+    settings.home.mkdir(parents=True, exist_ok=True)
+    env = {**airflow_env(settings), "VOICEOPS_RELEASE__STEPS": "[25, 50, 100]",
+           "VOICEOPS_RELEASE__WINDOW_SECONDS": "42", "VOICEOPS_RELEASE__BLACKOUT_HOURS": "[3, 4]",
+           "VOICEOPS_RELEASE__MANUAL_APPROVAL": "true", "VOICEOPS_RELEASE__POKE_SECONDS": "7",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", CANARY_DAG_PROBE, str(Path(__file__).resolve().parent.parent / "dags"),
+                          voice], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe["release"] == {"steps": [25, 50, 100], "window_seconds": 42.0, "blackout_hours": [3, 4],
+                                "manual_approval": True, "poke_seconds": 7.0}
+    assert probe["weight"] == 25  # the rollout started at the configured first step
+    state = registry.release_state(f"voice-{voice}")
+    assert state["canary_weight"] == 25 and state["progress"]["release_steps"] == "25,50,100"

@@ -100,7 +100,7 @@ def _register_two_versions(settings: Settings, tmp_path: Path, voice: str) -> st
         run = client.create_run(exp)
         client.log_artifacts(run.info.run_id, str(art), "voice")
         tags = {"training_key": f"k{i}-{voice}", "base_model": "voice-base", "base_version": "1", "base_sha256": "x" * 64,
-                "data_sha256": "y" * 64, "code_version": "0.1.0", "lora_rank": "8"}
+                "data_sha256": "y" * 64, "code_version": "0.1.0", "lora_rank": "8", "gates_passed": "true"}
         assert registry.register(name, run.info.run_id, "voice", tags).version == str(i)
     registry.promote(name, "1")
     return name

@@ -322,7 +322,7 @@ def _register_unloadable_voice(stack: ServerStack) -> str:
     mlflow = mlflow_client(stack.settings)
     run_id = mlflow.create_run(experiment_id(mlflow, f"voice-{voice}")).info.run_id
     mlflow.log_artifacts(run_id, str(folder), "voice")
-    tags = {**stack.lineage, "base_sha256": "e" * 64, "training_key": f"{voice}-unloadable"}
+    tags = {**stack.lineage, "gates_passed": "true", "base_sha256": "e" * 64, "training_key": f"{voice}-unloadable"}
     version = stack.registry.register(f"voice-{voice}", run_id, "voice", tags).version
     stack.registry.promote(f"voice-{voice}", version)
     return voice

@@ -116,47 +116,69 @@ def _release_status(voice: str) -> None:
         out.print(table)
 
 
+def _release_action(voice: str, action: str, actor: str, **kwargs) -> str:
+    """One release action through voice_lib.release.actions (the release page's code path): the actor and the
+    reason are recorded on the version and in the release history."""
+    from voice_lib.release.actions import perform
+    from voice_lib.release.registry import Registry
+    from voice_lib.release.rollout import ReleaseHistory
+
+    settings = get_settings()
+    registry = Registry(settings)
+    _voice_name(voice)
+    try:
+        history = ReleaseHistory(settings.resolved_audit_url)
+    except Exception as exc:  # noqa: BLE001 - the action still goes on and is recorded on the version's tags
+        console.print(f"[yellow]release history unavailable ({type(exc).__name__}); recording on the version only")
+        history = None
+    return _registry_call(lambda: perform(registry, history, voice, action, actor=actor, **kwargs))
+
+
+_ACTOR = typer.Option(None, "--actor", help="Who acts, recorded with the action (default: the OS user).")
+
+
+def _actor(actor: Optional[str]) -> str:
+    import getpass
+
+    return (actor or "").strip() or getpass.getuser()
+
+
 @app.command()
-def promote(voice: str = typer.Argument(...), version: Optional[str] = typer.Option(None, help="Default: the canary, else the candidate.")) -> None:
+def promote(voice: str = typer.Argument(...), version: Optional[str] = typer.Option(None, help="Default: the canary, else the candidate."),
+            force: bool = typer.Option(False, "--force", help="Promote a version that is not a passed candidate (never "
+                                       "passed the gates, rolled back, tripped the breaker); needs --reason."),
+            reason: Optional[str] = typer.Option(None, help="Why; recorded on the version with the actor."),
+            actor: Optional[str] = _ACTOR) -> None:
     """Make a version production now (the old production becomes `previous`); also approves a held rollout."""
-    from voice_lib.release.registry import Registry
-
-    registry, name = Registry(get_settings()), _voice_name(voice)
-    aliases = _registry_call(lambda: registry.aliases(name))
-    version = version or aliases.get("canary") or aliases.get("candidate")
-    if not version:
-        raise _usage_error(f"{name} has no canary or candidate; pass --version N.")
-    _registry_call(lambda: registry.promote(name, version))
-    console.print(f"{name} version {version} is production (previous: {aliases.get('production', 'none')})")
+    if force and not (reason or "").strip():
+        raise _usage_error("--force needs --reason: say why this version goes to production anyway.")
+    console.print(_release_action(voice, "promote", _actor(actor), version=version, force=force, reason=reason))
 
 
 @app.command()
-def rollback(voice: str = typer.Argument(...), reason: str = typer.Option("manual rollback", help="Recorded on the version.")) -> None:
+def rollback(voice: str = typer.Argument(...), reason: str = typer.Option("manual rollback", help="Recorded on the version."),
+             expected_canary: Optional[str] = typer.Option(None, "--expected-canary", help="The canary version you mean "
+                                                           "to roll back; nothing happens if the canary is another now."),
+             actor: Optional[str] = _ACTOR) -> None:
     """Take the canary out of traffic at once (or move production back to `previous` when there is no canary)."""
-    from voice_lib.release.registry import Registry
-
-    registry, name = Registry(get_settings()), _voice_name(voice)
-    _registry_call(lambda: registry.rollback(name, reason))
-    console.print(f"{name} rolled back; servers stop routing to it within one poll "
+    extra = {"expected_canary": expected_canary} if expected_canary else {}
+    message = _release_action(voice, "rollback", _actor(actor), reason=reason, **extra)
+    console.print(f"{message}; servers stop routing to it within one poll "
                   f"({get_settings().serving.poll_seconds:g} s, or at once with registry webhooks)")
 
 
 @app.command()
-def pause(voice: str = typer.Argument(...)) -> None:
+def pause(voice: str = typer.Argument(...), reason: Optional[str] = typer.Option(None, help="Why; recorded."),
+          actor: Optional[str] = _ACTOR) -> None:
     """Freeze a canary rollout at its current weight."""
-    from voice_lib.release.registry import Registry
-
-    _registry_call(lambda: Registry(get_settings()).pause(_voice_name(voice)))
-    console.print(f"voice-{voice} paused")
+    console.print(_release_action(voice, "pause", _actor(actor), reason=reason))
 
 
 @app.command()
-def resume(voice: str = typer.Argument(...)) -> None:
+def resume(voice: str = typer.Argument(...), reason: Optional[str] = typer.Option(None, help="Why; recorded."),
+           actor: Optional[str] = _ACTOR) -> None:
     """Continue a paused rollout (re-trigger canary_promotion to drive it on)."""
-    from voice_lib.release.registry import Registry
-
-    _registry_call(lambda: Registry(get_settings()).resume(_voice_name(voice)))
-    console.print(f"voice-{voice} resumed; trigger canary_promotion with voice_id={voice} to continue the steps")
+    console.print(_release_action(voice, "resume", _actor(actor), reason=reason))
 
 
 # --- data -----------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from voice_lib.release.actions import perform
 from voice_lib.release.rollout import check_limits
 from voiceops_release import state as view
 
@@ -66,10 +67,15 @@ class ApiError(Exception):
 
 class PromoteBody(BaseModel):
     version: str | None = Field(default=None, description="Version to promote; default the canary, else the candidate.")
+    force: bool = Field(default=False, description="Promote a version that is not a passed candidate (never passed "
+                                                   "the gates, rolled back, tripped the breaker); needs a reason.")
+    reason: str = Field(default="", description="Why; recorded on the version with your name.")
 
 
 class RollbackBody(BaseModel):
     reason: str = Field(default="", description="Why; recorded on the rolled-back version (tag `reason`).")
+    expected_canary: str | None = Field(default="seen now", description="The canary version you saw (null: none, "
+                                        "so production is rolled back); nothing happens if it changed meanwhile.")
 
 
 # --- backends (one per API-server process) ----------------------------------------------------
@@ -295,7 +301,7 @@ async def _act(voice_id: str, action: str, user: BaseUser, **kwargs: Any) -> dic
         if not registry.exists(registry.model_name(voice_id)):
             raise ApiError(404, f"cannot {action} voice {voice_id}: model voice-{voice_id} is not registered in MLflow "
                                 f"at {registry.uri}.", voice_id, "onboard it first (voice_onboarding), or check the id.")
-        message = view.perform(registry, voice_id, action, **kwargs)
+        message = perform(registry, _history(), voice_id, action, actor=who, **kwargs)
         log.warning("release page: %s by %s: %s%s", action, who, message,
                     f" (reason: {kwargs['reason']})" if kwargs.get("reason") else "")
         return message
@@ -315,7 +321,8 @@ async def promote(voice_id: str, user: Writer, body: PromoteBody | None = None) 
     version = (body.version or "").strip() if body else ""
     if version and not version.isdigit():
         raise ApiError(422, f"cannot promote voice {voice_id}: version {version!r} is not a version number.", voice_id)
-    return await _act(voice_id, "promote", user, version=version or None)
+    force, reason = (body.force, body.reason.strip()) if body else (False, "")
+    return await _act(voice_id, "promote", user, version=version or None, force=force, reason=reason or None)
 
 
 @app.post("/api/voices/{voice_id}/pause")
@@ -337,4 +344,4 @@ async def rollback(voice_id: str, body: RollbackBody, user: Writer) -> dict[str,
     if not reason:
         raise ApiError(422, f"cannot roll back voice {voice_id} without a reason: send {{\"reason\": \"...\"}}; "
                             "it is recorded on the rolled-back version.", voice_id)
-    return await _act(voice_id, "rollback", user, reason=reason)
+    return await _act(voice_id, "rollback", user, reason=reason, expected_canary=body.expected_canary)

@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from voice_lib.core.config import Settings
+# The actions themselves (their guards and records) are voice_lib.release.actions, shared with the CLI.
+from voice_lib.release.actions import ACTIONS  # noqa: F401 - app.py lists them from here
 from voice_lib.release.rollout import CHECK_ORDER, check_limits
 
 log = logging.getLogger(__name__)
@@ -210,37 +212,3 @@ def voice_id_of(model_name: str) -> str:
     return model_name.removeprefix("voice-")
 
 
-ACTIONS = ("promote", "pause", "resume", "rollback")
-
-
-def perform(registry: Any, voice_id: str, action: str, *, reason: str | None = None, version: str | None = None) -> str:
-    """Run one release action through voice_lib.release.registry; returns what happened, in a sentence.
-
-    Raises RegistryError (from the registry, or here) when the action does not fit the voice's state.
-    """
-    from voice_lib.release.registry import RegistryError
-
-    name = registry.model_name(voice_id)
-    if action == "promote":
-        aliases = registry.aliases(name)
-        target = version or aliases.get("canary") or aliases.get("candidate")
-        if not target:
-            raise RegistryError(f"{name} has no canary or candidate to promote; pass a version number.")
-        registry.promote(name, target)
-        old = aliases.get("production")
-        return f"{name} version {target} is production" + (f" (previous: version {old})" if old and old != str(target) else "")
-    if action == "pause":
-        registry.pause(name)
-        return f"{name} canary paused at its current weight"
-    if action == "resume":
-        registry.resume(name)
-        return (f"{name} canary resumed; trigger canary_promotion with voice_id={voice_id} "
-                "if its run has finished, so the steps go on")
-    if action == "rollback":
-        aliases = registry.aliases(name)
-        bad = aliases.get("canary") or aliases.get("production")
-        registry.rollback(name, reason or "")
-        if "canary" in aliases:
-            return f"{name} canary version {bad} rolled back; production stays version {aliases.get('production', 'none')}"
-        return f"{name} production version {bad} rolled back to version {aliases.get('previous')}"
-    raise ValueError(f"unknown action {action!r}; use one of {', '.join(ACTIONS)}")

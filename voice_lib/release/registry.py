@@ -7,6 +7,7 @@ the deprecated stages are never touched. Names are binding: see shared/CONTRACTS
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -29,6 +30,12 @@ LINEAGE_TAGS = ("base_model", "base_version", "base_sha256", "data_sha256", "cod
 # Keys end up inside a search filter string, so only a quote-free alphabet is accepted.
 _TRAINING_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 _READY_TIMEOUT_S = 300.0
+# Set by mark_candidate: the version passed every evaluation gate. promote() wants it (or force and a reason).
+GATES_PASSED_TAG = "gates_passed"
+# Version tags after which a version is no passed candidate any more, whatever it passed before.
+_DISQUALIFIED = {"rolled_back": "was rolled back", "breaker_tripped": "tripped the circuit breaker",
+                 "regression": "regressed in the nightly re-evaluation"}
+_ANY = object()  # rollback(expected_canary=_ANY): no expectation, roll back whatever is there
 
 try:  # the server's own limit (100 000 in MLflow 3); older servers allowed 5 000
     from mlflow.utils.validation import (
@@ -280,9 +287,32 @@ class Registry:
                 self.client.set_model_version_tag(name, mv.version, key, _tag_value(value))
 
     def mark_candidate(self, name: str, version: int | str) -> None:
-        """The version passed its gates: point ``candidate`` at it."""
+        """The version passed its gates: tag it ``gates_passed`` and point ``candidate`` at it."""
         mv = self._usable(name, version)
+        self.set_version_tags(name, mv.version, {GATES_PASSED_TAG: "true"})
         self._set_alias(name, "candidate", mv.version)
+
+    def note_action(self, name: str, version: int | str, action: str, actor: str | None, reason: str | None,
+                    forced: bool = False) -> None:
+        """Record a human's release action on the version: ``manual_action_<ms>`` (one per action, JSON) and
+        ``last_manual_action``, each with the action, the actor, the reason, whether it was forced and when."""
+        entry = json.dumps({"action": action, "actor": actor or "unknown", "reason": (reason or "").strip()[:2000],
+                            "forced": forced, "ts": int(time.time())})
+        self.set_version_tags(name, version, {f"manual_action_{int(time.time() * 1000)}": entry,
+                                              "last_manual_action": entry})
+
+    def promotion_problem(self, name: str, version: int | str) -> str | None:
+        """Why ``version`` is not a passed candidate (so promoting it needs force and a reason), or None."""
+        if name == BASE_MODEL:
+            return None  # the base has no gates: pretraining registers and promotes it in one step
+        tags = self._version(name, version).tags or {}
+        for tag, what in _DISQUALIFIED.items():
+            if tags.get(tag) == "true":
+                return f"it {what} ({tags.get('reason') or tags.get(tag + '_reason') or 'no reason recorded'})"
+        # A candidate alias without the tag: registered before registration tagged gates_passed.
+        if tags.get(GATES_PASSED_TAG) != "true" and self.aliases(name).get("candidate") != str(version):
+            return "it never passed the evaluation gates (no gates_passed tag)"
+        return None
 
     def reject(self, name: str, version: int | str, reasons: list[str]) -> None:
         """Record why a version failed its gates and take every alias off it."""
@@ -297,11 +327,21 @@ class Registry:
             self._drop_alias(name, alias)
         log.info("rejected %s version %s: %s", name, mv.version, reason)
 
-    def promote(self, name: str, version: int | str) -> None:
-        """Make ``version`` production; the old production becomes ``previous``. Safe to retry."""
+    def promote(self, name: str, version: int | str, *, force: bool = False, reason: str | None = None,
+                actor: str | None = None) -> None:
+        """Make ``version`` production; the old production becomes ``previous``. Safe to retry.
+
+        A version that is not a passed candidate (never passed the gates, rolled back, tripped the breaker,
+        regressed) is promoted only with ``force`` and a ``reason``; a rejected one never is. With an
+        ``actor`` (a human), or when forced, the action is recorded on the version (``note_action``)."""
         mv = self._usable(name, version)
         current = self.aliases(name)
         old = current.get("production")
+        problem = None if old == mv.version else self.promotion_problem(name, mv.version)
+        if problem and not (force and reason and reason.strip()):
+            raise RegistryError(f"{name} version {mv.version} is not a passed candidate: {problem}. Promote it only "
+                                "on purpose, with force and a reason (voiceops promote VOICE --version N --force "
+                                "--reason '...').")
         if old and old != mv.version:
             # previous first: a crash between the two calls leaves previous == production, and a retry repairs it.
             self._set_alias(name, "previous", old)
@@ -311,13 +351,26 @@ class Registry:
                 self._drop_alias(name, alias)
         if name != BASE_MODEL:
             self._set_model_tags(name, canary_weight=0, release_state="idle")
-        log.info("promoted %s version %s to production (previous: %s)", name, mv.version, old)
+        if actor or problem:
+            self.note_action(name, mv.version, "promote", actor, reason, forced=bool(problem))
+        log.info("promoted %s version %s to production (previous: %s)%s", name, mv.version, old,
+                 f", forced by {actor or 'unknown'}: {problem}; reason: {reason}" if problem else "")
 
-    def rollback(self, name: str, reason: str) -> None:
-        """Stop a canary, or else move production back to ``previous``; the bad version is tagged rolled_back."""
+    def rollback(self, name: str, reason: str, *, expected_canary: Any = _ANY, actor: str | None = None) -> str | None:
+        """Stop a canary, or else move production back to ``previous``; the bad version is tagged rolled_back.
+
+        ``expected_canary``: the canary version the caller judged (None: it saw no canary, and means production).
+        When the canary is another by now (a human promoted or rolled back meanwhile, a new rollout began),
+        nothing is done and None is returned; otherwise the rolled-back version."""
         if not reason or not reason.strip():
             raise RegistryError(f"{name}: say why you roll back; the reason is recorded on the version.")
         current = self.aliases(name)
+        if expected_canary is not _ANY:
+            expected = None if expected_canary is None else str(expected_canary)
+            if current.get("canary") != expected:
+                log.warning("%s: not rolling back: the canary is %s now, not %s as judged (changed meanwhile)",
+                            name, current.get("canary") or "none", expected or "none")
+                return None
         voice = name != BASE_MODEL
         if "canary" in current:
             bad = current["canary"]
@@ -335,7 +388,10 @@ class Registry:
             self.set_version_tags(name, bad, {"rolled_back": "true", "reason": reason.strip()[:_MAX_TAG_VALUE]})
         if voice:
             self._set_model_tags(name, canary_weight=0, release_state="rolled_back")
-        log.warning("rolled back %s version %s: %s", name, bad, reason)
+        if bad and actor:
+            self.note_action(name, bad, "rollback", actor, reason)
+        log.warning("rolled back %s version %s: %s%s", name, bad, reason, f" (by {actor})" if actor else "")
+        return bad or None
 
     def set_canary(self, name: str, version: int | str, weight: int) -> None:
         """Serve ``version`` to ``weight`` percent of traffic."""
@@ -358,20 +414,25 @@ class Registry:
             raise RegistryError(f"{name} has no canary; call set_canary(name, version, weight) first.")
         self._set_model_tags(name, canary_weight=weight)
 
-    def pause(self, name: str) -> None:
-        """Freeze a canary rollout at its current weight."""
+    def pause(self, name: str, *, actor: str | None = None, reason: str | None = None) -> None:
+        """Freeze a canary rollout at its current weight (recorded on the canary when a human does it)."""
         self._require_voice(name, "pause")
-        if "canary" not in self.aliases(name):
+        canary = self.aliases(name).get("canary")
+        if canary is None:
             raise RegistryError(f"{name} has no canary to pause.")
         self._set_model_tags(name, release_state="paused")
+        if actor:
+            self.note_action(name, canary, "pause", actor, reason)
 
-    def resume(self, name: str) -> None:
-        """Continue a paused canary rollout."""
+    def resume(self, name: str, *, actor: str | None = None, reason: str | None = None) -> None:
+        """Continue a paused canary rollout (recorded on the canary when a human does it)."""
         self._require_voice(name, "resume")
         state = self.release_state(name)
         if "canary" not in state["aliases"] or state["release_state"] != "paused":
             raise RegistryError(f"{name} is not a paused canary (release_state {state['release_state']}, aliases {state['aliases']}).")
         self._set_model_tags(name, release_state="canary")
+        if actor:
+            self.note_action(name, state["aliases"]["canary"], "resume", actor, reason)
 
     def archive(self, name: str, reason: str) -> dict[str, str]:
         """Take a voice out of serving and keep its history: canary weight 0 first (the server reads it), the

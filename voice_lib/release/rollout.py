@@ -25,7 +25,9 @@ from voice_lib.core.db import make_engine
 
 log = logging.getLogger(__name__)
 CheckStatus = Literal["pass", "fail", "inconclusive", "skipped"]
-Outcome = Literal["waiting", "extended", "advanced", "paused", "awaiting_approval", "promoted", "rolled_back", "blackout"]
+# "manual": a human's action (voice_lib/release/actions.py), recorded beside the rollout's decisions.
+Outcome = Literal["waiting", "extended", "advanced", "paused", "awaiting_approval", "promoted", "rolled_back", "blackout",
+                  "manual"]
 DONE = ("promoted", "rolled_back", "paused")
 
 metadata = sa.MetaData()
@@ -307,6 +309,15 @@ def alert(settings: Settings, decision: Decision) -> None:
 
 # --- the state machine ----------------------------------------------------------------------------
 
+def _canary_changed(registry, name: str, version: str, decide) -> Decision:  # noqa: ANN001
+    """The rollback found another canary than the one judged (a human acted during the analysis): touch nothing."""
+    now = registry.aliases(name)
+    if now.get("production") == version:
+        return decide("promoted", "promoted by a human during the analysis; nothing rolled back")
+    return decide("rolled_back", f"no longer the canary (now {now.get('canary', 'none')}): changed during the "
+                                 "analysis; nothing rolled back", record=False)
+
+
 def start_rollout(settings: Settings, voice_id: str, version: str | None, steps: list[int]) -> Decision:
     """Put ``version`` (default: the candidate) on the canary at the first step."""
     from voice_lib.release.registry import Registry, RegistryError
@@ -372,7 +383,8 @@ def advance_rollout(settings: Settings, voice_id: str, version: str, source: Met
     if tags.get("breaker_tripped") == "true":
         # The server already took the canary out of traffic; complete the rollback formally.
         reason = f"circuit breaker tripped on the server: {tags.get('breaker_reason', 'no reason given')}"
-        registry.rollback(name, reason)
+        if registry.rollback(name, reason, expected_canary=version) is None:
+            return _canary_changed(registry, name, version, decide)
         decision = decide("rolled_back", reason)
         alert(settings, decision)
         return decision
@@ -392,7 +404,8 @@ def advance_rollout(settings: Settings, voice_id: str, version: str, source: Met
     failed = [c for c in checks if c.status == "fail"]
     if failed:
         reason = "; ".join(c.detail for c in failed)
-        registry.rollback(name, f"canary analysis failed at {weight}%: {reason}")
+        if registry.rollback(name, f"canary analysis failed at {weight}%: {reason}", expected_canary=version) is None:
+            return _canary_changed(registry, name, version, decide)
         decision = decide("rolled_back", reason, checks)
         alert(settings, decision)
         return decision
