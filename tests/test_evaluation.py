@@ -1,4 +1,4 @@
-"""Held-out evaluation on real speech, real metrics (PESQ, STOI, pocketsphinx, GE2E) and a real MLflow server.
+"""Held-out evaluation on real speech, real metrics (PESQ, STOI, Whisper, GE2E, DNSMOS) and a real MLflow server.
 
 No trained model is needed: stand-in systems with the Synthesizer interface render real audio.
 "oracle" speaks with the voice itself (flite slt) and reconstructs by WORLD resynthesis of the clip's own
@@ -23,12 +23,9 @@ from voice_lib.data.features import (
     extract_clip_features,
     world_synthesis,
 )
-from voice_lib.eval.evaluation import (
-    HeldOutClip,
-    check_gates,
-    evaluate,
-    log_eval_to_mlflow,
-)
+from voice_lib.eval.evaluation import HeldOutClip, evaluate
+from voice_lib.eval.gates import check_gates
+from voice_lib.eval.report import log_eval_to_mlflow
 from voice_lib.infer.synthesizer import Synthesis
 
 SR = 16000
@@ -131,7 +128,13 @@ def test_oracle_passes_every_gate(evaluated):
     assert vocoder["stoi"] > 0.9 and adapted["bad_output_rate"] == 0.0
     assert adapted["similarity_gain_over_base"] > 0.2
     assert {g.gate for g in result.gates} >= {"min_speaker_similarity", "min_pesq", "min_stoi", "max_bad_output_rate",
-                                               "max_rtf", "max_wer_gap_over_real", "min_similarity_gain_over_base"}
+                                               "max_rtf", "max_wer_gap_over_real", "min_similarity_gain_over_base",
+                                               "min_p808_mos", "max_p808_gap_below_real", "max_p808_drop_below_production"}
+    # DNSMOS: the oracle speaks the recordings themselves, so it scores what they score; no production: skipped
+    assert adapted["p808_mos"] == pytest.approx(real["p808_mos"], abs=0.05) and real["p808_mos"] > 3.0
+    assert adapted["p808_gap_below_real"] == pytest.approx(0.0, abs=0.05) and 1.0 <= vocoder["ovrl_mos"] <= 5.0
+    drop = next(g for g in result.gates if g.gate == "max_p808_drop_below_production")
+    assert drop.passed is None and "no production version" in drop.message and result.production is None
 
 
 def test_wrong_speaker_fails_similarity_gate(evaluated):
@@ -141,7 +144,7 @@ def test_wrong_speaker_fails_similarity_gate(evaluated):
     assert sim, [f.message for f in failures]
     value = result.aggregates["base"]["speaker_similarity"]
     assert value < 0.7
-    assert re.fullmatch(rf"speaker_similarity {value:.2f} < 0\.75 \(VOICEOPS_EVAL__MIN_SPEAKER_SIMILARITY\)", sim[0].message)
+    assert re.fullmatch(rf"speaker_similarity {value:.2f} < 0\.8 \(VOICEOPS_EVAL__MIN_SPEAKER_SIMILARITY\)", sim[0].message)
     # an octave too low: PESQ collapses while STOI (intelligibility) barely moves
     assert any(f.metric == "pesq" and "(VOICEOPS_EVAL__MIN_PESQ)" in f.message for f in failures)
     # the adapted model against a base that is as good as it: no gain, gate fails with both values named
@@ -154,6 +157,8 @@ def test_thresholds_come_from_settings_and_env(evaluated, monkeypatch):
     monkeypatch.setenv("VOICEOPS_EVAL__MIN_SPEAKER_SIMILARITY", "0.3")
     monkeypatch.setenv("VOICEOPS_EVAL__MIN_PESQ", "0.5")
     monkeypatch.setenv("VOICEOPS_EVAL__MIN_SIMILARITY_GAIN_OVER_BASE", "-1")
+    monkeypatch.setenv("VOICEOPS_EVAL__MIN_P808_MOS", "1")
+    monkeypatch.setenv("VOICEOPS_EVAL__MAX_P808_GAP_BELOW_REAL", "4")
     settings = Settings()
     assert settings.eval.min_speaker_similarity == 0.3
     assert check_gates(result.aggregates, settings, system="base", baseline="") == []
@@ -177,6 +182,7 @@ def test_broken_outputs_are_flagged(evaluated):
     failures = {f.gate: f.message for f in check_gates(agg, Settings(), system="silent")}
     assert failures["max_bad_output_rate"] == "bad_output_rate 1.00 > 0 (VOICEOPS_EVAL__MAX_BAD_OUTPUT_RATE)"
     assert "pesq n/a < 1.5" in failures["min_pesq"]  # no clip could be scored: the gate fails, not skips
+    assert "p808_mos n/a <" in failures["min_p808_mos"]  # DNSMOS of silence (~2.1) is never scored
     assert "max_bad_output_rate" in {f.gate for f in check_gates(agg, Settings(), system="truncated")}
     # aggregates read back from JSON (NaN → null) still fail: a metric nobody could measure is not a pass
     from_json = json.loads(json.dumps(result.to_json()))["aggregates"]
@@ -190,6 +196,12 @@ def test_report_json_plots_and_audio(evaluated):
     result, out_dir = evaluated
     page = (out_dir / "report.html").read_text()
     assert "PASSED" in page and "vocoder ceiling" in page and "real (ASR floor)" in page
+    # DNSMOS rows: the aggregates table and the per-clip column, on real, vocoder, base and adapted alike
+    for metric in ("p808_mos", "ovrl_mos"):
+        assert re.search(rf"<tr><th>{metric}</th>(<td[^>]*>[0-9.]+</td>){{4}}", page), metric
+    assert re.search(r"<tr><th>p808_gap_below_real</th>(<td[^>]*>n/a</td>){2}(<td[^>]*>-?[0-9.]+</td>){2}", page)
+    assert "<th>P.808</th><th>OVRL</th>" in page and "recording (P.808 3." in page
+    assert "no production version of this voice: gate VOICEOPS_EVAL__MAX_P808_DROP_BELOW_PRODUCTION skipped" in page
     players = re.findall(r"<audio controls preload='none' src='(audio/[^']+)'>", page)
     assert len(players) == 3 * (2 + 2 * 5)  # per clip: recording, vocoder, and free + timed for 5 systems
     assert all((out_dir / p).is_file() and (out_dir / p).stat().st_size > 1000 for p in players)
@@ -227,7 +239,10 @@ def test_log_eval_to_mlflow(evaluated, mlflow_server, tmp_path):
     assert data.metrics["eval_real_wer"] == pytest.approx(result.aggregates["real"]["wer"])
     assert "eval_vocoder_pesq" in data.metrics and data.metrics["eval_passed"] == 1.0
     assert "eval_silent_pesq" not in data.metrics  # NaN is not logged
-    assert data.params["eval.min_speaker_similarity"] == "0.75" and data.tags["eval.passed"] == "true"
+    assert data.params["eval.min_speaker_similarity"] == "0.8" and data.tags["eval.passed"] == "true"
+    for system in ("real", "vocoder", "base", "adapted"):
+        assert data.metrics[f"eval_{system}_p808_mos"] == pytest.approx(result.aggregates[system]["p808_mos"])
+        assert 1.0 <= data.metrics[f"eval_{system}_ovrl_mos"] <= 5.0
     names = {a.path for a in client.list_artifacts(run.info.run_id, "eval_report")}
     assert {"eval_report/report.html", "eval_report/result.json", "eval_report/eval_metrics.png",
             "eval_report/eval_similarity.png", "eval_report/audio"} <= names

@@ -61,7 +61,8 @@ def flaky(s3_link, s3_endpoint, mlflow_server, tmp_path_factory) -> Settings:
                         mlflow_tracking_uri=mlflow_server)
     relaxed = settings.eval.model_copy(update={
         "min_speaker_similarity": 0.0, "min_similarity_gain_over_base": -1.0, "max_wer_gap_over_real": 1.0,
-        "min_pesq": 1.0, "min_stoi": 0.0, "max_bad_output_rate": 1.0, "max_rtf": 5.0})
+        "min_pesq": 1.0, "min_stoi": 0.0, "max_bad_output_rate": 1.0, "max_rtf": 5.0,
+        "min_p808_mos": 1.0, "max_p808_gap_below_real": 4.0, "max_p808_drop_below_production": 4.0})
     return settings.model_copy(update={"eval": relaxed})
 
 

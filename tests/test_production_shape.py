@@ -208,7 +208,8 @@ def production_shape(tmp_path: Path, s3_endpoint: str, s3_bucket: str, budget: f
 
     relaxed = EvalSettings().model_copy(update={  # the gates of tests/test_dag.py: a 30-step tune must pass
         "min_speaker_similarity": 0.0, "min_similarity_gain_over_base": -1.0, "max_wer_gap_over_real": 1.0,
-        "min_pesq": 1.0, "min_stoi": 0.0, "max_bad_output_rate": 1.0, "max_rtf": 5.0})
+        "min_pesq": 1.0, "min_stoi": 0.0, "max_bad_output_rate": 1.0, "max_rtf": 5.0,
+        "min_p808_mos": 1.0, "max_p808_gap_below_real": 4.0, "max_p808_drop_below_production": 4.0})
     settings = Settings(
         home=tmp_path / "home",
         storage_uri=f"s3://{s3_bucket}/store", s3_endpoint_url=s3_endpoint,

@@ -1,5 +1,5 @@
 """`voiceops qc` run the way a user runs it, on real speech from offline TTS voices and the real models
-(silero VAD, pocketsphinx, GE2E). Each test reads the `--json` verdict and checks what a user acts on:
+(silero VAD, Whisper tiny.en, GE2E). Each test reads the `--json` verdict and checks what a user acts on:
 the exit code, the reasons, and which file is named with which fix.
 
 Most bad inputs share one dataset (the clean voice plus one bad file of each kind) analysed once.
@@ -24,7 +24,7 @@ import pytest
 import soundfile as sf
 
 from voice_lib.data import corpus
-from voice_lib.data.speech import word_error_rate
+from voice_lib.data.asr import word_error_rate
 
 SR = 16000
 CLEAN_PREFIX = "flite-slt_"  # file names make_voice_dataset gives the clean speaker's clips
@@ -349,7 +349,29 @@ def test_long_untranscribed_recording_is_sliced_and_transcribed(tmp_path: Path) 
         holders = [c for c in clips if c["start"] <= start + 0.05 and end - 0.05 <= c["end"]]
         assert len(holders) == 1, (start, end, [(c["start"], c["end"]) for c in clips])
     hypothesis = " ".join(c["text"] for c in clips)
-    assert word_error_rate(" ".join(rec.texts), hypothesis) < 0.6, hypothesis  # measured 0.16
+    assert word_error_rate(" ".join(rec.texts), hypothesis) < 0.6, hypothesis  # measured 0.16 with pocketsphinx
+    assert word_error_rate(" ".join(rec.texts), hypothesis) < 0.15, hypothesis  # Whisper tiny.en
+
+
+def test_speech_without_pauses_is_cut_between_words(tmp_path: Path) -> None:
+    """One VAD region longer than a clip may be: Whisper's word timestamps place each cut between two words, so
+    every clip's label is exactly the words inside it and no word is lost or split at a cut."""
+    data = tmp_path / "monologue"
+    rec = corpus.concat_long_recording(data / "monologue.wav", "flite-rms", n_sentences=7, seed=3,
+                                       pause_range=(0.05, 0.1))
+    assert rec.seconds > 17  # over the 15 s maximum with no pause VAD would cut at
+    run = run_qc(data, tmp_path / "home", "--min-speech-seconds", "10")
+    assert run.code == 0, run.report["reasons"]
+    clips = sorted(run.report["clips"], key=lambda c: c["start"])
+    assert len(clips) >= 2, clips
+    for c in clips:
+        assert c["status"] == "accepted" and c["text_source"] == "auto_transcribed", c
+        assert c["duration"] <= 15.0 + 0.3, c
+    for a, b in zip(clips, clips[1:]):
+        assert a["end"] <= b["start"] + 0.31  # only the edge padding of each clip may overlap the next
+    # a cut through a word would garble it on both sides; between words the labels add up to the monologue
+    hypothesis = " ".join(c["text"] for c in clips)
+    assert word_error_rate(" ".join(rec.texts), hypothesis) < 0.15, hypothesis
 
 
 def test_gpt_sovits_list_with_absolute_paths_from_another_machine(clean_voice: Path, tmp_path: Path) -> None:

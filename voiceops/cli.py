@@ -405,7 +405,6 @@ def evaluate(
     alias: str = typer.Option("candidate", help="Alias or version to evaluate."),
 ) -> None:
     """Re-evaluate a registered voice version on its held-out clips (base vs adapted) and print the gates."""
-    from voice_lib.eval.evaluation import check_gates
     from voice_lib.pipelines.evaluation import evaluate_registered
 
     settings = get_settings()
@@ -416,7 +415,7 @@ def evaluate(
     for m in metrics:
         table.add_row(m, *[("" if v.get(m) is None else f"{v[m]:.3f}") for v in summary["aggregates"].values()])
     Console().print(table)
-    failures = [str(f) for f in check_gates(summary["aggregates"], settings)]
+    failures = summary["gate_failures"]  # the gates as the evaluation applied them
     for f in failures:
         console.print(f"[red]✗[/red] {f}")
     console.print(f"report: {summary['report_dir']}/report.html")

@@ -100,22 +100,59 @@ def detect_language(text: str) -> str:
     return "zh" if re.search(r"[\u4e00-\u9fff]", text) else "en"
 
 
-def _slice_at_pauses(segments, sample_rate: int, settings: Settings) -> list[tuple[int, int]]:
-    """Group VAD speech segments into clips of min..max seconds, cutting only inside pauses."""
+def _group_at_pauses(segments, sample_rate: int, settings: Settings) -> list[tuple[int, int]]:
+    """Group VAD speech segments into spans of up to max seconds, joining only across pauses."""
     max_len = int(settings.qc.max_clip_seconds * sample_rate)
     pad = int(EDGE_PAD_SECONDS * sample_rate)
-    clips: list[list[int]] = []
+    groups: list[list[int]] = []
     for seg in segments:
-        if clips and seg.end - clips[-1][0] <= max_len - 2 * pad:
-            clips[-1][1] = seg.end
+        if groups and seg.end - groups[-1][0] <= max_len - 2 * pad:
+            groups[-1][1] = seg.end
         else:
-            clips.append([seg.start, seg.end])
-    # A single VAD region longer than the maximum is cut into equal parts (no pause to cut at).
-    out: list[tuple[int, int]] = []
-    for start, end in clips:
-        parts = int(np.ceil((end - start) / (max_len - 2 * pad)))
-        bounds = np.linspace(start, end, parts + 1).astype(int)
-        out += [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+            groups.append([seg.start, seg.end])
+    return [(a, b) for a, b in groups]
+
+
+def _cut_at_words(start: int, end: int, words, sample_rate: int, max_len: int) -> list[tuple[int, int, str]]:
+    """Cut one span (a VAD region longer than a clip may be) into clips at word boundaries.
+
+    ``words`` are Whisper's, timed from ``start``. Each cut falls in the middle of a gap between two words: the
+    widest gap in the second half of what fits (a sentence end, usually), so no word is split and each clip's
+    text is exactly the words inside it."""
+    def at(seconds: float) -> int:
+        return start + int(seconds * sample_rate)
+
+    clips: list[tuple[int, int, str]] = []
+    clip_start, first = start, 0
+    while first < len(words) - 1 and at(words[-1].end) - clip_start > max_len:
+        fits = [k for k in range(first, len(words) - 1) if at(words[k].end) - clip_start <= max_len] or [first]
+        late = [k for k in fits if at(words[k].end) - clip_start >= max_len // 2] or fits
+        k = max(late, key=lambda i: words[i + 1].start - words[i].end)
+        cut = at((words[k].end + words[k + 1].start) / 2)
+        clips.append((clip_start, cut, " ".join(w.text for w in words[first : k + 1])))
+        clip_start, first = cut, k + 1
+    clips.append((clip_start, end, " ".join(w.text for w in words[first:])))
+    return clips
+
+
+def _slice_untranscribed(wav: np.ndarray, segments, sample_rate: int, settings: Settings,
+                         english: bool) -> list[tuple[int, int, str | None]]:
+    """(start, end, text) of clips of an untranscribed file: grouped at pauses; for English, labelled by Whisper,
+    and a span still too long for one clip is cut between words. Other languages get equal parts and no text."""
+    from voice_lib.data.asr import transcribe
+
+    max_len = int(settings.qc.max_clip_seconds * sample_rate) - 2 * int(EDGE_PAD_SECONDS * sample_rate)
+    out: list[tuple[int, int, str | None]] = []
+    for start, end in _group_at_pauses(segments, sample_rate, settings):
+        heard = transcribe(wav[start:end], sample_rate, settings) if english else None
+        if heard is not None and end - start > max_len and len(heard.words) > 1:
+            out += _cut_at_words(start, end, heard.words, sample_rate, max_len)
+        elif end - start > max_len:  # no words to cut between: equal parts, each labelled on its own
+            bounds = np.linspace(start, end, int(np.ceil((end - start) / max_len)) + 1).astype(int)
+            out += [(int(a), int(b), transcribe(wav[a:b], sample_rate, settings).text if english else None)
+                    for a, b in zip(bounds[:-1], bounds[1:])]
+        else:
+            out.append((start, end, heard.text if heard is not None else None))
     return out
 
 
@@ -155,11 +192,7 @@ def analyze_file(
     out_dir: Path,
 ) -> list[ClipResult] | FileFailure:
     """Decode one file and produce its clips (wav + GE2E embedding written under ``out_dir``)."""
-    from voice_lib.data.speech import (
-        detect_speech,
-        speaker_embedding,
-        transcribe_english,
-    )
+    from voice_lib.data.speech import detect_speech, speaker_embedding
 
     sr = settings.sample_rate
     try:
@@ -182,11 +215,11 @@ def analyze_file(
         return FileFailure(rel, f"{rel}: no speech detected (silence or noise only); remove it or check the recording.")
     pad = int(EDGE_PAD_SECONDS * sr)
     if transcript is not None:
-        spans = [(segments[0].start, segments[-1].end)]  # the transcript covers the whole file: trim only
+        spans = [(segments[0].start, segments[-1].end, transcript.text)]  # the transcript covers the whole file: trim only
     else:
-        spans = _slice_at_pauses(segments, sr, settings)
+        spans = _slice_untranscribed(wav, segments, sr, settings, english=language in ("en", "auto"))
     results: list[ClipResult] = []
-    for k, (start, end) in enumerate(spans):
+    for k, (start, end, text) in enumerate(spans):
         a, b = max(0, start - pad), min(len(wav), end + pad)
         clip = wav[a:b]
         cid = clip_id_for(rel, k)
@@ -194,9 +227,10 @@ def analyze_file(
         clipped_fraction = max(clipped_fraction, decoded.clipped_fraction if len(spans) == 1 else 0.0)
         clean, snr, speech_s, denoised = _measure_clip(clip, sr, settings)
         clean, lufs = audio_mod.normalize_loudness(clean, sr, settings.qc.target_lufs)
-        text, source = (transcript.text, "provided") if transcript else (None, "none")
+        source = "provided" if transcript else ("auto_transcribed" if text else "none")
+        text = text or None  # Whisper heard nothing: no transcript (the clip is rejected below, saying why)
         clip_lang = (transcript.language if transcript and transcript.language not in (None, "auto") else None)
-        clip_lang = clip_lang or (detect_language(text) if text and language == "auto" else language)
+        clip_lang = clip_lang or (detect_language(text) if transcript and language == "auto" else language)
         if clip_lang == "auto":
             clip_lang = "en"
         result = ClipResult(
@@ -206,10 +240,6 @@ def analyze_file(
             loudness_lufs=round(lufs, 2), denoised=denoised, text=text, text_source=source,
             language=clip_lang, phones_per_second=None, pcm_sha256=audio_mod.pcm_sha256(clean),
         )
-        if text is None and clip_lang == "en":
-            hyp = transcribe_english(clean, sr)
-            if hyp:
-                result.text, result.text_source = hyp, "auto_transcribed"
         _check_clip(result, settings)
         audio_mod.write_wav(out_dir / "clips" / f"{cid}.wav", clean, sr)
         np.save(out_dir / "embeddings" / f"{cid}.npy", speaker_embedding(clean, sr))
@@ -229,9 +259,9 @@ def _check_clip(clip: ClipResult, settings: Settings) -> None:
     if clip.snr_db < qc.reject_snr_db:
         clip.reject(f"{where}: too noisy (SNR {clip.snr_db:.1f} dB < {qc.reject_snr_db} dB, too low for denoising to rescue); re-record in a quieter room.")
     if clip.text is None:
-        clip.reject(
-            f"{where}: no transcript, and the offline ASR only reads English; add a .txt beside the file or a metadata.csv line."
-        )
+        why = ("Whisper (VOICEOPS_ASR__MODEL) heard no words in it" if clip.language == "en"
+               else "the speech recogniser only reads English")
+        clip.reject(f"{where}: no transcript, and {why}; add a .txt beside the file or a metadata.csv line.")
     elif clip.speech_seconds > 0.3:
         from voice_lib.data.text import TextError, count_phones
 

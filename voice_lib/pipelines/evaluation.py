@@ -10,7 +10,31 @@ import numpy as np
 
 from voice_lib.core.config import Settings
 from voice_lib.core.storage import artifact_store
+from voice_lib.eval.gates import ProductionReference
 from voice_lib.train.finetune import fetch_voice_model
+
+
+def production_reference(settings: Settings, voice_id: str, evaluated: str | None = None) -> ProductionReference | None:
+    """The voice's production version and its registered P.808 (gate-metric tag ``eval_<gated system>_p808_mos``),
+    for the gate ``max_p808_drop_below_production``. None for a new voice, or when ``evaluated`` (the alias or
+    version being re-evaluated) is the production version itself."""
+    from voice_lib.release.registry import Registry
+
+    production = Registry(settings).version_by_alias(f"voice-{voice_id}", "production")
+    if production is None or str(evaluated) in ("production", production.version):
+        return None
+    tag = production.tags.get(f"eval_{settings.eval.gated_system}_p808_mos")
+    return ProductionReference(production.version, float(tag) if tag not in (None, "") else None)
+
+
+def _summary(result, out_dir: Path) -> dict:
+    """The task result: strict JSON (NaN → null; Airflow's Execution API only takes strict JSON), with the gates
+    as evaluated (callers read them here instead of checking again)."""
+    from voice_lib.eval.metrics import json_safe
+
+    return {"aggregates": json_safe(result.aggregates), "gate_failures": [g.message for g in result.failures],
+            "gates": json_safe(result.to_json()["gates"]), "passed": result.passed, "report_dir": str(out_dir),
+            "production_version": result.production.version if result.production else None}
 
 
 def held_out_clips(settings: Settings, trained: dict) -> list:
@@ -35,12 +59,9 @@ def held_out_clips(settings: Settings, trained: dict) -> list:
 
 def evaluate_voice(settings: Settings, trained: dict) -> dict:
     """Base vs adapted on the held-out clips; metrics and the HTML report go to the training run."""
-    from voice_lib.eval.evaluation import (
-        check_gates,
-        evaluate,
-        json_safe,
-        log_eval_to_mlflow,
-    )
+    from voice_lib.eval.evaluation import evaluate
+    from voice_lib.eval.metrics import json_safe
+    from voice_lib.eval.report import log_eval_to_mlflow
     from voice_lib.infer.synthesizer import Synthesizer
 
     store = artifact_store(settings)
@@ -56,14 +77,11 @@ def evaluate_voice(settings: Settings, trained: dict) -> dict:
     }
     out_dir = settings.cache_dir / "work" / trained["voice_id"] / f"eval-{trained['training_key']}"
     shutil.rmtree(out_dir, ignore_errors=True)
-    result = evaluate(systems, held_out_clips(settings, trained), speaker, settings, out_dir)
-    failures = [str(f) for f in check_gates(result.aggregates, settings)]
+    result = evaluate(systems, held_out_clips(settings, trained), speaker, settings, out_dir,
+                      production=production_reference(settings, trained["voice_id"]))
     if trained.get("run_id"):
         log_eval_to_mlflow(result, out_dir, settings, trained["run_id"])
-    # NaN (metrics that don't apply, e.g. PESQ of the real recordings) becomes null: the summary is a task's
-    # return value, and Airflow's Execution API only takes strict JSON.
-    summary = {"aggregates": json_safe(result.aggregates), "gate_failures": failures, "passed": not failures,
-               "report_dir": str(out_dir)}
+    summary = _summary(result, out_dir)
     for path in out_dir.rglob("*"):
         if path.is_file():
             store.upload_file(path, f"{trained['model_prefix']}/eval_report/{path.relative_to(out_dir).as_posix()}")
@@ -73,7 +91,7 @@ def evaluate_voice(settings: Settings, trained: dict) -> dict:
 
 def evaluate_registered(settings: Settings, voice_id: str, alias_or_version: str) -> dict:
     """Evaluate a registered version again (same held-out clips, same gates) without registering anything."""
-    from voice_lib.eval.evaluation import check_gates, evaluate, json_safe
+    from voice_lib.eval.evaluation import evaluate
     from voice_lib.infer.synthesizer import Synthesizer
     from voice_lib.release.models import load_registered_voice
 
@@ -83,6 +101,7 @@ def evaluate_registered(settings: Settings, voice_id: str, alias_or_version: str
     base = Synthesizer.load(Path(meta["resolved_base_dir"]), speaker)
     out_dir = settings.cache_dir / "work" / voice_id / f"eval-{alias_or_version}"
     shutil.rmtree(out_dir, ignore_errors=True)
-    result = evaluate({"base": base, "adapted": adapted}, held_out_clips(settings, meta), speaker, settings, out_dir)
-    failures = [str(f) for f in check_gates(result.aggregates, settings)]
-    return {"aggregates": json_safe(result.aggregates), "gate_failures": failures, "passed": not failures, "report_dir": str(out_dir)}
+    production = production_reference(settings, voice_id, alias_or_version)
+    result = evaluate({"base": base, "adapted": adapted}, held_out_clips(settings, meta), speaker, settings, out_dir,
+                      production=production)
+    return _summary(result, out_dir)

@@ -20,8 +20,11 @@ from voice_lib.core.storage import artifact_store
 
 log = logging.getLogger(__name__)
 # metric → (direction, tolerance): "higher" metrics regress when they drop by more than the tolerance.
+# DNSMOS P.808 / OVRL use the release rule's 0.2 (EvalSettings.max_p808_drop_below_production); DNSMOS is
+# deterministic, so a drop on the same clips is the model's, not the instrument's.
 TOLERANCES = {"speaker_similarity": ("higher", 0.05), "pesq": ("higher", 0.3), "stoi": ("higher", 0.05),
-              "wer": ("lower", 0.10), "rtf": ("lower", 0.10), "bad_output_rate": ("lower", 0.0)}
+              "wer": ("lower", 0.10), "rtf": ("lower", 0.10), "bad_output_rate": ("lower", 0.0),
+              "p808_mos": ("higher", 0.2), "ovrl_mos": ("higher", 0.2)}
 
 
 def versions_to_check(settings: Settings) -> list[dict]:
@@ -88,15 +91,18 @@ def log_trends(settings: Settings, results: list[dict]) -> list[str]:
 
     store, client, runs = artifact_store(settings), mlflow_client(settings), []
     for voice_id in sorted({r["voice_id"] for r in results}):
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig, (ax, mos_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
         for r in (x for x in results if x["voice_id"] == voice_id):
             prefix = f"voices/{voice_id}/nightly/v{r['version']}"
             nights = [json.loads(store.read_bytes(k)) for k in sorted(store.list(prefix)) if k.endswith(".json")]
-            for metric in ("speaker_similarity", "stoi", "wer"):
-                ax.plot([n["day"] for n in nights], [n["metrics"].get(metric) for n in nights], marker="o",
-                        label=f"v{r['version']} ({r['alias']}) {metric}")
+            for axis, metrics in ((ax, ("speaker_similarity", "stoi", "wer")), (mos_ax, ("p808_mos", "ovrl_mos"))):
+                for metric in metrics:
+                    axis.plot([n["day"] for n in nights], [n["metrics"].get(metric) for n in nights], marker="o",
+                              label=f"v{r['version']} ({r['alias']}) {metric}")
         ax.set(title=f"voice-{voice_id}: nightly re-evaluation", ylim=(0, 1.05))
-        ax.legend(fontsize=7)
+        mos_ax.set(title="DNSMOS", ylabel="MOS", ylim=(1, 5))
+        for axis in (ax, mos_ax):
+            axis.legend(fontsize=7)
         fig.autofmt_xdate()
         out = settings.cache_dir / "work" / voice_id / "nightly"
         out.mkdir(parents=True, exist_ok=True)

@@ -176,7 +176,7 @@ def metrics_source(settings: Settings) -> MetricsSource:
 
 # The order the checks are shown in (the release page, reports): the analyze() checks, then the probe's.
 CHECK_ORDER = ("requests", "error_rate", "p95_latency_ms", "rtf", "rtf_ratio", "bad_audio_rate", "probe_wer",
-               "probe_similarity", "quality_probe")
+               "probe_similarity", "probe_p808", "quality_probe")
 
 
 def check_limits(cfg: ReleaseSettings) -> dict[str, dict[str, Any]]:
@@ -198,6 +198,8 @@ def check_limits(cfg: ReleaseSettings) -> dict[str, dict[str, Any]]:
                       "note": f"registered WER + {cfg.probe_wer_margin:g}"},
         "probe_similarity": {"threshold": None, "op": ">=", "unit": "ratio",
                              "note": f"registered similarity - {cfg.probe_similarity_margin:g}"},
+        "probe_p808": {"threshold": None, "op": ">=", "unit": "MOS",
+                       "note": f"DNSMOS P.808 of production on the same texts - {cfg.probe_p808_margin:g}"},
     }
 
 
@@ -238,31 +240,49 @@ def analyze(canary: WindowStats, production: WindowStats, cfg: ReleaseSettings, 
     return checks + list(probe or [])
 
 
-def quality_probe(settings: Settings, voice_id: str, version_tags: dict[str, str], texts: list[str]) -> list[CheckResult]:
-    """Synthesise probe texts through the canary (forced variant) and compare with the registered evaluation."""
-    import numpy as np
+@dataclass
+class ProbeAudio:
+    """What one variant said for the probe texts (16 kHz), or why it could not be heard."""
 
+    variant: str
+    clips: list = field(default_factory=list)  # np.ndarray per text
+    version: str | None = None
+    error: str | None = None
+
+
+def _probe_variant(settings: Settings, voice_id: str, texts: list[str], variant: str) -> ProbeAudio:
+    """Synthesise ``texts`` through the server with the variant forced (a probe key may force it)."""
     from voice_lib.data.audio import decode_audio
-    from voice_lib.data.speech import (
-        cosine,
-        speaker_embedding,
-        transcribe_english,
-        word_error_rate,
-    )
 
     cfg = settings.release
-    if not (cfg.server_url and cfg.probe_api_key):
-        return [CheckResult("quality_probe", "skipped", None, None, "no VOICEOPS_RELEASE__SERVER_URL/PROBE_API_KEY set")]
-    headers = {"Authorization": f"Bearer {cfg.probe_api_key.get_secret_value()}", "X-Voice-Variant": "canary"}
-    wers, embeddings = [], []
+    headers = {"Authorization": f"Bearer {cfg.probe_api_key.get_secret_value()}", "X-Voice-Variant": variant}
+    heard = ProbeAudio(variant)
     with httpx.Client(base_url=cfg.server_url, headers=headers, timeout=60) as client:
         for text in texts:
             resp = client.post("/v1/tts", json={"text": text, "voice_id": voice_id, "format": "wav"})
             if resp.status_code != 200:
-                return [CheckResult("quality_probe", "fail", None, None, f"probe request failed: {resp.status_code} {resp.text[:200]}")]
-            audio = decode_audio(resp.content, settings.sample_rate, "probe").audio
-            wers.append(word_error_rate(text, transcribe_english(audio, settings.sample_rate)))
-            embeddings.append(speaker_embedding(audio, settings.sample_rate))
+                heard.error = f"{variant} probe request failed: {resp.status_code} {resp.text[:200]}"
+                return heard
+            if resp.headers.get("X-Voice-Variant", variant) != variant:  # a forced canary the server refuses serves production
+                heard.error = f"the server answered the {variant} probe with {resp.headers.get('X-Voice-Variant')}"
+                return heard
+            heard.version = resp.headers.get("X-Voice-Version", heard.version)
+            heard.clips.append(decode_audio(resp.content, settings.sample_rate, f"{variant} probe").audio)
+    return heard
+
+
+def probe_checks(settings: Settings, texts: list[str], canary: ProbeAudio, production: ProbeAudio,
+                 version_tags: dict[str, str]) -> list[CheckResult]:
+    """The probe's verdicts on audio already synthesised: the canary's Whisper WER and voice consistency against
+    its registered evaluation, and its DNSMOS P.808 against production's on the same texts."""
+    import numpy as np
+
+    from voice_lib.data.asr import transcribe, word_error_rate
+    from voice_lib.data.speech import cosine, naturalness_mos, speaker_embedding
+
+    cfg, sr = settings.release, settings.sample_rate
+    wers = [word_error_rate(text, transcribe(audio, sr, settings).text) for text, audio in zip(texts, canary.clips)]
+    embeddings = [speaker_embedding(audio, sr) for audio in canary.clips]
     checks = []
     registered_wer = version_tags.get("eval_adapted_wer")
     if registered_wer is not None:
@@ -274,7 +294,32 @@ def quality_probe(settings: Settings, voice_id: str, version_tags: dict[str, str
         sim = float(np.mean([cosine(e, ref) for e in embeddings]))  # consistency of the served voice
         limit = float(registered_sim) - cfg.probe_similarity_margin
         checks.append(CheckResult("probe_similarity", "pass" if sim >= limit else "fail", sim, limit, f"probe similarity {sim:.2f}"))
+    canary_p808 = float(np.mean([naturalness_mos(audio, sr).p808 for audio in canary.clips]))
+    if production.error or not production.clips:
+        checks.append(CheckResult("probe_p808", "skipped", canary_p808, None,
+                                  f"canary P.808 {canary_p808:.2f}; no production audio to compare with "
+                                  f"({production.error or 'no probe texts'})"))
+        return checks
+    production_p808 = float(np.mean([naturalness_mos(audio, sr).p808 for audio in production.clips]))
+    limit = production_p808 - cfg.probe_p808_margin
+    checks.append(CheckResult("probe_p808", "pass" if canary_p808 >= limit else "fail", canary_p808, limit,
+                              f"canary P.808 {canary_p808:.2f} vs production v{production.version or '?'} "
+                              f"{production_p808:.2f} on the same {len(texts)} texts (at most "
+                              f"{cfg.probe_p808_margin:g} below, VOICEOPS_RELEASE__PROBE_P808_MARGIN)"))
     return checks
+
+
+def quality_probe(settings: Settings, voice_id: str, version_tags: dict[str, str], texts: list[str]) -> list[CheckResult]:
+    """Synthesise a few probe texts through the canary and production (forced variants, off the request path: the
+    canary_promotion sensor calls this once per analysis) and judge them with ``probe_checks``."""
+    cfg = settings.release
+    if not (cfg.server_url and cfg.probe_api_key):
+        return [CheckResult("quality_probe", "skipped", None, None, "no VOICEOPS_RELEASE__SERVER_URL/PROBE_API_KEY set")]
+    canary = _probe_variant(settings, voice_id, texts, "canary")
+    if canary.error:
+        return [CheckResult("quality_probe", "fail", None, None, canary.error)]
+    production = _probe_variant(settings, voice_id, texts, "production")
+    return probe_checks(settings, texts, canary, production, version_tags)
 
 
 # --- recording ------------------------------------------------------------------------------------
