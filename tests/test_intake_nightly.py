@@ -31,3 +31,11 @@ def test_nightly_regressions_respect_direction_and_tolerance():
     found = regressions({"speaker_similarity": 0.70, "wer": 0.45, "pesq": 1.5, "stoi": 0.80}, registered, "at registration")
     assert len(found) == 2 and found[0].startswith("speaker_similarity 0.700 vs 0.800 at registration")
     assert regressions({"speaker_similarity": None, "wer": float("nan")}, registered, "x") == []  # unmeasured: no verdict
+
+
+def test_nightly_flags_a_dnsmos_drop_beyond_the_release_rule():
+    registered = {"p808_mos": 3.40, "ovrl_mos": 3.00}
+    assert regressions({"p808_mos": 3.25, "ovrl_mos": 2.85}, registered, "last night") == []  # within 0.2
+    found = regressions({"p808_mos": 3.10, "ovrl_mos": 3.05}, registered, "last night")
+    assert found == ["p808_mos 3.100 vs 3.400 last night (tolerance 0.2)"]
+    assert regressions({"p808_mos": 3.9}, registered, "x") == []  # better is no regression
