@@ -184,7 +184,7 @@ def audio_defects(audio: np.ndarray, silence_dbfs: float, clipping_fraction: flo
     Always: RMS below ``silence_dbfs`` is silent; more than ``clipping_fraction`` of the samples at
     ``CLIP_LEVEL`` is clipped. With ``sample_rate`` also a VAD (no speech found is silent), and with
     ``reference_seconds`` a duration ratio outside ``duration_range`` is truncated (or runaway). The server
-    runs the cheap part on every response; evaluation runs all of it (voice_lib/eval/evaluation.py).
+    runs the cheap part on every response; evaluation runs all of it (voice_lib/eval/metrics.py).
     """
     found: dict[str, str] = {}
     rms_db = 20 * np.log10(float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))) + 1e-12) if len(audio) else -240.0
