@@ -42,12 +42,12 @@ def onboard(voice: str, seconds: float, steps: int, settings: Settings, work: Pa
     evaluation = evaluate_voice(settings, trained)
     return {
         "voice": voice, "speech_seconds": qc["speech_seconds"], "clips": manifest["clips"],
-        "steps_trained": trained["steps_trained"], "stopped_early": trained["stopped_early"],
-        "adapter_parameters": trained["adapter_parameters"],
+        "steps_trained": trained.steps_trained, "stopped_early": trained.stopped_early,
+        "adapter_parameters": trained.adapter_parameters,
         "seconds_to_features": round(t_features, 1), "seconds_to_trained": round(t_trained, 1),
         "seconds_total": round(time.perf_counter() - started, 1),
-        "aggregates": evaluation["aggregates"], "gate_failures": evaluation["gate_failures"],
-        "report": evaluation["report_dir"] + "/report.html",
+        "aggregates": evaluation.aggregates, "gate_failures": evaluation.gate_failures,
+        "report": evaluation.report_dir + "/report.html",
     }
 
 

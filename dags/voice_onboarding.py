@@ -22,6 +22,91 @@ def _settings(params: dict):
     return settings.model_copy(update={"qc": qc})
 
 
+# The tasks; voice_onboarding() below wires them (TaskFlow tasks may be defined outside the DAG function).
+
+@task
+def ingest(params=None) -> dict:
+    from voice_lib.pipelines.onboarding import ingest as run
+
+    return run(params["voice_id"], params["data_uri"], _settings(params), shards=int(params["shards"]))
+
+
+@task
+def shard_ids(dataset: dict) -> list[int]:
+    return list(range(len(dataset["shards"])))
+
+
+@task(max_active_tis_per_dagrun=4)
+def qc_shard(dataset: dict, shard_index: int, params=None) -> dict:
+    from voice_lib.pipelines.onboarding import qc_shard as run
+
+    return run(dataset, shard_index, _settings(params), params["language"])
+
+
+@task
+def qc_report(dataset: dict, shard_results: list, params=None) -> dict:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from voice_lib.pipelines.onboarding import QCRejected
+    from voice_lib.pipelines.onboarding import qc_report as run
+
+    try:
+        return run(dataset, _settings(params), params["language"])
+    except QCRejected as exc:
+        raise AirflowFailException(str(exc)) from exc  # bad data: retrying cannot help
+
+
+@task(max_active_tis_per_dagrun=4)
+def features_shard(dataset: dict, qc: dict, shard_index: int, params=None) -> dict:
+    from voice_lib.pipelines.onboarding import features_shard as run
+
+    return run(dataset, qc, shard_index, len(dataset["shards"]), _settings(params), params["language"])
+
+
+@task
+def features_manifest(dataset: dict, qc: dict, shard_results: list, params=None) -> dict:
+    from voice_lib.pipelines.onboarding import features_manifest as run
+
+    return run(dataset, qc, _settings(params))
+
+
+@task(execution_timeout=timedelta(hours=2), queue=get_settings().train.queue)  # VOICEOPS_TRAIN__QUEUE=gpu: the gpu worker
+def train(manifest: dict, params=None) -> dict:
+    from voice_lib.pipelines.training import finetune_voice
+
+    # A retry resumes from the step checkpoint written every 50 steps.
+    return finetune_voice(params["voice_id"], manifest["manifest_key"], _settings(params),
+                          rank=int(params["lora_rank"]), steps=int(params["train_steps"])).to_json()
+
+# The hand-offs travel as JSON (XCom); the library takes and returns voice_lib.core.handoffs records.
+@task
+def evaluate(trained: dict, params=None) -> dict:
+    from voice_lib.core.handoffs import TrainedVoice
+    from voice_lib.pipelines.evaluation import evaluate_voice
+
+    return evaluate_voice(_settings(params), TrainedVoice.from_json(trained, "the train task's result")).to_json()
+
+
+@task
+def register(trained: dict, evaluation: dict, params=None) -> dict:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from voice_lib.core.handoffs import EvaluationSummary, TrainedVoice
+    from voice_lib.release.registration import GatesFailed, register_voice
+
+    try:
+        return register_voice(_settings(params), TrainedVoice.from_json(trained, "the train task's result"),
+                              EvaluationSummary.from_json(evaluation, "the evaluate task's result")).to_json()
+    except GatesFailed as exc:
+        raise AirflowFailException(str(exc)) from exc  # the version is tagged rejected; a retry changes nothing
+
+
+@task.short_circuit
+def auto_release_enabled(registered: dict) -> bool:
+    # VOICEOPS_RELEASE__AUTO_PROMOTE_AFTER_ONBOARDING: start the staged canary right away.
+    return get_settings().release.auto_promote_after_onboarding
+
+
 @dag(
     dag_id="voice_onboarding",
     schedule=None,
@@ -47,81 +132,11 @@ def _settings(params: dict):
     render_template_as_native_obj=True,
 )
 def voice_onboarding():
-    @task
-    def ingest(params=None) -> dict:
-        from voice_lib.pipelines.onboarding import ingest as run
-
-        return run(params["voice_id"], params["data_uri"], _settings(params), shards=int(params["shards"]))
-
-    @task
-    def shard_ids(dataset: dict) -> list[int]:
-        return list(range(len(dataset["shards"])))
-
-    @task(max_active_tis_per_dagrun=4)
-    def qc_shard(dataset: dict, shard_index: int, params=None) -> dict:
-        from voice_lib.pipelines.onboarding import qc_shard as run
-
-        return run(dataset, shard_index, _settings(params), params["language"])
-
-    @task
-    def qc_report(dataset: dict, shard_results: list, params=None) -> dict:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from voice_lib.pipelines.onboarding import QCRejected
-        from voice_lib.pipelines.onboarding import qc_report as run
-
-        try:
-            return run(dataset, _settings(params), params["language"])
-        except QCRejected as exc:
-            raise AirflowFailException(str(exc)) from exc  # bad data: retrying cannot help
-
-    @task(max_active_tis_per_dagrun=4)
-    def features_shard(dataset: dict, qc: dict, shard_index: int, params=None) -> dict:
-        from voice_lib.pipelines.onboarding import features_shard as run
-
-        return run(dataset, qc, shard_index, len(dataset["shards"]), _settings(params), params["language"])
-
-    @task
-    def features_manifest(dataset: dict, qc: dict, shard_results: list, params=None) -> dict:
-        from voice_lib.pipelines.onboarding import features_manifest as run
-
-        return run(dataset, qc, _settings(params))
-
-    @task(execution_timeout=timedelta(hours=2), queue=get_settings().train.queue)  # VOICEOPS_TRAIN__QUEUE=gpu: the gpu worker
-    def train(manifest: dict, params=None) -> dict:
-        from voice_lib.pipelines.training import finetune_voice
-
-        # A retry resumes from the step checkpoint written every 50 steps.
-        return finetune_voice(params["voice_id"], manifest["manifest_key"], _settings(params),
-                              rank=int(params["lora_rank"]), steps=int(params["train_steps"]))
-
-    @task
-    def evaluate(trained: dict, params=None) -> dict:
-        from voice_lib.pipelines.evaluation import evaluate_voice
-
-        return evaluate_voice(_settings(params), trained)
-
-    @task
-    def register(trained: dict, evaluation: dict, params=None) -> dict:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from voice_lib.release.registration import GatesFailed, register_voice
-
-        try:
-            return register_voice(_settings(params), trained, evaluation)
-        except GatesFailed as exc:
-            raise AirflowFailException(str(exc)) from exc  # the version is tagged rejected; a retry changes nothing
-
     dataset = ingest()
     shards = shard_ids(dataset)
     shard_results = qc_shard.partial(dataset=dataset).expand(shard_index=shards)
     qc = qc_report(dataset, shard_results)
     feats = features_shard.partial(dataset=dataset, qc=qc).expand(shard_index=shards)
-    @task.short_circuit
-    def auto_release_enabled(registered: dict) -> bool:
-        # VOICEOPS_RELEASE__AUTO_PROMOTE_AFTER_ONBOARDING: start the staged canary right away.
-        return get_settings().release.auto_promote_after_onboarding
-
     manifest = features_manifest(dataset, qc, feats)
     trained = train(manifest)
     registered = register(trained, evaluate(trained))

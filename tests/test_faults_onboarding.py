@@ -38,7 +38,7 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s
 from voice_lib.core.config import Settings
 from voice_lib.pipelines.training import finetune_voice
 result = finetune_voice(sys.argv[1], sys.argv[2], Settings(), rank=4, steps=int(sys.argv[3]), log_to_mlflow=False)
-print("RESULT " + json.dumps(result))
+print("RESULT " + json.dumps(result.to_json()))
 """
 
 
@@ -140,13 +140,13 @@ def test_s3_outage_during_onboarding_retries_and_never_registers_a_partial_versi
     assert not registry.exists(name) or registry._versions(name) == []
     first = register_voice(worker_2, trained, evaluation)  # S3 back: the retry registers
     again = register_voice(flaky, trained, evaluation)  # a duplicate retry changes nothing
-    assert first["version"] == again["version"] and first["alias"] == "candidate"
-    assert [v.version for v in registry._versions(name)] == [first["version"]]
+    assert first.version == again.version and first.alias == "candidate"
+    assert [v.version for v in registry._versions(name)] == [first.version]
     from voice_lib.release.models import load_registered_voice
 
     synth, _ = load_registered_voice(flaky, VOICE, "candidate")  # the registered version is complete
     assert len(synth.synthesize("The version loads and speaks.").audio) > 8000
-    print(f"register with S3 down failed after {took:.1f} s: {message}; then version {first['version']} once")
+    print(f"register with S3 down failed after {took:.1f} s: {message}; then version {first.version} once")
     report_fault(request, "s3 outage during onboarding", True, seconds_to_fail_with_s3_down=failed_after,
                  versions_registered=len(registry._versions(name)), registered_version_loads=True)
 

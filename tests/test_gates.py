@@ -114,15 +114,15 @@ def test_gates_reject_a_broken_adapter(settings, mlflow_server, clean_voice):
 
     # Break the adapter: blow up every LoRA B matrix, as a diverged training run would.
     store = artifact_store(settings)
-    key = f"{trained['model_prefix']}/adapter_model.safetensors"
+    key = f"{trained.model_prefix}/adapter_model.safetensors"
     weights = load(store.read_bytes(key))
     torch.manual_seed(0)
     broken = {k: torch.randn_like(v) * 5.0 if "lora_B" in k else v for k, v in weights.items()}
     store.write_bytes(key, save(broken))
 
     evaluation = evaluate_voice(settings, trained)
-    assert not evaluation["passed"]
-    failures = evaluation["gate_failures"]
+    assert not evaluation.passed
+    failures = evaluation.gate_failures
     assert failures and all("VOICEOPS_EVAL__" in f for f in failures)
     assert any("speaker_similarity" in f or "bad_output_rate" in f or "stoi" in f for f in failures)
 

@@ -410,15 +410,15 @@ def evaluate(
     settings = get_settings()
     _setup_logging(True)
     summary = evaluate_registered(settings, voice_id, alias)
-    table = Table("metric", *summary["aggregates"].keys())
-    metrics = sorted({m for v in summary["aggregates"].values() for m in v})
+    table = Table("metric", *summary.aggregates.keys())
+    metrics = sorted({m for v in summary.aggregates.values() for m in v})
     for m in metrics:
-        table.add_row(m, *[("" if v.get(m) is None else f"{v[m]:.3f}") for v in summary["aggregates"].values()])
+        table.add_row(m, *[("" if v.get(m) is None else f"{v[m]:.3f}") for v in summary.aggregates.values()])
     Console().print(table)
-    failures = summary["gate_failures"]  # the gates as the evaluation applied them
+    failures = summary.gate_failures  # the gates as the evaluation applied them
     for f in failures:
         console.print(f"[red]✗[/red] {f}")
-    console.print(f"report: {summary['report_dir']}/report.html")
+    console.print(f"report: {summary.report_dir}/report.html")
     raise typer.Exit(1 if failures else 0)
 
 

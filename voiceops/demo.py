@@ -20,6 +20,7 @@ DEMO_GATES = {"min_pesq": 1.0, "max_wer_gap_over_real": 1.0, "min_stoi": 0.3, "m
 
 def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, train_steps: int, release: bool,
              console: Console) -> int:
+    from voice_lib.core.handoffs import EvaluationSummary
     from voice_lib.core.storage import artifact_store
     from voice_lib.data.audio import write_wav
     from voice_lib.data.corpus import make_voice_dataset
@@ -73,8 +74,9 @@ def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, tr
     store = artifact_store(settings)
     qc = onboarding.load_qc_report(dataset, settings, "en")
     model_prefix = f"voices/{voice_id}/models/{meta['training_key']}"
-    evaluation = json.loads(store.read_bytes(f"{model_prefix}/evaluation.json"))
-    adapted, base = evaluation["aggregates"].get("adapted", {}), evaluation["aggregates"].get("base", {})
+    marker = f"{model_prefix}/evaluation.json"
+    evaluation = EvaluationSummary.from_json(json.loads(store.read_bytes(marker)), marker)
+    adapted, base = evaluation.aggregates.get("adapted", {}), evaluation.aggregates.get("base", {})
     out = Console()
     out.rule("demo done")
     out.print(f"voice-{voice_id}: aliases {registry.aliases(f'voice-{voice_id}')}; shown below: version {served.version}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -110,85 +111,103 @@ def _resolve(name: str, base_dir: str, audio_files: set[str], by_basename: dict[
 
 
 def read_transcripts(root: Path, files: list[str]) -> TranscriptIndex:
-    audio_files = {f for f in files if f.lower().endswith(AUDIO_EXTENSIONS)}
-    by_basename: dict[str, list[str]] = {}
-    for f in audio_files:
-        by_basename.setdefault(PurePosixPath(f).name, []).append(f)
-    index: dict[str, Transcript] = {}
-    problems: list[str] = []
-    warnings: list[str] = []
-    unreadable: set[str] = set()
-    for rel in sorted(f for f in files if f not in audio_files and (root / f).is_file()):
-        disguised = _audio_disguised_as_text(root, rel)
-        if disguised:
-            problems.append(disguised)
-            unreadable.add(rel)
+    """Every transcript of a staged dataset: GPT-SoVITS ``.list`` files, LJSpeech ``metadata.csv`` and per-clip
+    ``.txt``/``.lab`` sidecars, in that order of precedence, with a problem or warning for each bad line."""
+    reader = _TranscriptReader(root, files)
+    reader.read_lists()
+    reader.read_metadata_csv()
+    reader.read_sidecars()
+    return TranscriptIndex(reader.index, reader.problems, reader.warnings)
 
-    def read_lines(rel: str) -> list[str] | None:
+
+class _TranscriptReader:
+    """The state of one read_transcripts call: the dataset's files, and what was found so far."""
+
+    def __init__(self, root: Path, files: list[str]) -> None:
+        self.root, self.files = root, files
+        self.audio_files = {f for f in files if f.lower().endswith(AUDIO_EXTENSIONS)}
+        self.by_basename: dict[str, list[str]] = {}
+        for f in self.audio_files:
+            self.by_basename.setdefault(PurePosixPath(f).name, []).append(f)
+        self.index: dict[str, Transcript] = {}
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+        self.unreadable: set[str] = set()
+        for rel in sorted(f for f in files if f not in self.audio_files and (root / f).is_file()):
+            disguised = _audio_disguised_as_text(root, rel)
+            if disguised:
+                self.problems.append(disguised)
+                self.unreadable.add(rel)
+
+    def read_lines(self, rel: str) -> list[str] | None:
         """The file's lines, or None when it cannot be read (the problem is recorded once)."""
-        if rel in unreadable:
+        if rel in self.unreadable:
             return None
         try:
             # Universal newlines only: str.splitlines() would also break at \v, \f, \x1c-\x1e, \x85 and
             # U+2028 inside a line, shifting every later line number away from what an editor shows.
-            content = (root / rel).read_text(encoding="utf-8-sig")
+            content = (self.root / rel).read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:
-            problems.append(f"{rel}: not UTF-8 text; save it as UTF-8.")
+            self.problems.append(f"{rel}: not UTF-8 text; save it as UTF-8.")
             return None
         return _LINE_BREAK.split(content)
 
+    @staticmethod
     def blank(line: str) -> bool:
         return not _clean(line)[0]
 
-    def add(rel_audio: str | None, name: str, raw_text: str, lang: str | None, where: str) -> None:
+    def add(self, rel_audio: str | None, name: str, raw_text: str, lang: str | None, where: str) -> None:
         text, removed = _clean(raw_text)
         removed += _strip_invisible(name)[1]
         if removed and text:
-            warnings.append(
+            self.warnings.append(
                 f"{where}: removed {len(removed)} control or invisible character(s) ({_describe(removed)}); "
                 f"the text used is {text!r}: if that is not what was spoken, fix the line."
             )
         if rel_audio is None:
             shown = _strip_invisible(name)[0].strip()
-            problems.append(f"{where}: names {shown!r}, which is not in the dataset; fix the path or remove the line.")
+            self.problems.append(f"{where}: names {shown!r}, which is not in the dataset; fix the path or remove the line.")
         elif not text:
-            problems.append(f"{where}: the transcript for {rel_audio} is empty; write the text or remove the line.")
+            self.problems.append(f"{where}: the transcript for {rel_audio} is empty; write the text or remove the line.")
         else:
-            index.setdefault(rel_audio, Transcript(text, lang, where))
+            self.index.setdefault(rel_audio, Transcript(text, lang, where))
 
-    for rel in sorted(f for f in files if f.lower().endswith(".list")):
-        base = str(PurePosixPath(rel).parent).replace(".", "")
-        for n, line in enumerate(read_lines(rel) or [], 1):
-            if blank(line):
-                continue
-            fields = line.split("|")
-            if len(fields) < 4:
-                problems.append(f"{rel}:{n}: expected 'path|speaker|lang|text', got {len(fields)} field(s); fix the line.")
-                continue
-            lang = LANGUAGE_CODES.get(_clean(fields[2])[0].lower())
-            add(_resolve(fields[0], base, audio_files, by_basename), fields[0], "|".join(fields[3:]), lang, f"{rel}:{n}")
+    def _rows(self, rel: str) -> Iterator[tuple[int, list[str]]]:
+        """(line number, '|'-separated fields) of each non-blank line of ``rel``."""
+        for n, line in enumerate(self.read_lines(rel) or [], 1):
+            if not self.blank(line):
+                yield n, line.split("|")
 
-    for rel in sorted(f for f in files if PurePosixPath(f).name == "metadata.csv"):
-        base = str(PurePosixPath(rel).parent).replace(".", "")
-        for n, line in enumerate(read_lines(rel) or [], 1):
-            if blank(line):
-                continue
-            fields = line.split("|")
-            if len(fields) < 2:
-                problems.append(f"{rel}:{n}: expected 'file|text'; fix the line.")
-                continue
-            # LJSpeech: id|raw text|normalized text; the normalized column is what was spoken.
-            text = fields[2] if len(fields) >= 3 and not blank(fields[2]) else fields[1]
-            add(_resolve(fields[0], base, audio_files, by_basename), fields[0], text, None, f"{rel}:{n}")
+    def _resolve(self, name: str, rel: str) -> str | None:
+        return _resolve(name, str(PurePosixPath(rel).parent).replace(".", ""), self.audio_files, self.by_basename)
 
-    for rel_audio in sorted(audio_files):
-        if rel_audio in index:
-            continue
-        stem = rel_audio.rsplit(".", 1)[0]
-        for ext in (".txt", ".lab"):
-            if f"{stem}{ext}" in files:
-                lines = read_lines(f"{stem}{ext}")
-                if lines is not None:
-                    add(rel_audio, rel_audio, " ".join(lines), None, f"{stem}{ext}")
-                break
-    return TranscriptIndex(index, problems, warnings)
+    def read_lists(self) -> None:
+        for rel in sorted(f for f in self.files if f.lower().endswith(".list")):
+            for n, fields in self._rows(rel):
+                if len(fields) < 4:
+                    self.problems.append(f"{rel}:{n}: expected 'path|speaker|lang|text', got {len(fields)} field(s); fix the line.")
+                    continue
+                lang = LANGUAGE_CODES.get(_clean(fields[2])[0].lower())
+                self.add(self._resolve(fields[0], rel), fields[0], "|".join(fields[3:]), lang, f"{rel}:{n}")
+
+    def read_metadata_csv(self) -> None:
+        for rel in sorted(f for f in self.files if PurePosixPath(f).name == "metadata.csv"):
+            for n, fields in self._rows(rel):
+                if len(fields) < 2:
+                    self.problems.append(f"{rel}:{n}: expected 'file|text'; fix the line.")
+                    continue
+                # LJSpeech: id|raw text|normalized text; the normalized column is what was spoken.
+                text = fields[2] if len(fields) >= 3 and not self.blank(fields[2]) else fields[1]
+                self.add(self._resolve(fields[0], rel), fields[0], text, None, f"{rel}:{n}")
+
+    def read_sidecars(self) -> None:
+        for rel_audio in sorted(self.audio_files):
+            if rel_audio in self.index:
+                continue
+            stem = rel_audio.rsplit(".", 1)[0]
+            for ext in (".txt", ".lab"):
+                if f"{stem}{ext}" in self.files:
+                    lines = self.read_lines(f"{stem}{ext}")
+                    if lines is not None:
+                        self.add(rel_audio, rel_audio, " ".join(lines), None, f"{stem}{ext}")
+                    break

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from voice_lib.core.config import Settings
+from voice_lib.core.handoffs import EvaluationSummary, TrainedVoice
 from voice_lib.core.storage import artifact_store
 from voice_lib.eval.gates import ProductionReference
 from voice_lib.train.finetune import fetch_voice_model
@@ -27,28 +28,28 @@ def production_reference(settings: Settings, voice_id: str, evaluated: str | Non
     return ProductionReference(production.version, float(tag) if tag not in (None, "") else None)
 
 
-def _summary(result, out_dir: Path) -> dict:
+def _summary(result, out_dir: Path) -> EvaluationSummary:
     """The task result: strict JSON (NaN → null; Airflow's Execution API only takes strict JSON), with the gates
     as evaluated (callers read them here instead of checking again)."""
     from voice_lib.eval.metrics import json_safe
 
-    return {"aggregates": json_safe(result.aggregates), "gate_failures": [g.message for g in result.failures],
-            "gates": json_safe(result.to_json()["gates"]), "passed": result.passed, "report_dir": str(out_dir),
-            "production_version": result.production.version if result.production else None}
+    return EvaluationSummary(aggregates=json_safe(result.aggregates), gate_failures=[g.message for g in result.failures],
+                             gates=json_safe(result.to_json()["gates"]), passed=result.passed, report_dir=str(out_dir),
+                             production_version=result.production.version if result.production else None)
 
 
-def held_out_clips(settings: Settings, trained: dict) -> list:
+def held_out_clips(settings: Settings, trained: TrainedVoice) -> list:
     """The voice's held-out recordings with their texts and features (never seen in training)."""
     from voice_lib.data.audio import decode_audio
     from voice_lib.data.datasets import load_manifest, voice_examples
     from voice_lib.eval.evaluation import HeldOutClip
 
     store = artifact_store(settings)
-    manifest = load_manifest(settings, trained["manifest_key"])
+    manifest = load_manifest(settings, trained.manifest_key)
     entries = {c["clip_id"]: c for c in manifest["clips"]}
     examples = {e.clip_id: e for e in voice_examples(manifest, settings)}
     clips = []
-    for clip_id in trained["held_out"]:
+    for clip_id in trained.held_out:
         entry = entries[clip_id]
         audio = decode_audio(store.read_bytes(entry["wav"]), settings.sample_rate, entry["wav"]).audio
         ex = examples[clip_id]
@@ -57,7 +58,7 @@ def held_out_clips(settings: Settings, trained: dict) -> list:
     return clips
 
 
-def evaluate_voice(settings: Settings, trained: dict) -> dict:
+def evaluate_voice(settings: Settings, trained: TrainedVoice) -> EvaluationSummary:
     """Base vs adapted on the held-out clips; metrics and the HTML report go to the training run."""
     from voice_lib.eval.evaluation import evaluate
     from voice_lib.eval.metrics import json_safe
@@ -65,31 +66,31 @@ def evaluate_voice(settings: Settings, trained: dict) -> dict:
     from voice_lib.infer.synthesizer import Synthesizer
 
     store = artifact_store(settings)
-    marker = f"{trained['model_prefix']}/evaluation.json"
+    marker = f"{trained.model_prefix}/evaluation.json"
     if store.exists(marker):
-        return json_safe(json.loads(store.read_bytes(marker)))
+        return EvaluationSummary.from_json(json_safe(json.loads(store.read_bytes(marker))), marker)
     model_dir = fetch_voice_model(settings, trained)
     speaker = np.load(model_dir / "speaker_embedding.npy")
-    base_dir = Path(trained["base_dir"])
+    base_dir = Path(trained.base_dir)
     systems = {
         "base": Synthesizer.load(base_dir, speaker),
         "adapted": Synthesizer.load(base_dir, speaker, adapter_dir=model_dir),
     }
-    out_dir = settings.cache_dir / "work" / trained["voice_id"] / f"eval-{trained['training_key']}"
+    out_dir = settings.cache_dir / "work" / trained.voice_id / f"eval-{trained.training_key}"
     shutil.rmtree(out_dir, ignore_errors=True)
     result = evaluate(systems, held_out_clips(settings, trained), speaker, settings, out_dir,
-                      production=production_reference(settings, trained["voice_id"]))
-    if trained.get("run_id"):
-        log_eval_to_mlflow(result, out_dir, settings, trained["run_id"])
+                      production=production_reference(settings, trained.voice_id))
+    if trained.run_id:
+        log_eval_to_mlflow(result, out_dir, settings, trained.run_id)
     summary = _summary(result, out_dir)
     for path in out_dir.rglob("*"):
         if path.is_file():
-            store.upload_file(path, f"{trained['model_prefix']}/eval_report/{path.relative_to(out_dir).as_posix()}")
-    store.write_bytes(marker, json.dumps(summary, indent=2, default=float).encode())
+            store.upload_file(path, f"{trained.model_prefix}/eval_report/{path.relative_to(out_dir).as_posix()}")
+    store.write_bytes(marker, json.dumps(summary.to_json(), indent=2, default=float).encode())
     return summary
 
 
-def evaluate_registered(settings: Settings, voice_id: str, alias_or_version: str) -> dict:
+def evaluate_registered(settings: Settings, voice_id: str, alias_or_version: str) -> EvaluationSummary:
     """Evaluate a registered version again (same held-out clips, same gates) without registering anything."""
     from voice_lib.eval.evaluation import evaluate
     from voice_lib.infer.synthesizer import Synthesizer
@@ -102,6 +103,7 @@ def evaluate_registered(settings: Settings, voice_id: str, alias_or_version: str
     out_dir = settings.cache_dir / "work" / voice_id / f"eval-{alias_or_version}"
     shutil.rmtree(out_dir, ignore_errors=True)
     production = production_reference(settings, voice_id, alias_or_version)
-    result = evaluate({"base": base, "adapted": adapted}, held_out_clips(settings, meta), speaker, settings, out_dir,
+    trained = TrainedVoice.from_json(meta, f"voice-{voice_id}@{alias_or_version}/voice.json")
+    result = evaluate({"base": base, "adapted": adapted}, held_out_clips(settings, trained), speaker, settings, out_dir,
                       production=production)
     return _summary(result, out_dir)

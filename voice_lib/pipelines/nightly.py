@@ -64,13 +64,13 @@ def reevaluate(settings: Settings, item: dict) -> dict:
         return json.loads(store.read_bytes(f"{prefix}/{day}.json"))
     registry, name = Registry(settings), f"voice-{item['voice_id']}"
     summary = evaluate_registered(settings, item["voice_id"], item["version"])
-    adapted = summary["aggregates"].get("adapted", {})
+    adapted = summary.aggregates.get("adapted", {})
     tags = registry.version(name, item["version"]).tags
     registered = {k.removeprefix("eval_adapted_"): float(v) for k, v in tags.items() if k.startswith("eval_adapted_")}
     history = sorted(k for k in store.list(prefix) if k.endswith(".json"))
     previous = json.loads(store.read_bytes(history[-1]))["metrics"] if history else {}
     found = regressions(adapted, registered, "at registration") + regressions(adapted, previous, "last night")
-    result = {"day": day, **item, "metrics": adapted, "regressions": found, "gate_failures": summary["gate_failures"]}
+    result = {"day": day, **item, "metrics": adapted, "regressions": found, "gate_failures": summary.gate_failures}
     if found:
         registry.set_version_tags(name, item["version"], {"regression": "true", "regression_reason": "; ".join(found)[:5000],
                                                           "regression_day": day})

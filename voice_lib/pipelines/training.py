@@ -14,6 +14,7 @@ from pathlib import Path
 
 from voice_lib import __version__
 from voice_lib.core.config import Settings
+from voice_lib.core.handoffs import TrainedVoice
 from voice_lib.core.storage import artifact_store, download_prefix, upload_folder
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def pretrain_and_register(corpus_dir: Path, settings: Settings, out_dir: Path, s
 
 
 def finetune_voice(voice_id: str, manifest_key: str, settings: Settings, rank: int = 8, steps: int = 600,
-                   base_dir: Path | None = None, log_to_mlflow: bool = True) -> dict:
+                   base_dir: Path | None = None, log_to_mlflow: bool = True) -> TrainedVoice:
     """LoRA-adapt the base (given, or resolved from the registry) to one voice; resumes when retried."""
     from voice_lib.release.models import base_model_dir
     from voice_lib.train import finetune

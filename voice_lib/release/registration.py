@@ -6,6 +6,7 @@ import logging
 import math
 
 from voice_lib.core.config import Settings
+from voice_lib.core.handoffs import EvaluationSummary, RegisteredVoice, TrainedVoice
 from voice_lib.core.tracking import mlflow_client, verify_logged_folder
 from voice_lib.release.registry import Registry
 from voice_lib.train.finetune import fetch_voice_model
@@ -31,25 +32,24 @@ def gate_metric_tags(aggregates: dict) -> dict[str, str]:
     return tags
 
 
-def register_voice(settings: Settings, trained: dict, evaluation: dict) -> dict:
+def register_voice(settings: Settings, trained: TrainedVoice, evaluation: EvaluationSummary) -> RegisteredVoice:
     """Register the version; alias `candidate` when the gates passed, else tag it rejected and fail."""
-    voice_id = trained["voice_id"]
-    name = f"voice-{voice_id}"
+    name = f"voice-{trained.voice_id}"
     registry = Registry(settings)
-    if trained.get("run_id"):
+    if trained.run_id:
         model_dir = fetch_voice_model(settings, trained)
         client = mlflow_client(settings)
-        client.log_artifacts(trained["run_id"], str(model_dir), "voice")
-        verify_logged_folder(client, trained["run_id"], "voice", model_dir)
-    tags = {**trained["lineage"], **gate_metric_tags(evaluation["aggregates"])}
-    version = registry.register(name, trained["run_id"], "voice", tags,
-                                description=f"LoRA rank {trained['lineage']['lora_rank']} on {trained['lineage']['base_model']}")
-    if evaluation["passed"]:
+        client.log_artifacts(trained.run_id, str(model_dir), "voice")
+        verify_logged_folder(client, trained.run_id, "voice", model_dir)
+    tags = {**trained.lineage, **gate_metric_tags(evaluation.aggregates)}
+    version = registry.register(name, trained.run_id, "voice", tags,
+                                description=f"LoRA rank {trained.lineage['lora_rank']} on {trained.lineage['base_model']}")
+    if evaluation.passed:
         registry.mark_candidate(name, version.version)
         log.info("%s version %s passed every gate: alias candidate", name, version.version)
-        return {"name": name, "version": version.version, "alias": "candidate"}
-    registry.reject(name, version.version, evaluation["gate_failures"])
-    raise GatesFailed(voice_id, version.version, evaluation["gate_failures"])
+        return RegisteredVoice(name=name, version=version.version, alias="candidate")
+    registry.reject(name, version.version, evaluation.gate_failures)
+    raise GatesFailed(trained.voice_id, version.version, evaluation.gate_failures)
 
 
 def register_base(settings: Settings, info: dict) -> dict:

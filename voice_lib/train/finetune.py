@@ -13,6 +13,7 @@ import numpy as np
 
 from voice_lib import __version__
 from voice_lib.core.config import Settings, validate_voice_id
+from voice_lib.core.handoffs import TrainedVoice
 from voice_lib.core.hashing import sha256_file
 from voice_lib.core.storage import artifact_store, download_prefix
 from voice_lib.core.tracking import MlflowMetrics, start_run
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def finetune_voice(voice_id: str, manifest_key: str, settings: Settings, base_dir: Path, rank: int = 8, steps: int = 600,
-                   log_to_mlflow: bool = True) -> dict:
+                   log_to_mlflow: bool = True) -> TrainedVoice:
     """LoRA-adapt the frozen base to one voice. Resumes from its checkpoint when retried."""
     from voice_lib.data.datasets import load_manifest, split_holdout, voice_examples
     from voice_lib.model.checkpoints import load_base, lora_model, trainable_parameters
@@ -42,7 +43,7 @@ def finetune_voice(voice_id: str, manifest_key: str, settings: Settings, base_di
     prefix = f"voices/{voice_id}/models/{key}"
     if store.exists(f"{prefix}/voice.json"):
         log.info("fine-tune: %s already trained (%s)", voice_id, key)
-        return json.loads(store.read_bytes(f"{prefix}/voice.json"))
+        return TrainedVoice.from_json(json.loads(store.read_bytes(f"{prefix}/voice.json")), f"{prefix}/voice.json")
     base = load_base(base_dir)
     model = lora_model(base, rank)
     lineage = {"base_model": "voice-base", "base_version": str(base_config.get("version", "shipped")), "base_sha256": base_sha,
@@ -71,13 +72,14 @@ def finetune_voice(voice_id: str, manifest_key: str, settings: Settings, base_di
     for path in sorted(work.iterdir()):
         if path.name != "voice.json":
             store.upload_file(path, f"{prefix}/{path.name}")
-    summary = {"voice_id": voice_id, "training_key": key, "model_prefix": prefix, "run_id": run_id, "lineage": lineage,
-               "held_out": [e.clip_id for e in held_out], "manifest_key": manifest_key, "base_dir": str(base_dir), **facts}
-    store.write_bytes(f"{prefix}/voice.json", json.dumps(summary, indent=2).encode())  # commit marker, last
-    return summary
+    trained = TrainedVoice(voice_id=voice_id, training_key=key, model_prefix=prefix, manifest_key=manifest_key,
+                           base_dir=str(base_dir), held_out=[e.clip_id for e in held_out], lineage=lineage, run_id=run_id,
+                           **{k: v for k, v in facts.items() if k not in lineage}, extra=dict(lineage))
+    store.write_bytes(f"{prefix}/voice.json", json.dumps(trained.to_json(), indent=2).encode())  # commit marker, last
+    return trained
 
 
-def fetch_voice_model(settings: Settings, trained: dict) -> Path:
+def fetch_voice_model(settings: Settings, trained: TrainedVoice) -> Path:
     """Local copy of a trained voice's adapter folder (from the artifact store)."""
-    dest = settings.cache_dir / "models" / trained["voice_id"] / trained["training_key"]
-    return download_prefix(artifact_store(settings), trained["model_prefix"], dest)
+    dest = settings.cache_dir / "models" / trained.voice_id / trained.training_key
+    return download_prefix(artifact_store(settings), trained.model_prefix, dest)
