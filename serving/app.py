@@ -32,7 +32,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.pool import VoicePool
-from serving.routers import admin, probes, synthesis
+from serving.routers import admin, openai, probes, synthesis, voices
 from serving.schemas import error_json, validation_problem
 from serving.services import Services
 from serving.synthesis import ServingError
@@ -41,6 +41,7 @@ from voice_lib.core.config import Settings, get_settings, redact_url
 
 log = logging.getLogger(__name__)
 SYNTHESIS_PATHS = ("/v1/tts", "/v1/audio/speech")
+UPLOAD_PATH = "/v1/voices"
 
 
 class RequestObserver:
@@ -48,7 +49,10 @@ class RequestObserver:
 
     def __init__(self, app: Any, services: Services) -> None:
         self.app, self.svc = app, services
-        self.max_body = services.settings.serving.max_text_chars * 8 + 16_384  # UTF-8 text plus JSON fields
+        s = services.settings.serving
+        # UTF-8 text plus JSON fields; an upload to POST /v1/voices may be as large as onboarding accepts.
+        self.max_body = max(s.max_text_chars, s.openai_max_input_chars) * 8 + 16_384
+        self.max_upload = services.settings.limits.max_upload_bytes + 1_048_576  # multipart framing and fields
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -75,9 +79,10 @@ class RequestObserver:
             await send(message)
 
         length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body:
+        limit = self.max_upload if scope["path"] == UPLOAD_PATH and scope.get("method") == "POST" else self.max_body
+        if length.isdigit() and int(length) > limit:
             state["error"] = "request body too large"
-            response = error_json(413, "request_too_large", f"request body is {length} bytes; the limit is {self.max_body}")
+            response = error_json(413, "request_too_large", f"request body is {length} bytes; the limit is {limit}")
             return await response(scope, receive, observed_send)
         try:
             await self.app(scope, receive, observed_send)
@@ -172,6 +177,6 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
     app.state.services = svc
     app.add_middleware(RequestObserver, services=svc)
     install_error_handlers(app)
-    for router in (synthesis.router, admin.router, probes.router):
+    for router in (synthesis.router, openai.router, voices.router, admin.router, probes.router):
         app.include_router(router)
     return app

@@ -25,12 +25,15 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+
 from serving.engine import SynthesisJob, SynthesisOutput, run_batch
 from serving.loader import VersionLoader
 from serving.memory import trim_heap
 from serving.registry_reader import RegistryReader
 from serving.snapshot import EMPTY, Key, LoadedVersion, Snapshot, VoiceRoute, build_snapshot, route_voice, signature
 from voice_lib.core.config import Settings
+from voice_lib.infer.core import AcousticRow
 from voice_lib.infer.end_to_end import phoneme_inputs
 from voice_lib.release.registry import Registry
 
@@ -94,6 +97,19 @@ class VoicePool:
         ev = self.settings.eval
         with self._infer_lock:
             yield from run_batch(jobs, ev.silence_dbfs, ev.clipping_fraction, self._vocoder)
+
+    def durations(self, snap: Snapshot, version: Any, chunks: Sequence[Sequence[int]],
+                  speed: float) -> tuple[list[np.ndarray], float] | None:
+        """Decoder steps per phone of each chunk with ``version``, and seconds per step; None when the version's
+        backend does not predict durations (word timestamps then cannot be given)."""
+        backend = snap.bases[version.base_sha256]
+        predict = getattr(backend, "predict_durations", None)
+        if predict is None:
+            return None
+        bank = snap.banks[version.base_sha256]
+        rows = [AcousticRow(ids, version.speaker, bank.slot(version.key), speed) for ids in chunks]
+        with self._infer_lock:
+            return predict(rows, bank), backend.seconds_per_step
 
     # --- background polling --------------------------------------------------------------------
 

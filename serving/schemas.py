@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from serving.synthesis import FORMATS
 
 
+SENTENCE_PAUSE = "Seconds of silence after every sentence but the last (SSML <break> tags set their own)."
+
+
 class TTSRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str = Field(min_length=1, description="Text to speak (at most serving.max_text_chars characters).")
@@ -24,20 +27,29 @@ class TTSRequest(BaseModel):
     speed: float = Field(1.0, ge=0.5, le=2.0)
     stream: bool = Field(False, description="Stream sentence by sentence (wav with unknown length, or pcm16).")
     language: Literal["en", "zh", "auto"] = "auto"
+    sentence_pause: float = Field(0.0, ge=0.0, le=5.0, description=SENTENCE_PAUSE)
+    timestamps: bool = Field(False, description="Answer JSON: the audio (base64) and each word's start and end "
+                                                "seconds from the model's durations. Not with stream.")
 
 
 class SpeechRequest(BaseModel):
-    """OpenAI ``POST /v1/audio/speech``; ``voice`` is a voice id (or ``{"id": voice_id}``), ``model`` is ignored."""
+    """OpenAI ``POST /v1/audio/speech``. ``voice`` is a voice id, ``{"id": voice_id}`` or a name of the tenant's
+    alias map (serving.voice_aliases, e.g. alloy); ``model`` is any of GET /v1/models and changes nothing."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
-    input: str = Field(min_length=1)
+    input: str = Field(min_length=1, description="At most serving.openai_max_input_chars (4,096) characters; "
+                                                 "SSML-lite tags allowed (docs/text.md).")
     voice: str | dict[str, str]
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
-    speed: float = Field(1.0, ge=0.5, le=2.0)
-    instructions: str | None = None
-    stream_format: Literal["audio", "sse"] | None = None
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    instructions: str | None = Field(None, description="Accepted for compatibility and ignored: VoiceOps voices "
+                                                       "speak as they were recorded.")
+    stream_format: Literal["audio", "sse"] | None = Field(
+        None, description="audio (the default): a chunked stream of the format, sentence by sentence; sse: "
+                          "server-sent speech.audio.delta events, then speech.audio.done.")
     user: str | None = Field(None, max_length=256)
+    sentence_pause: float = Field(0.0, ge=0.0, le=5.0, description=SENTENCE_PAUSE)
 
 
 class ErrorDetail(BaseModel):
@@ -64,7 +76,9 @@ _ERROR_STATUSES = {
 }
 AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
     "description": "Audio in the requested format (pcm/pcm16: 16-bit mono little-endian at X-Sample-Rate)",
-    "content": {media_type.split(";")[0]: {} for *_, media_type in FORMATS.values()}}}
+    "content": {**{media_type.split(";")[0]: {} for *_, media_type in FORMATS.values()},
+                "text/event-stream": {},  # the OpenAI endpoint's stream_format: "sse"
+                "application/json": {}}}}  # /v1/tts with timestamps: true
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

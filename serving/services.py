@@ -8,6 +8,8 @@ Several apps may share a process (tests), so nothing here is global: the app hol
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -22,9 +24,51 @@ from serving.snapshot import Snapshot
 from serving.synthesis import ServingError, Synthesis
 from serving.tenants import RateLimiter, Tenant, TenantDirectory
 from voice_lib.core.config import Settings
+from voice_lib.core.storage import StorageError, artifact_store
+from voice_lib.data.text import Lexicon, LexiconError, load_lexicon
+from voice_lib.data.text.lexicon import lexicon_prefix
 from voice_lib.release.registry import Registry
 
 _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer vo_...`")
+
+
+class LexiconCache:
+    """The latest lexicon of each tenant and voice (artifact store, voice_lib.data.text.lexicon), re-read at most
+    every ``ttl`` seconds, so a new lexicon version applies within a poll without a store read per request."""
+
+    def __init__(self, settings: Settings, ttl: float) -> None:
+        self.settings, self.ttl = settings, ttl
+        self._cache: dict[str, tuple[float, Lexicon | None]] = {}
+        self._lock = threading.Lock()
+
+    def _latest(self, prefix: str) -> Lexicon | None:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(prefix)
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]
+        try:
+            found = load_lexicon(artifact_store(self.settings), prefix)
+        except (StorageError, LexiconError):
+            found = None  # a store outage or a bad file must not fail synthesis: no lexicon until it is readable
+        lexicon = found[1] if found else None
+        with self._lock:
+            self._cache[prefix] = (now, lexicon)
+        return lexicon
+
+    def for_voice(self, tenant: str, voice_id: str) -> Lexicon | None:
+        """The tenant's lexicon with the voice's entries winning; None when neither has one."""
+        try:
+            tenant_lex = self._latest(lexicon_prefix(tenant=tenant.lower()))
+        except LexiconError:
+            tenant_lex = None  # a tenant name that is not a storage scope has no lexicon
+        try:
+            voice_lex = self._latest(lexicon_prefix(voice_id=voice_id))
+        except LexiconError:
+            return tenant_lex
+        if tenant_lex is None:
+            return voice_lex
+        return tenant_lex.merged(voice_lex)
 
 
 class Services:
@@ -46,6 +90,7 @@ class Services:
         self.synthesis = Synthesis(self.batcher, self.breaker, self.audit, self.metrics, s.request_timeout_seconds)
         self.tenants = TenantDirectory(settings.resolved_tenants_file)
         self.limiter = RateLimiter()
+        self.lexicons = LexiconCache(settings, ttl=s.poll_seconds)
         self.webhook_deliveries: dict[str, float] = {}
         self._voices_seen: set[str] = set()
 

@@ -11,8 +11,6 @@ audio noted) with the same request id, so canary analysis over the audit log sti
 from __future__ import annotations
 
 import asyncio
-import io
-import struct
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,21 +22,29 @@ from serving.batcher import BatcherClosed, MicroBatcher
 from serving.engine import SynthesisError, SynthesisOutput, bad_audio_kind
 from serving.routing import CANARY, PRODUCTION, Decision
 from serving.snapshot import LoadedVersion, Snapshot, VoiceRoute
-from voice_lib.data.text import FrontendUnavailable, TextError, split_sentences
-from voice_lib.infer.end_to_end import phoneme_inputs
+from serving.encoding import MEDIA_TYPES, encode_audio, pcm16, wav_header
+from voice_lib.data.text import (
+    FrontendUnavailable,
+    Lexicon,
+    SpeechChunk,
+    TextError,
+    Unpronounceable,
+    phonemes_to_ids,
+    plan_speech,
+)
 
 CHUNK_CHARS = 200  # sentences longer than this are split at clauses (text.split_sentences)
-# format -> (soundfile container, subtype, media type); "pcm16"/"pcm" are raw 16-bit little-endian mono.
+# format -> (soundfile container, subtype, media type), as /openapi.json and the fuzz oracle read it; the encoding
+# itself is serving/encoding.py's. "pcm16"/"pcm" are raw 16-bit little-endian mono.
 FORMATS: dict[str, tuple[str | None, str | None, str]] = {
-    "wav": ("WAV", "PCM_16", "audio/wav"),
-    "pcm16": (None, None, "audio/L16"),
-    "pcm": (None, None, "audio/L16"),
-    "mp3": ("MP3", "MPEG_LAYER_III", "audio/mpeg"),
-    "ogg": ("OGG", "VORBIS", "audio/ogg"),
-    "opus": ("OGG", "OPUS", "audio/ogg; codecs=opus"),
-    "flac": ("FLAC", "PCM_16", "audio/flac"),
+    "wav": ("WAV", "PCM_16", MEDIA_TYPES["wav"]), "pcm16": (None, None, MEDIA_TYPES["pcm16"]),
+    "pcm": (None, None, MEDIA_TYPES["pcm"]), "mp3": ("MP3", "MPEG_LAYER_III", MEDIA_TYPES["mp3"]),
+    "ogg": ("OGG", "VORBIS", MEDIA_TYPES["ogg"]), "opus": ("OGG", "OPUS", MEDIA_TYPES["opus"]),
+    "flac": ("FLAC", "PCM_16", MEDIA_TYPES["flac"]), "aac": (None, None, MEDIA_TYPES["aac"]),
 }
-STREAM_FORMATS = ("wav", "pcm16", "pcm")
+STREAM_FORMATS = ("wav", "pcm16", "pcm")  # what /v1/tts streams; the OpenAI endpoint streams every format
+__all__ = ["CHUNK_CHARS", "FORMATS", "STREAM_FORMATS", "ServingError", "PlannedChunk", "plan_chunks", "phoneme_chunks",
+           "pcm16", "encode_audio", "wav_header", "Served", "RequestContext", "Synthesis"]
 
 
 class ServingError(Exception):
@@ -49,45 +55,38 @@ class ServingError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
-def pcm16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+@dataclass(frozen=True)
+class PlannedChunk:
+    """One sentence to synthesise: its model inputs, the silence after it, and which phones say which word."""
+
+    ids: list[int]
+    pause_after: float
+    speech: SpeechChunk
 
 
-def encode_audio(audio: np.ndarray, sample_rate: int, fmt: str) -> tuple[bytes, str]:
-    import soundfile as sf
+def plan_chunks(text: str, language: str, lexicon: Lexicon | None = None,
+                sentence_pause: float = 0.0) -> list[PlannedChunk]:
+    """The request's text as sentences to synthesise (SSML-lite, lexicon, pauses: voice_lib.data.text.chunks).
 
-    container, subtype, media_type = FORMATS[fmt]
-    if container is None:
-        return pcm16(audio), media_type
-    buf = io.BytesIO()
-    sf.write(buf, np.clip(audio, -1.0, 1.0), sample_rate, format=container, subtype=subtype)
-    return buf.getvalue(), media_type
-
-
-def wav_stream_header(sample_rate: int) -> bytes:
-    """A 16-bit mono WAV header for a stream of unknown length: both sizes are 0xFFFFFFFF (as ffmpeg writes
-    when it cannot seek); players read PCM until the connection ends."""
-    unknown = 0xFFFFFFFF
-    return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE" + b"fmt "
-            + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
-            + b"data" + struct.pack("<I", unknown))
+    Raises ServingError 422 ``invalid_text`` for text with nothing to say or bad markup (the message names it),
+    503 when the text frontend itself is broken.
+    """
+    try:
+        chunks = plan_speech(text, language, lexicon=lexicon, sentence_pause=sentence_pause,  # type: ignore[arg-type]
+                             max_chars=CHUNK_CHARS)
+    except FrontendUnavailable as exc:  # the server is broken, not the text: never answer as if it were silence
+        raise ServingError(503, "frontend_unavailable", f"the text frontend is unavailable: {exc}",
+                           {"Retry-After": "30"}) from exc
+    except Unpronounceable:
+        raise ServingError(422, "invalid_text", f"text has nothing pronounceable: {text[:80]!r}") from None
+    except TextError as exc:  # bad markup or a bad inline override: the message names it and the fix
+        raise ServingError(422, "invalid_text", f"the text cannot be read: {exc}") from None
+    return [PlannedChunk(phonemes_to_ids(list(c.phonemes)), c.pause_after, c) for c in chunks]
 
 
 def phoneme_chunks(text: str, language: str) -> list[list[int]]:
-    """Sentence chunks as phoneme ids; raises ServingError 422 for text with nothing to say."""
-    chunks = [c for c in split_sentences(text, CHUNK_CHARS) if c.strip()]
-    ids: list[list[int]] = []
-    for chunk in chunks:
-        try:
-            ids.append(phoneme_inputs(chunk, language))
-        except FrontendUnavailable as exc:  # the server is broken, not the text: never answer as if it were silence
-            raise ServingError(503, "frontend_unavailable", f"the text frontend is unavailable: {exc}",
-                               {"Retry-After": "30"}) from exc
-        except TextError:
-            continue  # a chunk of bare punctuation or symbols is silence, not an error
-    if not ids:
-        raise ServingError(422, "invalid_text", f"text has nothing pronounceable: {text[:80]!r}")
-    return ids
+    """Sentence chunks as phoneme ids (``plan_chunks`` without lexicon or pauses)."""
+    return [c.ids for c in plan_chunks(text, language)]
 
 
 @dataclass

@@ -69,6 +69,7 @@ from voice_lib.data.text import (
 pytestmark = [pytest.mark.timeout(600), pytest.mark.filterwarnings("ignore::UserWarning:cn2an")]
 
 MAX_TEXT_CHARS = 300  # serving_stack sets VOICEOPS_SERVING__MAX_TEXT_CHARS=300
+OPENAI_MAX_INPUT_CHARS = 4096  # serving.openai_max_input_chars (the OpenAI endpoint)
 SENTENCES = ("Hello there.", "The quick brown fox jumps over the lazy dog!", "你好，世界。", "Call me at 555 0100, ok?",
              "It costs $3.50, i.e. 50% off.", "Dr. Smith met 3 people on the 21st… Really?", "我有3只猫 and two dogs.")
 # A message that is a Python repr, a traceback or a bare class name is not a message for an API user.
@@ -122,7 +123,11 @@ def clear_errors(ctx: Any, response: Any, case: Any) -> bool | None:
     if status == 200 and content_type.startswith("audio/"):
         assert response.content, f"{case.operation.label}: empty audio body"
     if status == 200 and case.operation.path in ("/v1/tts", "/v1/audio/speech"):
-        assert content_type.startswith("audio/"), f"synthesis answered 200 with {content_type}"
+        asked = case.body if isinstance(case.body, dict) else {}
+        # Events when asked for SSE, JSON (audio + word times) when asked for timestamps, else audio.
+        expected = ("text/event-stream" if asked.get("stream_format") == "sse" else
+                    "application/json" if asked.get("timestamps") is True else "audio/")
+        assert content_type.startswith(expected), f"synthesis answered 200 with {content_type}"
     return None
 
 
@@ -156,7 +161,9 @@ def test_api_from_openapi(stack: ServerStack, key: str) -> None:
     operations = []
     for result in schema.get_all_operations():
         operations.append(result.ok())  # an InvalidSchema error raises here: our own schema must be valid
-    assert {op.label for op in operations} >= {"POST /v1/tts", "POST /v1/audio/speech", "GET /v1/voices"}
+    assert {op.label for op in operations} >= {"POST /v1/tts", "POST /v1/audio/speech", "GET /v1/voices", "GET /v1/models",
+                                               "GET /v1/audio/voices", "POST /v1/voices", "GET /v1/voices/{voice_id}",
+                                               "DELETE /v1/voices/{voice_id}"}
     # Realistic voices and texts only for valid data: a negative case must stay invalid.
     realistic = HookDispatcher(scope=HookScope.TEST)
     realistic.register_hook_with_name(_realistic_bodies(stack), "flatmap_body")
@@ -285,7 +292,7 @@ _SEPARATORS = st.sampled_from([" ", "", ", ", ". ", "! ", "? ", "\n", "\t", "。
 TEXTS = st.one_of(st.text(max_size=200), st.lists(st.tuples(_WORDS, _SEPARATORS), max_size=10).map(
     lambda parts: "".join(word + sep for word, sep in parts)))
 
-_MEDIA = {fmt: media_type.split(";")[0] for fmt, (*_, media_type) in FORMATS.items()}
+_MEDIA = {**{fmt: media_type.split(";")[0] for fmt, (*_, media_type) in FORMATS.items()}, "sse": "text/event-stream"}
 
 
 def _mostly(valid: st.SearchStrategy, *invalid: Any) -> st.SearchStrategy:
@@ -306,8 +313,9 @@ def _bodies(path: str, voices: list[str]) -> st.SearchStrategy[dict[str, Any]]:
     else:
         voice = st.one_of(st.sampled_from(voices), st.sampled_from(voices).map(lambda v: {"id": v}))
         required = {"model": st.just("tts-1"), "input": _mostly(text, ""), "voice": _mostly(voice, 7, ["x"])}
-        optional = {"response_format": _mostly(st.sampled_from(["mp3", "opus", "flac", "wav", "pcm"]), "aac", "ogg"),
-                    "speed": speed, "stream_format": _mostly(st.sampled_from(["audio", None]), "sse", "video"),
+        optional = {"response_format": _mostly(st.sampled_from(["mp3", "opus", "aac", "flac", "wav", "pcm"]), "ogg"),
+                    "speed": _mostly(st.floats(0.25, 4.0), 0.0, 0.24, 4.01, -1.0, 1e308, "fast"),
+                    "stream_format": _mostly(st.sampled_from(["audio", "sse", None]), "video"),
                     "instructions": st.text(max_size=20), "user": _mostly(st.text(max_size=20), "u" * 257)}
     extra = _mostly(st.just({}), {"bogus": 1})  # /v1/tts forbids unknown fields, the OpenAI endpoint ignores them
     return st.tuples(st.fixed_dictionaries(required, optional=optional), extra).map(lambda b: {**b[0], **b[1]})
@@ -323,19 +331,17 @@ def _expected(path: str, body: dict[str, Any], voice: str) -> tuple[int, str]:
         request = (TTSRequest if path == "/v1/tts" else SpeechRequest).model_validate(body)
     except ValidationError as exc:
         return 422, "invalid_request:" + str(exc.errors()[0]["loc"][0])
-    if isinstance(request, SpeechRequest):
-        if request.response_format == "aac" or request.stream_format == "sse":
-            return 422, "unsupported"
+    if isinstance(request, SpeechRequest):  # OpenAI's limits; every format streams, sse as events
         voice_id = request.voice.get("id", "") if isinstance(request.voice, dict) else request.voice
-        text, fmt, language = request.input, request.response_format, "auto"
-        stream = request.stream_format == "audio" and fmt in STREAM_FORMATS
+        text, fmt, language, limit = request.input, request.response_format, "auto", OPENAI_MAX_INPUT_CHARS
+        if request.stream_format == "sse":
+            fmt = "sse"
     else:
-        voice_id, text, fmt, language = request.voice_id, request.text, request.format, request.language
-        stream = request.stream
-    if len(text) > MAX_TEXT_CHARS:
+        voice_id, text, fmt, language, limit = request.voice_id, request.text, request.format, request.language, MAX_TEXT_CHARS
+        if request.stream and fmt not in STREAM_FORMATS:
+            return 422, "invalid_request:stream"
+    if len(text) > limit:
         return 413, "text_too_long"
-    if stream and fmt not in STREAM_FORMATS:
-        return 422, "invalid_request:stream"
     if voice_id != voice:
         return 404, "voice_not_found"
     try:

@@ -370,7 +370,7 @@ def test_openai_client_works_against_the_server(stack: Stack) -> None:
     client = OpenAI(base_url=f"{stack.url}/v1", api_key=stack.keys["globex"], max_retries=0)
     speech = client.audio.speech.create(model="voiceops", voice=stack.b, input="Hello from the OpenAI client.")
     audio, sr = sf.read(io.BytesIO(speech.content))
-    assert sr == 16000 and len(audio) > 0.3 * sr
+    assert sr == 24000 and len(audio) > 0.3 * sr  # serving.openai_sample_rate: OpenAI's rate, not the model's 16 kHz
     wav = client.audio.speech.create(model="voiceops", voice=stack.b, input="Hi.", response_format="wav", speed=1.5)
     assert wav.content[:4] == b"RIFF"
     with pytest.raises(NotFoundError):
@@ -501,7 +501,7 @@ def test_graceful_shutdown_finishes_in_flight_requests_and_flushes_the_audit_log
 
 
 def test_a_broken_text_frontend_is_a_503_not_silence_or_a_422(monkeypatch) -> None:
-    import voice_lib.data.text as text_frontend
+    import voice_lib.data.text.chunks as text_frontend
     from serving.synthesis import ServingError, phoneme_chunks
     from voice_lib.data.text import FrontendUnavailable
 
@@ -509,7 +509,7 @@ def test_a_broken_text_frontend_is_a_503_not_silence_or_a_422(monkeypatch) -> No
         raise FrontendUnavailable("espeak-ng is not installed: apt-get install espeak-ng (libespeak-ng.so.1)")
 
     assert phoneme_chunks("Hello there. ?!", "en")  # the real frontend: the bare punctuation is silence
-    monkeypatch.setattr(text_frontend, "phonemize", broken)  # what the end-to-end frontend calls
+    monkeypatch.setattr(text_frontend, "phonemize", broken)  # what the request planner (plan_speech) calls
     with pytest.raises(ServingError) as err:
         phoneme_chunks("Hello there.", "en")
     assert err.value.status == 503 and err.value.code == "frontend_unavailable" and "apt-get install" in err.value.message

@@ -96,6 +96,12 @@ class ServingSettings(BaseModel):
     audit_url: str = ""  # SQLAlchemy URL; default sqlite:///<home>/audit.db
     audit_retention_days: int = 180
     max_text_chars: int = 1000
+    # The OpenAI-compatible endpoint (POST /v1/audio/speech): OpenAI's limits and rate, so its clients just work.
+    openai_max_input_chars: int = 4096  # split and streamed by sentence
+    openai_sample_rate: int = Field(24000, ge=8000, le=48000)  # OpenAI's pcm is 24 kHz 16-bit; resampled with soxr
+    # OpenAI voice names to voice ids, per tenant: {"acme": {"alloy": "alice-en"}}; "*" applies to every tenant
+    # (a tenant's own entry wins). A name that maps to nothing is looked up as a voice id.
+    voice_aliases: dict[str, dict[str, str]] = {}
     request_timeout_seconds: float = 30.0
     batch_max_size: int = 8
     batch_max_wait_ms: float = 10.0

@@ -62,6 +62,27 @@ class EndToEndBackend:
             return [SynthesisError("the model produced non-finite durations") if broken[i]
                     else net.denormalize(pred[i, : steps[i]]).numpy() for i in range(len(rows))]
 
+    @property
+    def seconds_per_step(self) -> float:
+        """How long one decoder step (``reduction`` WORLD frames) sounds."""
+        return self.model.cfg.reduction * self.feature_config.frame_period_ms / 1000
+
+    def predict_durations(self, rows: Sequence[AcousticRow], bank: LoraBank) -> list[np.ndarray]:
+        """Decoder steps per phone of each row, exactly as ``predict`` lays them out (the same encoder pass and
+        guards): what word timestamps are measured in (voice_lib.data.text.timing)."""
+        net = self.model
+        lengths = torch.tensor([len(r.inputs) for r in rows])
+        ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row.inputs)] = torch.as_tensor(list(row.inputs), dtype=torch.long)
+        speaker = torch.stack([r.speaker for r in rows])
+        speed = torch.tensor([[r.speed] for r in rows], dtype=torch.float32)
+        phone_mask = torch.arange(ids.shape[1])[None] >= lengths[:, None]
+        with torch.inference_mode(), activate(bank, [r.slot for r in rows]):
+            _, _, log_dur = net.encode(ids, phone_mask, speaker)
+            durations, _ = guarded_durations(log_dur, phone_mask, speed, net.cfg.max_positions)
+        return [durations[i, : int(lengths[i])].numpy() for i in range(len(rows))]
+
     def predict_with_timing(self, row: AcousticRow, bank: LoraBank, reference: np.ndarray) -> np.ndarray:
         net = self.model
         r = net.cfg.reduction
