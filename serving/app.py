@@ -25,7 +25,7 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
@@ -44,8 +44,21 @@ SYNTHESIS_PATHS = ("/v1/tts", "/v1/audio/speech")
 UPLOAD_PATH = "/v1/voices"
 
 
+class BodyTooLarge(HTTPException):
+    """The request body passed the limit while it was being received (FastAPI re-raises HTTPExceptions)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is over the limit of {limit} bytes; send less (text at most "
+                              "serving.max_text_chars characters)")
+
+
 class RequestObserver:
-    """Pure ASGI middleware: request id, body limit, default voice headers, audit row and request metrics."""
+    """Pure ASGI middleware: request id, body limit, default voice headers, audit row and request metrics.
+
+    The body limit is enforced twice: a declared Content-Length over it is answered 413 before anything is
+    read, and the bytes actually received are counted, so a chunked body (no Content-Length) or one longer
+    than declared is cut off at the limit with a 413 instead of streaming into memory (the webhook reads its
+    whole body before it can check the signature)."""
 
     def __init__(self, app: Any, services: Services) -> None:
         self.app, self.svc = app, services
@@ -85,7 +98,10 @@ class RequestObserver:
             response = error_json(413, "request_too_large", f"request body is {length} bytes; the limit is {limit}")
             return await response(scope, receive, observed_send)
         try:
-            await self.app(scope, receive, observed_send)
+            await self.app(scope, self._bounded(receive, state), observed_send)
+        except BodyTooLarge as exc:  # raised outside FastAPI's handlers (e.g. read by a middleware below)
+            if not result.get("started"):
+                await error_json(413, "request_too_large", exc.detail)(scope, receive, observed_send)
         except Exception as exc:
             log.exception("unhandled error on %s", scope["path"])
             state["error"] = f"{type(exc).__name__}: {exc}"
@@ -96,6 +112,22 @@ class RequestObserver:
             if not result["done"]:
                 result["done"] = True
                 self._finish(scope["path"], state, result["status"], started)
+
+    def _bounded(self, receive: Any, state: dict) -> Any:
+        """``receive`` that counts body bytes and raises BodyTooLarge once they pass ``max_body``."""
+        received = 0
+
+        async def bounded_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    state["error"] = "request body too large"
+                    raise BodyTooLarge(self.max_body)
+            return message
+
+        return bounded_receive
 
     def _finish(self, path: str, state: dict, status: int, started: float) -> None:
         if not path.startswith("/v1/"):
@@ -134,7 +166,7 @@ def install_error_handlers(app: FastAPI) -> None:
             request.state.error = "invalid request"
             return error_json(422, "invalid_request", "invalid request: body: not valid JSON (not UTF-8 text); "
                                                       "send a JSON object with Content-Type: application/json")
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code, "http_error")
         headers = getattr(exc, "headers", None)
         message = str(exc.detail)
         # Starlette's own "Not Found" / "Method Not Allowed" do not say what to do instead.

@@ -20,6 +20,9 @@ from serving.tenants import Tenant
 
 router = APIRouter()
 WEBHOOK_TOLERANCE_S = 300  # MLflow's documented replay window for X-MLflow-Timestamp
+# Unix seconds have 10 digits until the year 2286: a longer "timestamp" is not one (and int() raises past
+# 4,300 digits, which was a 500).
+MAX_TIMESTAMP_DIGITS = 12
 # The webhook reads its headers and raw body itself (the signature covers the exact bytes); documented here.
 WEBHOOK_OPENAPI: dict[str, Any] = {
     "parameters": [{"name": name, "in": "header", "required": False, "schema": {"type": "string"}, "description": text}
@@ -29,6 +32,7 @@ WEBHOOK_OPENAPI: dict[str, Any] = {
     "requestBody": {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}},
 }
 WEBHOOK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "X-MLflow-Timestamp is not Unix seconds (too many digits)"},
     401: {"model": ErrorResponse, "description": "Missing, stale or wrong X-MLflow-Signature"},
     404: {"model": ErrorResponse, "description": "Webhooks are disabled (no serving.webhook_secret)"},
     413: {"model": ErrorResponse, "description": "Request body too large"}}
@@ -53,6 +57,10 @@ async def mlflow_webhook(request: Request, svc: Services = Depends(services)) ->
     secret = svc.settings.serving.webhook_secret
     if secret is None:
         raise ServingError(404, "webhooks_disabled", "webhooks are disabled: set VOICEOPS_SERVING__WEBHOOK_SECRET")
+    timestamp = request.headers.get("x-mlflow-timestamp") or ""
+    if len(timestamp) > MAX_TIMESTAMP_DIGITS:
+        raise ServingError(400, "invalid_timestamp", f"X-MLflow-Timestamp has {len(timestamp)} characters; it must "
+                                                     f"be Unix seconds (at most {MAX_TIMESTAMP_DIGITS} digits)")
     raw = await request.body()
     problem = verify_mlflow_signature(secret.get_secret_value(), raw, request.headers)
     if problem:
@@ -82,8 +90,9 @@ def verify_mlflow_signature(secret: str, body: bytes, headers: Any) -> str | Non
         return "missing X-MLflow-Signature, X-MLflow-Delivery-Id or X-MLflow-Timestamp header"
     if not signature.startswith("v1,"):
         return "unsupported signature version (expected v1,<base64>)"
-    # isascii: str.isdigit() also accepts digits such as '²' that int() refuses (that was a 500, not a 401).
-    if not (timestamp.isascii() and timestamp.isdigit()) or abs(time.time() - int(timestamp)) > WEBHOOK_TOLERANCE_S:
+    # isascii: str.isdigit() also accepts digits such as '²' that int() refuses (that was a 500, not a 401);
+    # the length bound keeps int() from raising on thousands of digits (the route answers those 400 first).
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= MAX_TIMESTAMP_DIGITS) or abs(time.time() - int(timestamp)) > WEBHOOK_TOLERANCE_S:
         return f"X-MLflow-Timestamp is missing or more than {WEBHOOK_TOLERANCE_S} s away from now (replay?)"
     digest = hmac.new(secret.encode(), f"{delivery}.{timestamp}.".encode() + body, hashlib.sha256).digest()
     expected = "v1," + base64.b64encode(digest).decode()
