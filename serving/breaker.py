@@ -1,11 +1,12 @@
 """Per-voice canary circuit breaker.
 
-Every request served by a canary version is recorded here (latency, server error, bad audio). Over a
+Every request served by a canary version is recorded here (its synthesis compute time, server error, bad
+audio: never wall time, which holds the queue wait a flood by any tenant adds to every variant). Over a
 sliding window of ``breaker_window_seconds``, once at least ``breaker_min_requests`` canary requests are
 in it, the breaker trips when any of these is exceeded:
 
 - error rate (non-finite output, exceptions, timeouts) > ``breaker_max_error_rate``
-- p95 latency of the successful requests > ``breaker_max_p95_ms``
+- p95 compute time of the successful requests > ``breaker_max_p95_ms``
 - bad-audio rate (silent or clipped output) > ``breaker_max_bad_audio_rate``
 - canary more than ``breaker_max_latency_ratio`` x slower than production (same voice, same window), by the
   median real-time factor: synthesis compute seconds per second of audio, as the engine measures it for

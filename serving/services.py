@@ -14,6 +14,7 @@ import time
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from serving.admission import Admission
 from serving.audit import AuditLog
 from serving.batcher import MicroBatcher
 from serving.breaker import CanaryBreaker
@@ -89,7 +90,8 @@ class Services:
         self.metrics.attach_audit(self.audit)
         self.synthesis = Synthesis(self.batcher, self.breaker, self.audit, self.metrics, s.request_timeout_seconds)
         self.tenants = TenantDirectory(settings.resolved_tenants_file)
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(burst_seconds=s.rate_limit_burst_seconds)
+        self.admission = Admission(s.max_queued_audio_seconds, s.max_concurrent_per_tenant, s.max_tenant_queue_share)
         self.lexicons = LexiconCache(settings, ttl=s.poll_seconds)
         self.webhook_deliveries: dict[str, float] = {}
         self._voices_seen: set[str] = set()

@@ -19,6 +19,7 @@ import asyncio
 import base64
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,6 +28,7 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from serving.admission import Ticket, estimated_audio_seconds
 from serving.encoding import AudioEncoder, sse_audio_delta, sse_audio_done
 from serving.routing import choose, requested_override
 from serving.services import Services
@@ -84,13 +86,31 @@ async def answer(svc: Services, request: Request, t: Tenant, o: SpeechOptions) -
     route = snap.voices.get(o.voice_id)
     if route is None or not t.may_use(o.voice_id):
         raise ServingError(404, "voice_not_found", f"voice {o.voice_id[:64]!r} not found")
+    planned = await asyncio.to_thread(plan_chunks, o.text, o.language, o.lexicon, o.sentence_pause)
+    chunks = [c.ids for c in planned]
+    # Admission before routing: a request refused for load (429/503) is no variant's, so its audit row never
+    # counts against a canary (5xx rows are errors to canary_promotion). Released when the answer is complete.
+    ticket = svc.admission.admit(t.tenant, estimated_audio_seconds(chunks, o.speed))
     canary_open = route.canary is not None and svc.breaker.is_open(o.voice_id, route.canary.version)
     decision = choose(route, o.user_id or st.api_key, canary_open, requested_override(request.headers, request.cookies),
                       t.can_force_variant)
     st.version, st.variant = decision.version.version, decision.variant
-    planned = await asyncio.to_thread(plan_chunks, o.text, o.language, o.lexicon, o.sentence_pause)
-    chunks = [c.ids for c in planned]
     ctx = RequestContext(st.request_id, t.tenant, len(o.text))
+    streaming = False
+    try:
+        response = await _synthesize_and_answer(svc, st, snap, route, decision, planned, o, ctx, ticket)
+        streaming = isinstance(response, StreamingResponse)
+        return response
+    finally:
+        if not streaming:
+            ticket.release()
+
+
+async def _synthesize_and_answer(svc: Services, st: Any, snap: Any, route: Any, decision: Any,
+                                 planned: Sequence[PlannedChunk], o: SpeechOptions, ctx: RequestContext,
+                                 ticket: Ticket) -> Response:
+    """The synthesis and the answer of an admitted request; a stream releases ``ticket`` after its last chunk."""
+    chunks = [c.ids for c in planned]
     if o.mode == "whole":
         served = await svc.synthesis.synthesize(snap, route, decision, chunks, o.speed, ctx)
         note(svc, st, served)
@@ -106,7 +126,9 @@ async def answer(svc: Services, request: Request, t: Tenant, o: SpeechOptions) -
     st.first_chunk = time.perf_counter() - ctx.started
     note(svc, st, first)
     encoder = AudioEncoder(o.fmt, first.sample_rate, o.sample_rate)
-    body = _stream_body(st, encoder, first, rest, planned, o.mode, len(o.text))
+    body = _stream_body(st, encoder, first, rest, planned, o.mode, len(o.text), ticket.release)
+    # A stream never iterated (the client left first) runs no finally: the ticket also goes with the generator.
+    weakref.finalize(body, ticket.release)
     media_type = "text/event-stream" if o.mode == "sse" else encoder.media_type
     return StreamingResponse(body, media_type=media_type, headers=voice_headers(first, encoder.sample_rate))
 
@@ -137,7 +159,8 @@ async def _served_in_order(first: Served, rest: AsyncIterator[Served]) -> AsyncI
 
 
 async def _stream_body(st: Any, encoder: AudioEncoder, first: Served, rest: AsyncIterator[Served],
-                       planned: Sequence[PlannedChunk], mode: Mode, characters: int) -> AsyncIterator[bytes]:
+                       planned: Sequence[PlannedChunk], mode: Mode, characters: int,
+                       release: Any) -> AsyncIterator[bytes]:
     """Each sentence encoded as it arrives (with its silence), as raw bytes or SSE events (module docstring)."""
     sent_seconds = 0.0
 
@@ -161,6 +184,8 @@ async def _stream_body(st: Any, encoder: AudioEncoder, first: Served, rest: Asyn
     except Exception as exc:  # noqa: BLE001 - the status is sent; end the stream and say why in the audit
         log.warning("stream %s ended early: %s", st.request_id, exc)
         st.error = f"stream ended early: {getattr(exc, 'message', exc)}"
+    finally:
+        release()  # the admission ticket: held until the last chunk, or until the client left
 
 
 def note(svc: Services, st: Any, served: Served) -> None:

@@ -174,7 +174,9 @@ class Synthesis:
                 self._canary_failed(decision, ctx, started, f"canary produced {served.bad} audio", bad=served.bad)
                 return await self._fallback(snap, route, decision, chunks, speed,
                                             f"canary version {decision.version.version} produced {served.bad} audio")
-            self.breaker.record(route.voice_id, decision.version.version, (time.perf_counter() - started) * 1000,
+            # Compute time, not wall time: the queue wait every variant shares (a flood by another tenant) is
+            # no property of the canary and must never trip it.
+            self.breaker.record(route.voice_id, decision.version.version, served.compute_seconds * 1000,
                                 rtf=served.rtf)
         elif route.canary is not None:
             self.breaker.observe_production(route.voice_id, served.rtf)

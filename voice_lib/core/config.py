@@ -109,6 +109,15 @@ class ServingSettings(BaseModel):
     vocoder_threads: int = Field(0, ge=0)
     frontend_cache_size: int = 4096
     rate_limit_per_minute: int = 600  # per API key unless the tenant sets its own
+    # A key's bucket holds this many seconds of its rate (at least 10 requests, never more than its rate per
+    # minute): the burst it may fire at once (serving/tenants.py).
+    rate_limit_burst_seconds: float = Field(5.0, gt=0)
+    # Admission (serving/admission.py): speech queued for synthesis, estimated from the phonemes, beyond which
+    # requests get 503 + Retry-After; requests one tenant may have in progress (and at most this share of the
+    # queue), beyond which it gets 429 + Retry-After, so one tenant cannot make everyone else wait.
+    max_queued_audio_seconds: float = Field(600.0, gt=0)
+    max_concurrent_per_tenant: int = Field(32, ge=1)
+    max_tenant_queue_share: float = Field(0.5, gt=0, le=1)
     breaker_window_seconds: float = 60.0
     breaker_min_requests: int = 20
     breaker_max_error_rate: float = 0.05
