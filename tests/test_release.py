@@ -230,3 +230,20 @@ def test_canary_promotion_follows_the_release_settings_when_not_given_as_params(
     assert probe["weight"] == 25  # the rollout started at the configured first step
     state = registry.release_state(f"voice-{voice}")
     assert state["canary_weight"] == 25 and state["progress"]["release_steps"] == "25,50,100"
+
+
+def test_a_failed_alert_never_logs_the_webhook_url(tmp_path, caplog):
+    """Regression: alert_webhook_url was a plain str, logged with its token when the POST failed (task logs)."""
+    import logging
+
+    from voice_lib.core.config import Settings
+    from conftest import free_port
+    from voice_lib.release.rollout import Decision, alert
+
+    token = f"T0KEN{uuid.uuid4().hex}"
+    url = f"http://127.0.0.1:{free_port()}/services/{token}"  # nothing listens: the POST fails
+    settings = Settings(home=tmp_path, release={"alert_webhook_url": url})
+    assert token not in repr(settings) and token not in settings.model_dump_json()
+    with caplog.at_level(logging.WARNING):
+        alert(settings, Decision("v", "2", 0, 10, "rolled_back", [], "error rate 40%"))
+    assert "alert webhook at 127.0.0.1 failed" in caplog.text and token not in caplog.text

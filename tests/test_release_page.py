@@ -161,8 +161,11 @@ def test_release_page_in_airflow_rolls_back_a_canary(tmp_path, mlflow_server, br
     from voice_lib.release.registry import Registry
     from voiceops import stack
 
-    settings = Settings(home=tmp_path / "home", airflow_port=free_port(), mlflow_tracking_uri=mlflow_server)
-    assert stack.airflow_env(settings)["VOICEOPS_MLFLOW_TRACKING_URI"] == mlflow_server  # what the plugin will read
+    # A password in the tracking URI (MLflow without auth ignores it) that no answer or log may show.
+    password = f"pw-{uuid.uuid4().hex}"
+    tracking = mlflow_server.replace("://", f"://voiceops:{password}@", 1)
+    settings = Settings(home=tmp_path / "home", airflow_port=free_port(), mlflow_tracking_uri=tracking)
+    assert stack.airflow_env(settings)["VOICEOPS_MLFLOW_TRACKING_URI"] == tracking  # what the plugin will read
     voice = _register_voice_in_canary(settings, tmp_path)
     tripped = _register_voice_with_tripped_breaker(settings, tmp_path)
     name = f"voice-{voice}"
@@ -201,6 +204,8 @@ def test_release_page_in_airflow_rolls_back_a_canary(tmp_path, mlflow_server, br
 
         missing = httpx.post(f"{base}/voiceops/api/voices/nobody-here/pause", headers=auth, json={})
         assert missing.status_code == 404 and "nobody-here" in missing.json()["detail"]
+        # Regression: the page's list and its 404s showed the tracking URI with its password.
+        assert password not in listed.text and password not in missing.text and "voiceops:***@" in listed.text
         conflict = httpx.post(f"{base}/voiceops/api/voices/{voice}/resume", headers=auth, json={})
         assert conflict.status_code == 409 and "not a paused canary" in conflict.json()["detail"]
         no_json = httpx.post(f"{base}/voiceops/api/voices/{voice}/pause", headers=auth)
@@ -268,5 +273,10 @@ def test_release_page_in_airflow_rolls_back_a_canary(tmp_path, mlflow_server, br
         assert state["canary_weight"] == 0 and state["release_state"] == "rolled_back"
         tags = registry.version(name, "2").tags
         assert tags["rolled_back"] == "true" and tags["reason"] == REASON
+        note = json.loads(tags["last_manual_action"])  # who did it, from the Airflow login
+        assert (note["action"], note["actor"], note["reason"]) == ("rollback", "admin", REASON)
     finally:
         stack.down(settings)
+    for log_file in sorted(settings.log_dir.rglob("*")):  # the API server's and every task's log
+        if log_file.is_file():
+            assert password not in log_file.read_text(errors="replace"), f"the MLflow password is in {log_file}"

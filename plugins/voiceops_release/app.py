@@ -39,6 +39,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from voice_lib.core.config import redact_url
 from voice_lib.release.actions import perform
 from voice_lib.release.rollout import check_limits
 from voiceops_release import state as view
@@ -106,7 +107,8 @@ def _history():
     try:
         return _history_cached()
     except Exception as exc:
-        log.warning("release history at %s unavailable: %s", _settings().resolved_audit_url, exc)
+        log.warning("release history at %s unavailable: %s", redact_url(_settings().resolved_audit_url),
+                    type(exc).__name__)
         return None
 
 
@@ -264,7 +266,7 @@ async def list_voices(user: Reader) -> dict[str, Any]:
     voices = await asyncio.gather(*(one(n) for n in names))
     can_write = await asyncio.to_thread(_allowed, user, "PUT")
     return {"voices": voices, "thresholds": check_limits(settings.release), "user": user.get_name(),
-            "can_write": can_write, "registry": settings.mlflow_tracking_uri, "generated_at": time.time()}
+            "can_write": can_write, "registry": redact_url(settings.mlflow_tracking_uri), "generated_at": time.time()}
 
 
 async def _one_voice(voice_id: str) -> dict[str, Any]:
@@ -276,7 +278,7 @@ async def _one_voice(voice_id: str) -> dict[str, Any]:
         registry = _registry()
         if not registry.exists(registry.model_name(voice_id)):
             raise ApiError(404, f"voice {voice_id} (model voice-{voice_id}) is not registered in MLflow at "
-                                f"{registry.uri}.", voice_id, "onboard it first (voice_onboarding), or check the id.")
+                                f"{registry.display_uri}.", voice_id, "onboard it first (voice_onboarding), or check the id.")
         return view.voice_view(_settings(), registry, _history(), voice_id)
 
     try:
@@ -300,7 +302,7 @@ async def _act(voice_id: str, action: str, user: BaseUser, **kwargs: Any) -> dic
         registry = _registry()
         if not registry.exists(registry.model_name(voice_id)):
             raise ApiError(404, f"cannot {action} voice {voice_id}: model voice-{voice_id} is not registered in MLflow "
-                                f"at {registry.uri}.", voice_id, "onboard it first (voice_onboarding), or check the id.")
+                                f"at {registry.display_uri}.", voice_id, "onboard it first (voice_onboarding), or check the id.")
         message = perform(registry, _history(), voice_id, action, actor=who, **kwargs)
         log.warning("release page: %s by %s: %s%s", action, who, message,
                     f" (reason: {kwargs['reason']})" if kwargs.get("reason") else "")

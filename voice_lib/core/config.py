@@ -166,7 +166,8 @@ class ReleaseSettings(BaseModel):
     prometheus_url: str | None = None  # metrics from Prometheus' HTTP API when set, else audit table + /metrics
     server_url: str | None = None  # the model server, for /metrics and the quality probe
     probe_api_key: SecretStr | None = None  # a key allowed to force X-Voice-Variant
-    alert_webhook_url: str | None = None  # POSTed a JSON alert on every rollback
+    # POSTed a JSON alert on every rollback. A SecretStr: chat webhook URLs carry their token in the path.
+    alert_webhook_url: SecretStr | None = None
     auto_promote_after_onboarding: bool = False  # voice_intake/onboarding may start canary_promotion
 
 

@@ -346,10 +346,11 @@ def alert(settings: Settings, decision: Decision) -> None:
     """Log, and POST to the alert webhook when one is configured (a failed POST is logged, never raised)."""
     log.error("RELEASE ALERT voice-%s v%s: %s", decision.voice_id, decision.version, decision.detail)
     if settings.release.alert_webhook_url:
+        url = settings.release.alert_webhook_url.get_secret_value()
         try:
-            httpx.post(settings.release.alert_webhook_url, json={"event": decision.outcome, **asdict(decision)}, timeout=10)
-        except httpx.HTTPError as exc:
-            log.warning("alert webhook %s failed: %s", settings.release.alert_webhook_url, exc)
+            httpx.post(url, json={"event": decision.outcome, **asdict(decision)}, timeout=10)
+        except httpx.HTTPError as exc:  # the URL is a secret (its path is the token): name only its host
+            log.warning("alert webhook at %s failed: %s", httpx.URL(url).host or "?", type(exc).__name__)
 
 
 # --- the state machine ----------------------------------------------------------------------------
