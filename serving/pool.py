@@ -164,6 +164,10 @@ class VoicePool:
                 self.last_error = f"registry unreachable, serving the last good set: {exc}"
                 log.warning("%s", self.last_error)
                 return {"swapped": False, "error": self.last_error}
+            if self.breaker is not None:  # a trip on any replica holds here too (serving/registry_reader.py)
+                for w in wanted.values():
+                    if w.canary_tripped:
+                        self.breaker.restore(w.voice_id, w.canary, w.canary_tripped)
             held = {v.key: v for v in old.versions}
             errors: list[str] = []
             missing = sorted({k for w in wanted.values() for k in w.keys} - held.keys())

@@ -43,9 +43,25 @@ class RegistryReader:
                 continue
             aliases = state["aliases"]
             production, canary = aliases.get("production"), aliases.get("canary")
-            wanted[voice_id] = WantedVoice(voice_id, production, None if canary == production else canary,
-                                           int(state["canary_weight"]), state["release_state"])
+            canary = None if canary == production else canary
+            wanted[voice_id] = WantedVoice(voice_id, production, canary, int(state["canary_weight"]),
+                                           state["release_state"], self._tripped(name, canary))
         return wanted
+
+    def _tripped(self, name: str, canary: str | None) -> str | None:
+        """The canary's ``breaker_reason`` if a replica's breaker tripped it (version tag ``breaker_tripped``).
+
+        Read on every poll, not only when the version loads: the tripping replica sets the weight to 0, which
+        stops routed traffic everywhere, but forced-variant requests ignore the weight, so every replica must
+        hold the breaker open itself."""
+        if canary is None:
+            return None
+        try:
+            tags = self.registry.version(name, canary).tags or {}
+        except RegistryError as exc:
+            log.warning("reading %s version %s failed: %s", name, canary, exc)
+            return None
+        return (tags.get("breaker_reason") or "tripped on another replica") if tags.get("breaker_tripped") == "true" else None
 
 
 def bound_registry_requests(retries: int, timeout_seconds: int) -> None:

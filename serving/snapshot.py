@@ -50,6 +50,8 @@ class WantedVoice:
     canary: str | None
     weight: int
     state: str
+    # The canary version's breaker_tripped reason in the registry (a trip on any replica), else None.
+    canary_tripped: str | None = None
 
     @property
     def keys(self) -> list[Key]:

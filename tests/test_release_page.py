@@ -202,7 +202,7 @@ def test_release_page_in_airflow_rolls_back_a_canary(tmp_path, mlflow_server, br
         assert broken["analysis"]["checks"][0] == {**broken["analysis"]["checks"][0], "name": "requests",
                                                    "status": "inconclusive", "value": 7, "threshold": 50}
 
-        missing = httpx.post(f"{base}/voiceops/api/voices/nobody-here/pause", headers=auth, json={})
+        missing = httpx.post(f"{base}/voiceops/api/voices/nobody-here/pause", headers=auth, json={}, timeout=60)
         assert missing.status_code == 404 and "nobody-here" in missing.json()["detail"]
         # Regression: the page's list and its 404s showed the tracking URI with its password.
         assert password not in listed.text and password not in missing.text and "voiceops:***@" in listed.text

@@ -545,6 +545,24 @@ def test_cli_status_prints_no_secret(tmp_path: Path) -> None:
     assert not leaked, out
 
 
+def test_placeholder_secrets_are_refused_at_start_up(tmp_path: Path) -> None:
+    """Regression: the change-me values of .env.example started a stack whose credentials everyone knows."""
+    from voice_lib.core.config import PlaceholderSecretError, Settings, refuse_placeholder_secrets
+
+    env = {**_cli_env(tmp_path / "home"), "VOICEOPS_S3_SECRET_ACCESS_KEY": "change-me-s3-secret-key",
+           "VOICEOPS_SERVING__AUDIT_URL": "postgresql+psycopg://audit:change-me-audit-db@127.0.0.1:1/audit"}
+    for command in (["serve", "--port", str(free_port())], ["status"]):
+        r = subprocess.run([sys.executable, "-m", "voiceops.cli", *command], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+        out = r.stdout + r.stderr
+        assert r.returncode == 2, out[-2000:]
+        assert "s3_secret_access_key, serving.audit_url (password) still hold the 'change-me' placeholder" in out
+        assert "make_env.py" in out and FAKE["s3_access_key_id"] not in out  # names settings, never values
+    with pytest.raises(PlaceholderSecretError, match="airflow_password still holds"):
+        refuse_placeholder_secrets(Settings(home=tmp_path, airflow_password="Change-Me-airflow"))
+    assert refuse_placeholder_secrets(Settings(home=tmp_path, airflow_password="a-real-one")).airflow_password
+
+
 def test_cli_registry_errors_hide_the_password_of_the_mlflow_uri(tmp_path: Path) -> None:
     env = {**_cli_env(tmp_path / "home"),
            "VOICEOPS_MLFLOW_TRACKING_URI": _with_password(f"http://127.0.0.1:{free_port()}", FAKE["mlflow_password"])}

@@ -34,6 +34,17 @@ def _usage_error(message: str) -> typer.Exit:
     return typer.Exit(EXIT_USAGE)
 
 
+@app.callback()
+def _refuse_placeholder_secrets() -> None:
+    """Every command starts here: .env.example's change-me placeholders are refused, naming the settings."""
+    from voice_lib.core.config import PlaceholderSecretError
+
+    try:
+        get_settings()
+    except PlaceholderSecretError as exc:
+        raise _usage_error(str(exc)) from None
+
+
 def _settings_with(min_speech_seconds: float | None = None) -> Settings:
     settings = get_settings()
     if min_speech_seconds is not None:

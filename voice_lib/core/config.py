@@ -190,6 +190,30 @@ class LimitSettings(BaseModel):
     max_total_audio_seconds: float = 3600.0
 
 
+PLACEHOLDER_SECRET = "change-me"  # deploy/make_env.py replaces every value of .env.example that holds it
+
+
+def _secret_values(model: BaseModel, prefix: str = "") -> list[tuple[str, str]]:
+    """(setting name, value) of every SecretStr and of every URL's password, nested groups included."""
+    from urllib.parse import urlsplit
+
+    found = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            found += _secret_values(value, f"{prefix}{name}.")
+        elif isinstance(value, SecretStr):
+            found.append((f"{prefix}{name}", value.get_secret_value()))
+        elif isinstance(value, str) and "://" in value and "@" in value:
+            try:
+                password = urlsplit(value).password
+            except ValueError:
+                password = None
+            if password:
+                found.append((f"{prefix}{name} (password)", password))
+    return found
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="VOICEOPS_",
@@ -280,10 +304,27 @@ class Settings(BaseSettings):
         return self.home / "logs"
 
 
+class PlaceholderSecretError(ValueError):
+    """A secret setting still holds .env.example's ``change-me`` placeholder."""
+
+
+def refuse_placeholder_secrets(settings: Settings) -> Settings:
+    """Refuse the ``change-me`` values of .env.example, in every secret and every URL's password: a stack
+    started with them runs with credentials everyone who read the repository knows. Names the settings,
+    never their values (not a pydantic validator for that reason: its errors quote the input)."""
+    found = [name for name, value in _secret_values(settings) if PLACEHOLDER_SECRET in value.lower()]
+    if found:
+        raise PlaceholderSecretError(
+            f"{', '.join(found)} still hold{'s' if len(found) == 1 else ''} the {PLACEHOLDER_SECRET!r} placeholder of "
+            ".env.example: set real values (python3 deploy/make_env.py writes .env with fresh secrets)")
+    return settings
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Process-wide settings, read once. Tests build their own ``Settings(...)`` instead."""
-    return Settings()
+    """Process-wide settings, read once (the CLI, the server and every DAG task start here), placeholder secrets
+    refused. Tests build their own ``Settings(...)`` instead."""
+    return refuse_placeholder_secrets(Settings())
 
 
 def validate_voice_id(voice_id: str) -> str:
