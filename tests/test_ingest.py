@@ -414,3 +414,40 @@ def test_s3_source_limits_apply(s3_settings, s3, s3_bucket, wav, tmp_path):
 def test_empty_s3_prefix(s3_settings, s3_bucket):
     msg = refused(s3_settings, f"s3://{s3_bucket}/incoming/nobody")
     assert f"s3://{s3_bucket}/incoming/nobody" in msg and "no audio files found" in msg
+
+
+def test_concurrent_onboardings_of_one_voice_stage_in_separate_folders(tmp_path):
+    """Regression: every ingest of a voice staged into <cache>/work/<voice>/ingest/staged, so two at once
+    replaced each other's files (and one could upload the other's dataset)."""
+    import threading
+
+    from voice_lib.core.config import Settings
+    from voice_lib.data.staging import stage_dataset
+    from voice_lib.pipelines.onboarding import ingest
+
+    settings = Settings(home=tmp_path / "home", mlflow_tracking_uri="http://127.0.0.1:9")
+    uploads = {}
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(40):
+            (folder / f"{name}-{i:02d}.wav").write_bytes(b"RIFF" + name.encode() * 20_000 + bytes([i]))
+        uploads[name] = (folder, stage_dataset(str(folder), tmp_path / f"expected-{name}", settings).data_sha256)
+    results, errors = {}, []
+
+    def run(name: str) -> None:
+        try:
+            results[name] = ingest("same-voice", str(uploads[name][0]), settings)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(f"{name}: {exc!r}")
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in uploads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for name, (_, expected) in uploads.items():
+        assert results[name]["data_sha256"] == expected
+        assert all(f.startswith(name) for f in results[name]["files"]), results[name]["files"][:3]
+    assert not list((settings.cache_dir / "work" / "same-voice").glob("ingest-*"))  # cleaned up

@@ -300,3 +300,31 @@ def test_open_store_rejects_s3_without_bucket(uri, tmp_path):
     with pytest.raises(StorageError) as err:
         open_store(uri, Settings(home=tmp_path / "home"))
     assert "no bucket" in str(err.value) and "s3://bucket/prefix" in str(err.value)
+
+
+def test_sizes_come_from_the_listing(case):
+    store = case.store
+    store.write_bytes("a/one.bin", b"x" * 10)
+    store.write_bytes("a/deep/two.bin", b"y" * 2048)
+    store.write_bytes("b.bin", b"")
+    assert store.sizes("a") == {"a/one.bin": 10, "a/deep/two.bin": 2048}
+    assert store.sizes("") == {"a/one.bin": 10, "a/deep/two.bin": 2048, "b.bin": 0}
+    assert store.sizes("a/one.bin") == {"a/one.bin": 10}
+
+
+def test_an_s3_object_over_the_limit_is_refused_before_it_is_downloaded(s3_settings, tmp_path_factory, tmp_path):
+    """Regression: _stage_s3 read every object whole and only then checked its size."""
+    from voice_lib.data.staging import IngestError, stage_dataset
+
+    client = boto3.client("s3", endpoint_url=s3_settings.s3_endpoint_url, region_name="us-east-1",
+                          aws_access_key_id="test", aws_secret_access_key="test")
+    bucket = s3_settings.storage_uri.split("/")[2]
+    client.put_object(Bucket=bucket, Key="incoming/v/aaa-good.wav", Body=b"RIFF" + b"\0" * 2000)
+    client.put_object(Bucket=bucket, Key="incoming/v/huge-take.wav", Body=b"\0" * 1_500_000)
+    settings = s3_settings.model_copy(update={"limits": s3_settings.limits.model_copy(update={"max_file_bytes": 1_000_000})})
+    with pytest.raises(IngestError, match="huge-take.wav.*per-file limit"):
+        stage_dataset(f"s3://{bucket}/incoming/v", tmp_path / "staged", settings)
+    moto_log = next(tmp_path_factory.getbasetemp().glob("moto*/moto.log")).read_text()
+    assert f"/{bucket}/incoming/v/" in moto_log  # the listing (and so the log) is there
+    for name in ("huge-take.wav", "aaa-good.wav"):  # nothing was read (the PUTs above are in the log)
+        assert f"GET /{bucket}/incoming/v/{name}" not in moto_log, name

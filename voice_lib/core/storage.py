@@ -36,6 +36,7 @@ class Store(Protocol):
     def write_bytes(self, key: str, data: bytes) -> str: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[str]: ...
+    def sizes(self, prefix: str = "") -> dict[str, int]: ...
     def delete_prefix(self, prefix: str) -> int: ...
     def download_to(self, key: str, dest: Path) -> Path: ...
     def upload_file(self, src: Path, key: str) -> str: ...
@@ -86,6 +87,10 @@ class LocalStore:
             for p in base.rglob("*")
             if p.is_file() and not p.name.endswith(".part")
         )
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """key -> size in bytes (from the file system; nothing is read)."""
+        return {key: self._path(key).stat().st_size for key in self.list(prefix)}
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list(prefix)
@@ -152,11 +157,16 @@ class S3Store:
             raise
 
     def _iter_keys(self, prefix: str) -> Iterator[str]:
+        return (key for key, _ in self._iter_objects(prefix))
+
+    def _iter_objects(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """(full key, size) of every object under ``prefix``, as S3 lists them."""
         full = self._key(prefix) if prefix else self.prefix
         if full and not full.endswith("/") and prefix:
             # Treat the prefix as a folder unless it names an object exactly.
             if self.exists(prefix):
-                yield full
+                head = self._call("head", prefix, self.client.head_object, Bucket=self.bucket, Key=full)
+                yield full, int(head["ContentLength"])
                 return
             full += "/"
         elif full and not full.endswith("/"):
@@ -167,13 +177,18 @@ class S3Store:
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 for obj in page.get("Contents", []):
-                    yield obj["Key"]
+                    yield obj["Key"], int(obj.get("Size", 0))
         except (ClientError, BotoCoreError) as exc:
             raise StorageError(f"S3 list of s3://{self.bucket}/{full} failed: {exc}") from exc
 
     def list(self, prefix: str = "") -> list[str]:
         strip = f"{self.prefix}/" if self.prefix else ""
         return sorted(k[len(strip):] for k in self._iter_keys(prefix))
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """key -> size in bytes, from the listing alone (no object is read)."""
+        strip = f"{self.prefix}/" if self.prefix else ""
+        return {k[len(strip):]: size for k, size in self._iter_objects(prefix)}
 
     def delete_prefix(self, prefix: str) -> int:
         keys = list(self._iter_keys(prefix))

@@ -184,7 +184,8 @@ def _stage_folder(folder: Path, dest: Path, settings: Settings, skipped: list[di
 def _stage_s3(uri: str, dest: Path, settings: Settings, skipped: list[dict]) -> None:
     store = open_store(uri, settings)
     keys = []
-    for key in store.list(""):
+    sizes = store.sizes("")
+    for key in sorted(sizes):
         rel = check_member_name(key, uri)
         if rel is None or rel.endswith("_READY"):
             continue
@@ -192,7 +193,10 @@ def _stage_s3(uri: str, dest: Path, settings: Settings, skipped: list[dict]) -> 
             skipped.append({"file": rel, "reason": _skip_reason(rel)})
             continue
         keys.append(rel)
-    _check_totals(len(keys), 0, settings, uri)
+    # Sizes from the listing, before anything is downloaded: an object over the limit was read whole first.
+    for rel in keys:
+        _check_file_size(rel, sizes[rel], settings, uri)
+    _check_totals(len(keys), sum(sizes[rel] for rel in keys), settings, uri)
     total = 0
     for rel in keys:
         data = store.read_bytes(rel)

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -62,12 +63,17 @@ def _write_json(store: Store, key: str, data: dict) -> str:
 
 def ingest(voice_id: str, data_uri: str, settings: Settings, shards: int = 2) -> dict:
     """Stage the upload, hash it, copy it into the voice's storage prefix. Returns the dataset handle."""
+    validate_voice_id(voice_id)
+    store = artifact_store(settings)
+    # A private folder per run: two onboardings of one voice at once staged into (and replaced) the same one.
+    with tempfile.TemporaryDirectory(prefix="ingest-", dir=_work_dir(settings, voice_id)) as scratch:
+        return _ingest_staged(voice_id, data_uri, settings, store, Path(scratch) / "staged", shards)
+
+
+def _ingest_staged(voice_id: str, data_uri: str, settings: Settings, store: Store, local: Path, shards: int) -> dict:
     from voice_lib.data.audio import AUDIO_EXTENSIONS
     from voice_lib.data.staging import stage_dataset
 
-    validate_voice_id(voice_id)
-    store = artifact_store(settings)
-    local = _work_dir(settings, voice_id, "ingest") / "staged"
     staged = stage_dataset(data_uri, local, settings)
     prefix = dataset_prefix(voice_id, staged.data_sha256)
     marker = f"{prefix}/staged.json"
