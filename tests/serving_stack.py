@@ -183,3 +183,28 @@ def running_stack(mlflow_server: str, home: Path, env: dict[str, str] | None = N
         yield stack
     finally:
         stack.stop()
+
+
+def chunked_post(url: str, path: str, headers: dict[str, str], chunks: int, chunk_bytes: int = 65_536) -> tuple[int, dict]:
+    """POST a chunked body (no Content-Length) of ``chunks`` chunks over a raw socket, never sending its end.
+
+    Returns the status and the JSON body of the answer. Before the fix the server waited for the rest of a
+    body it would hold in memory whole; now it answers 413 once the bytes it received pass the limit."""
+    import http.client
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=20) as sock:
+        head = [f"POST {path} HTTP/1.1", f"Host: {where.netloc}", "Transfer-Encoding: chunked",
+                "Content-Type: application/json", *(f"{k}: {v}" for k, v in headers.items())]
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        piece = b'{"text": "' + b"a" * (chunk_bytes - 10)
+        try:
+            for _ in range(chunks):
+                sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the server answered and stopped reading (or closed): what the test wants
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        return answer.status, json.loads(answer.read())

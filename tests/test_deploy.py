@@ -653,3 +653,50 @@ def test_k8s_server_essentials():
     assert pdb["apiVersion"] == "policy/v1"
     ignored = (K8S / ".gitignore").read_text().split()
     assert {"secrets.env", "tenants.json"} <= set(ignored)
+
+
+# --- base images pinned by digest (issue 17, supply chain) ----------------------------------------------------
+
+IMAGE_DIGESTS = DEPLOY / "image-digests.json"
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def image_references(compose_text: str, dockerfile_text: str) -> list[str]:
+    """Every third-party image reference (compose ``image:`` lines and Dockerfile ``FROM``), our own excluded."""
+    refs = [m.group(1) for m in re.finditer(r"^\s*image:\s*[\"']?([^\s\"'#]+)", compose_text, re.M)]
+    refs += [m.group(1) for m in re.finditer(r"^FROM\s+(?:--platform=\S+\s+)?(\S+)", dockerfile_text, re.M)]
+    return [r for r in refs if not r.startswith("${APP_IMAGE") and not r.startswith("voiceops")]
+
+
+def image_pin_problems(references: list[str], digests: dict[str, str | None]) -> list[str]:
+    """What is wrong: an image not listed, a malformed digest, or a known digest not used in a reference."""
+    problems = []
+    for name, digest in digests.items():
+        if digest is not None and not _DIGEST.fullmatch(digest):
+            problems.append(f"{name}: {digest!r} is not a sha256:<64 hex> digest")
+    for ref in references:
+        name, _, pinned = ref.partition("@")
+        if name not in digests:
+            problems.append(f"{ref}: not listed in deploy/image-digests.json (add it, with its digest if known)")
+        elif digests[name] is not None and pinned != digests[name]:
+            problems.append(f"{ref}: must be pinned as {name}@{digests[name]}")
+    return problems
+
+
+def test_images_are_pinned_where_a_digest_is_known():
+    digests = {k: v for k, v in json.loads(IMAGE_DIGESTS.read_text()).items() if not k.startswith("_")}
+    refs = image_references(COMPOSE_FILE.read_text(), (DEPLOY / "Dockerfile").read_text())
+    assert len(refs) >= 8
+    assert not image_pin_problems(refs, digests)
+
+
+def test_image_pin_check_catches_an_unpinned_image_with_a_known_digest():
+    digest = "sha256:" + "ab" * 32
+    compose = "services:\n  db:\n    image: postgres:16-alpine\n  cache:\n    image: redis:7.4-alpine@" + digest + "\n"
+    refs = image_references(compose, "FROM python:3.11-slim AS base\n")
+    assert refs == ["postgres:16-alpine", f"redis:7.4-alpine@{digest}", "python:3.11-slim"]
+    known = {"postgres:16-alpine": digest, "redis:7.4-alpine": digest, "python:3.11-slim": None}
+    assert image_pin_problems(refs, known) == [f"postgres:16-alpine: must be pinned as postgres:16-alpine@{digest}"]
+    assert image_pin_problems(["nginx:latest"], known) == [
+        "nginx:latest: not listed in deploy/image-digests.json (add it, with its digest if known)"]
+    assert image_pin_problems([], {"x": "sha256:short"}) == ["x: 'sha256:short' is not a sha256:<64 hex> digest"]

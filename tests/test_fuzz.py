@@ -17,7 +17,9 @@ Found and fixed with these tests (each has a regression example or test): a char
 letter before a Hangul jamo left espeak-ng reading every later English text with wrong vowels (voice_lib/data/text.py);
 a non-UTF-8 body was a bare 400; a JSON syntax error said "9: JSON decode error"; the webhook's 401 had no
 WWW-Authenticate; the OpenAPI document gave FastAPI's 422 shape instead of ours, left out 401/403/404/413/429/
-503/504, the audio types we send and /metrics' text/plain; "1,000" in Mandarin was read "one, zero".
+503/504, the audio types we send and /metrics' text/plain; "1,000" in Mandarin was read "one, zero". Hardening
+(issue 17): a lone surrogate or NUL in any string field stopped the audit log for good; a chunked body had no
+size limit; a webhook timestamp of thousands of digits answered 500 (the flood case is tests/test_overload.py).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 from schemathesis.core.failures import FailureGroup
 from schemathesis.hooks import HookDispatcher, HookScope
-from serving_stack import ServerStack, running_stack
+from serving_stack import ServerStack, chunked_post, running_stack
 
 from serving.synthesis import (
     CHUNK_CHARS,
@@ -211,6 +213,11 @@ def test_protocol_errors_are_clear(stack: ServerStack) -> None:
     assert nowhere.status_code == 404 and "/openapi.json" in nowhere.json()["error"]["message"]
     webhook = httpx.post(f"{stack.url}/v1/webhooks/mlflow", json={}, timeout=30)  # was a 401 without a challenge
     assert webhook.status_code == 401 and webhook.headers["www-authenticate"].startswith("X-MLflow-Signature")
+    giant = httpx.post(f"{stack.url}/v1/webhooks/mlflow", json={}, timeout=30,  # int() raised: a 500
+                       headers={"X-MLflow-Timestamp": "7" * 4400, "X-MLflow-Signature": "v1,x", "X-MLflow-Delivery-Id": "d"})
+    assert giant.status_code == 400 and giant.json()["error"]["code"] == "invalid_timestamp"
+    status, body = chunked_post(stack.url, "/v1/tts", {}, chunks=4)  # chunked, no Content-Length: was unbounded
+    assert status == 413 and body["error"]["code"] == "request_too_large"
     spec = httpx.get(f"{stack.url}/openapi.json", timeout=30).json()  # was FastAPI's {"detail": [...]} for 422
     tts = spec["paths"]["/v1/tts"]["post"]["responses"]
     assert tts["422"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}

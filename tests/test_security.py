@@ -39,7 +39,7 @@ import httpx
 import pytest
 from conftest import free_port
 from pydantic import BaseModel, SecretStr
-from serving_stack import SECRET, TEXT, ServerStack, make_adapter, running_stack
+from serving_stack import SECRET, TEXT, ServerStack, chunked_post, make_adapter, running_stack
 
 from serving.tenants import TenantDirectory, stable_bucket
 from voice_lib.core.config import Settings
@@ -431,31 +431,6 @@ def test_webhooks_refuse_bad_signatures_and_replays_without_reloading(stack: Ser
     assert settled() == after, "a duplicate delivery triggered a second reload"
 
 
-def _chunked_post(url: str, path: str, headers: dict[str, str], chunks: int, chunk_bytes: int = 65_536) -> tuple[int, dict]:
-    """POST a chunked body (no Content-Length) of ``chunks`` chunks over a raw socket, never sending its end.
-
-    Returns the status and the JSON body of the answer. Before the fix the server waited for the rest of a
-    body it would hold in memory whole; now it answers 413 once the bytes it received pass the limit."""
-    import http.client
-    import socket
-    from urllib.parse import urlsplit
-
-    where = urlsplit(url)
-    with socket.create_connection((where.hostname, where.port), timeout=20) as sock:
-        head = [f"POST {path} HTTP/1.1", f"Host: {where.netloc}", "Transfer-Encoding: chunked",
-                "Content-Type: application/json", *(f"{k}: {v}" for k, v in headers.items())]
-        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
-        piece = b'{"text": "' + b"a" * (chunk_bytes - 10)
-        try:
-            for _ in range(chunks):
-                sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            pass  # the server answered and stopped reading (or closed): what the test wants
-        answer = http.client.HTTPResponse(sock)
-        answer.begin()
-        return answer.status, json.loads(answer.read())
-
-
 def test_a_chunked_body_over_the_limit_is_cut_off_with_413(stack: ServerStack) -> None:
     """Regression: the size check read only Content-Length, so a chunked upload streamed into memory without
     bound before the key was even checked (and the webhook read its whole body before the signature)."""
@@ -464,10 +439,10 @@ def test_a_chunked_body_over_the_limit_is_cut_off_with_413(stack: ServerStack) -
              "/v1/webhooks/mlflow": {"X-MLflow-Signature": "v1,AAAA", "X-MLflow-Delivery-Id": "d",
                                      "X-MLflow-Timestamp": str(int(time.time()))}}
     for path, headers in cases.items():
-        status, body = _chunked_post(stack.url, path, headers, chunks=1)  # one 64 KiB chunk, and no end
+        status, body = chunked_post(stack.url, path, headers, chunks=1)  # one 64 KiB chunk, and no end
         assert status == 413 and body["error"]["code"] == "request_too_large", (path, status, body)
         assert "over the limit" in body["error"]["message"]
-    status, _ = _chunked_post(stack.url, "/v1/tts", cases["/v1/tts"], chunks=160)  # 10 MiB offered
+    status, _ = chunked_post(stack.url, "/v1/tts", cases["/v1/tts"], chunks=160)  # 10 MiB offered
     assert status == 413
     assert httpx.get(f"{stack.url}/livez", timeout=10).status_code == 200
 
