@@ -450,4 +450,4 @@ def test_concurrent_onboardings_of_one_voice_stage_in_separate_folders(tmp_path)
     for name, (_, expected) in uploads.items():
         assert results[name]["data_sha256"] == expected
         assert all(f.startswith(name) for f in results[name]["files"]), results[name]["files"][:3]
-    assert not list((settings.cache_dir / "work" / "same-voice").glob("ingest-*"))  # cleaned up
+    assert not list((settings.cache_dir / "work" / "same-voice" / "ingest").glob("run-*"))  # cleaned up

@@ -66,8 +66,21 @@ def ingest(voice_id: str, data_uri: str, settings: Settings, shards: int = 2) ->
     validate_voice_id(voice_id)
     store = artifact_store(settings)
     # A private folder per run: two onboardings of one voice at once staged into (and replaced) the same one.
-    with tempfile.TemporaryDirectory(prefix="ingest-", dir=_work_dir(settings, voice_id)) as scratch:
-        return _ingest_staged(voice_id, data_uri, settings, store, Path(scratch) / "staged", shards)
+    # The finished copy then becomes ingest/staged (the last run's upload, for inspection), under a lock.
+    work = _work_dir(settings, voice_id, "ingest")
+    with tempfile.TemporaryDirectory(prefix="run-", dir=work) as scratch:
+        result = _ingest_staged(voice_id, data_uri, settings, store, Path(scratch) / "staged", shards)
+        _publish_staged(Path(scratch) / "staged", work / "staged")
+    return result
+
+
+def _publish_staged(private: Path, shared: Path) -> None:
+    import fcntl
+
+    with open(shared.with_name(".staged.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shutil.rmtree(shared, ignore_errors=True)
+        private.rename(shared)
 
 
 def _ingest_staged(voice_id: str, data_uri: str, settings: Settings, store: Store, local: Path, shards: int) -> dict:
