@@ -142,8 +142,14 @@ class AuditLog:
     """One audit table. ``record`` is safe to call from any thread and never blocks."""
 
     def __init__(self, url: str, *, batch_size: int = 200, batch_seconds: float = 0.5,
-                 max_queue: int = 100_000, max_backoff_seconds: float = 30.0) -> None:
+                 max_queue: int = 100_000, max_backoff_seconds: float = 30.0, retention_days: float | None = None,
+                 purge_every_seconds: float = 6 * 3600.0) -> None:
         self.url = url
+        # Retention runs in the writer thread while it is idle: serving.audit_retention_days was configured but
+        # nothing ever deleted a row. Every replica purges; the DELETE is idempotent, so that is harmless.
+        self.retention_days, self.purge_every_seconds = retention_days, purge_every_seconds
+        self._next_purge = time.monotonic() + min(60.0, purge_every_seconds)
+        self.purged = 0
         self.engine = make_engine(url)
         self.batch_size, self.batch_seconds = batch_size, batch_seconds
         self.max_queue, self.max_backoff_seconds = max_queue, max_backoff_seconds
@@ -166,7 +172,7 @@ class AuditLog:
 
     @classmethod
     def from_settings(cls, settings) -> "AuditLog":  # noqa: ANN001
-        return cls(settings.resolved_audit_url)
+        return cls(settings.resolved_audit_url, retention_days=settings.serving.audit_retention_days)
 
     @property
     def _safe_url(self) -> str:
@@ -217,8 +223,9 @@ class AuditLog:
             if self._abandon.is_set():
                 break
             try:
-                item = self._queue.get(timeout=1.0)
+                item = self._queue.get(timeout=min(1.0, max(0.05, self.purge_every_seconds)))
             except queue.Empty:
+                self._purge_if_due()
                 continue
             deadline = time.monotonic() + self.batch_seconds
             while True:
@@ -297,6 +304,20 @@ class AuditLog:
         middle = len(batch) // 2
         for half in (batch[:middle], batch[middle:]):
             self._write_with_retry(half)
+
+    def _purge_if_due(self) -> None:
+        if not self.retention_days or time.monotonic() < self._next_purge:
+            return
+        self._next_purge = time.monotonic() + self.purge_every_seconds
+        try:
+            deleted = self.purge_older_than(self.retention_days)
+        except Exception as exc:  # noqa: BLE001 - the database is away: the next round tries again
+            log.warning("audit log %s: retention purge failed (%s)", self._safe_url, type(exc).__name__)
+            return
+        self.purged += deleted
+        if deleted:
+            log.info("audit log: deleted %d rows older than %g days (serving.audit_retention_days)", deleted,
+                     self.retention_days)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every row recorded before this call is written. False on timeout."""

@@ -86,7 +86,7 @@ class Services:
         self.pool.listeners.append(self._on_swap)
         self.batcher = MicroBatcher(self.pool.run_batch, s.batch_max_size, s.batch_max_wait_ms,
                                     on_batch=self.metrics.batch_size.observe)
-        self.audit = AuditLog(settings.resolved_audit_url)
+        self.audit = AuditLog.from_settings(settings)  # with serving.audit_retention_days
         self.metrics.attach_audit(self.audit)
         self.synthesis = Synthesis(self.batcher, self.breaker, self.audit, self.metrics, s.request_timeout_seconds)
         self.tenants = TenantDirectory(settings.resolved_tenants_file)

@@ -228,6 +228,14 @@ def test_services_roles_and_dependencies():
         assert env["VOICEOPS_STORAGE_URI"].startswith("s3://") and env["VOICEOPS_S3_ENDPOINT_URL"] == "http://minio:9000"
         assert "/livez" in " ".join(server["healthcheck"]["test"])
     assert set(services["nginx"]["depends_on"]) == {"server-1", "server-2"}
+    # Regression: the Airflow containers wrote the release history to SQLite in their own layers, and the
+    # release page (the API server) read another copy. Every VoiceOps process shares one audit database.
+    voiceops = {n: svc for n, svc in services.items()
+                if "VOICEOPS_HOME" in (svc.get("environment") or {}) and n not in ("airflow-init",)}
+    assert {"server-1", "server-2", "airflow-apiserver", "airflow-scheduler", "airflow-worker"} <= set(voiceops)
+    audit_urls = {n: svc["environment"].get("VOICEOPS_SERVING__AUDIT_URL") for n, svc in voiceops.items()}
+    assert len(set(audit_urls.values())) == 1 and str(audit_urls["airflow-worker"]).startswith(
+        "postgresql+psycopg://audit:") and "@postgres:5432/audit" in audit_urls["airflow-worker"], audit_urls
 
     init_sql = (DEPLOY / "postgres" / "init-databases.sh").read_text()
     for database in ("airflow", "mlflow", "audit"):
@@ -700,3 +708,28 @@ def test_image_pin_check_catches_an_unpinned_image_with_a_known_digest():
     assert image_pin_problems(["nginx:latest"], known) == [
         "nginx:latest: not listed in deploy/image-digests.json (add it, with its digest if known)"]
     assert image_pin_problems([], {"x": "sha256:short"}) == ["x: 'sha256:short' is not a sha256:<64 hex> digest"]
+
+
+def test_uploaders_get_an_account_limited_to_the_upload_prefixes():
+    """Issue 17 item 1: every service and every uploader shared one read-write MinIO account, so an uploader
+    could plant a checkpoint (code) or read another voice's recordings. minio-init gives uploaders their own."""
+    init = compose_model()["services"]["minio-init"]
+    script = "\n".join(init["command"]).replace("$$", "$")  # compose's escape for a literal $
+    assert init["environment"]["UPLOADER_ACCESS_KEY_ID"] and init["environment"]["UPLOADER_SECRET_ACCESS_KEY"]
+    policy = json.loads(script.split("<<POLICY\n", 1)[1].split("\nPOLICY", 1)[0].replace("$DATA_BUCKET", "voiceops"))
+    allowed = [st for st in policy["Statement"] if st["Effect"] == "Allow"]
+    actions = {a for st in allowed for a in st["Action"]}
+    assert actions <= {"s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts", "s3:ListBucket"}
+    for st in allowed:
+        for resource in st["Resource"]:
+            if "s3:ListBucket" in st["Action"]:
+                assert resource == "arn:aws:s3:::voiceops"
+                assert st["Condition"]["StringLike"]["s3:prefix"] == ["incoming/*", "uploads/*"]
+            else:
+                assert resource in ("arn:aws:s3:::voiceops/incoming/*", "arn:aws:s3:::voiceops/uploads/*"), resource
+    assert 'mc admin user add local "$UPLOADER_ACCESS_KEY_ID"' in script
+    assert 'mc admin policy attach local voiceops-upload --user "$UPLOADER_ACCESS_KEY_ID"' in script
+    services = compose_model()["services"]
+    leaked = [n for n, svc in services.items() if n != "minio-init" and any(
+        "UPLOADER_" in str(v) for v in (svc.get("environment") or {}).values())]
+    assert not leaked, f"services that get the uploader's credentials: {leaked}"

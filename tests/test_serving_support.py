@@ -384,6 +384,30 @@ def test_rows_the_database_refuses_are_set_aside_and_the_rest_written(audit_url)
         assert audit.close(timeout=10)
 
 
+def test_audit_retention_runs_by_itself(tmp_path):
+    """Regression: serving.audit_retention_days was configured, but nothing ever purged."""
+    from voice_lib.core.config import Settings
+
+    settings = Settings(home=tmp_path, serving={"audit_retention_days": 30})
+    audit = AuditLog.from_settings(settings)
+    assert audit.retention_days == 30 and audit.purge_every_seconds == 6 * 3600.0
+    audit.close()
+    audit = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}", retention_days=30, purge_every_seconds=0.2)
+    try:
+        now = datetime.now(timezone.utc)
+        for i in range(10):
+            audit.record(**_row(i, ts=now - timedelta(days=45)))
+        for i in range(5):
+            audit.record(**_row(100 + i, ts=now - timedelta(days=2)))
+        assert audit.flush(timeout=10)
+        deadline = time.monotonic() + 10
+        while audit.count() != 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert audit.count() == 5 and audit.purged == 10
+    finally:
+        audit.close()
+
+
 # --- metrics -----------------------------------------------------------------------------------------
 
 def test_metrics_render_every_name():
