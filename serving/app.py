@@ -41,6 +41,23 @@ from voice_lib.core.config import Settings, get_settings, redact_url
 
 log = logging.getLogger(__name__)
 SYNTHESIS_PATHS = ("/v1/tts", "/v1/audio/speech")
+# What a stop waits for at most, step by step (the lifespan below and `voiceops serve`): deploy/k8s and
+# docker-compose.yml size their grace periods from shutdown_budget_seconds (tests/test_deploy.py checks).
+GRACEFUL_EXTRA_SECONDS = 5  # uvicorn: in-flight requests get their timeout and this much more
+BREAKER_FLUSH_SECONDS = 10.0
+AUDIT_FLUSH_SECONDS = 10.0
+
+
+def graceful_shutdown_seconds(settings: Settings) -> int:
+    """How long uvicorn lets in-flight requests finish after SIGTERM."""
+    return int(settings.serving.request_timeout_seconds) + GRACEFUL_EXTRA_SECONDS
+
+
+def shutdown_budget_seconds(settings: Settings) -> float:
+    """The longest a clean stop takes after SIGTERM: in-flight requests, then the batcher's drain, the
+    breaker's registry writes and the audit flush, each bounded by its own timeout."""
+    return (graceful_shutdown_seconds(settings) + settings.serving.request_timeout_seconds
+            + BREAKER_FLUSH_SECONDS + AUDIT_FLUSH_SECONDS)
 UPLOAD_PATH = "/v1/voices"
 
 
@@ -200,8 +217,8 @@ def create_app(settings: Settings | None = None, pool: VoicePool | None = None) 
         svc.pool.stop()
         drained = await asyncio.to_thread(svc.batcher.stop, settings.serving.request_timeout_seconds)
         svc.pool.close()
-        await asyncio.to_thread(svc.breaker.close)
-        flushed = await asyncio.to_thread(svc.audit.close, 10.0)
+        await asyncio.to_thread(svc.breaker.close, BREAKER_FLUSH_SECONDS)
+        flushed = await asyncio.to_thread(svc.audit.close, AUDIT_FLUSH_SECONDS)
         log.info("VoiceOps server stopped (batcher drained: %s, audit flushed: %s)", drained, flushed)
 
     app = FastAPI(title="VoiceOps TTS server", version=__version__, lifespan=lifespan,

@@ -733,3 +733,35 @@ def test_uploaders_get_an_account_limited_to_the_upload_prefixes():
     leaked = [n for n, svc in services.items() if n != "minio-init" and any(
         "UPLOADER_" in str(v) for v in (svc.get("environment") or {}).values())]
     assert not leaked, f"services that get the uploader's credentials: {leaked}"
+
+
+def _seconds(value: str | int) -> float:
+    """A compose duration (``95s``, ``2m``, ``1m30s``) or a number of seconds."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s|ms)", value)
+    assert parts and "".join(n + u for n, u in parts) == value, value
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[u] for n, u in parts)
+
+
+def test_grace_periods_cover_the_whole_shutdown():
+    """Regression: k8s gave 40 s (preStop 5 + uvicorn 35) and compose 30 s, less than the drain, the breaker's
+    registry writes and the audit flush that follow the in-flight requests (serving.app.shutdown_budget_seconds)."""
+    from serving.app import shutdown_budget_seconds
+    from voice_lib.core.config import Settings
+
+    docs = k8s_documents()
+    config = docs["ConfigMap"]["data"]
+    timeout = config.get("VOICEOPS_SERVING__REQUEST_TIMEOUT_SECONDS")
+    settings = Settings(serving={"request_timeout_seconds": float(timeout)} if timeout else {})
+    budget = shutdown_budget_seconds(settings)
+    assert budget >= 85  # 35 + 30 + 10 + 10 at the default 30 s request timeout
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    pre_stop = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + budget
+    for name in ("server-1", "server-2"):
+        server = compose_model()["services"][name]
+        env_timeout = server["environment"].get("VOICEOPS_SERVING__REQUEST_TIMEOUT_SECONDS")
+        compose_settings = Settings(serving={"request_timeout_seconds": float(env_timeout)} if env_timeout else {})
+        assert _seconds(server["stop_grace_period"]) >= shutdown_budget_seconds(compose_settings), name

@@ -548,7 +548,7 @@ def serve(
     """Run the TTS model server: production/canary voices from MLflow, OpenAI-compatible API, /metrics."""
     import uvicorn
 
-    from serving.app import create_app
+    from serving.app import create_app, graceful_shutdown_seconds
 
     settings = get_settings()
     updates = {k: v for k, v in (("port", port), ("host", host)) if v is not None}
@@ -559,7 +559,7 @@ def serve(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per registry poll otherwise
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish, then the app drains and flushes.
     uvicorn.run(create_app(settings), host=settings.serving.host, port=settings.serving.port, log_level="info",
-                timeout_graceful_shutdown=int(settings.serving.request_timeout_seconds) + 5)
+                timeout_graceful_shutdown=graceful_shutdown_seconds(settings))
 
 
 if __name__ == "__main__":
