@@ -260,6 +260,7 @@ def test_archive_takes_the_voice_out_of_serving_and_keeps_its_history(registry: 
     one, two = register(registry, name, tmp_path, 1), register(registry, name, tmp_path, 2)
     registry.promote(name, one.version)
     registry.set_canary(name, two.version, 30)
+    assert [v.aliases for v in registry.versions(name)] == [("production",), ("canary",)]
     with pytest.raises(RegistryError, match="say why you archive it"):
         registry.archive(name, "  ")
     held = registry.archive(name, "deleted by tenant acme over DELETE /v1/voices")
@@ -269,6 +270,7 @@ def test_archive_takes_the_voice_out_of_serving_and_keeps_its_history(registry: 
     assert tags["archived"] == "true" and tags["canary_weight"] == "0"
     assert tags["archived_reason"].startswith("deleted by tenant acme")
     assert tags["archived_aliases"] == f"canary={two.version},production={one.version}"
+    assert [v.aliases for v in registry.versions(name)] == [(), ()]  # no alias left on any version
     versions = registry.versions(name)  # nothing deleted: versions, lineage and runs stay
     assert [v.version for v in versions] == [one.version, two.version]
     assert versions[0].tags["data_sha256"] == LINEAGE["data_sha256"] and versions[0].run_id == one.run_id

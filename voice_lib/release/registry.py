@@ -14,7 +14,7 @@ import shutil
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -478,8 +478,13 @@ class Registry:
         return self.version(name, version) if version else None
 
     def versions(self, name: str) -> list[ModelVersionInfo]:
-        """Every version of one model, oldest first, with its tags and aliases."""
-        return sorted((_info(mv) for mv in self._versions(name)), key=lambda v: int(v.version))
+        """Every version of one model, oldest first, with its tags and aliases (MLflow's version search does not
+        return aliases, so they come from the registered model)."""
+        held: dict[str, list[str]] = {}
+        for alias, version in self.aliases(name).items():
+            held.setdefault(version, []).append(alias)
+        return sorted((replace(_info(mv), aliases=tuple(sorted(held.get(str(mv.version), ()))))
+                       for mv in self._versions(name)), key=lambda v: int(v.version))
 
     def model_tags(self, name: str) -> dict[str, str]:
         """The registered model's tags (``canary_weight``, ``release_state``, ``archived``, ...)."""
