@@ -610,7 +610,8 @@ def validate_k8s(doc: dict) -> None:
 
 def test_k8s_manifests_validate():
     docs = k8s_documents()
-    assert set(docs) == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    assert set(docs) == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+                         "Ingress", "NetworkPolicy"}
     for doc in docs.values():
         validate_k8s(doc)
 
@@ -765,3 +766,25 @@ def test_grace_periods_cover_the_whole_shutdown():
         env_timeout = server["environment"].get("VOICEOPS_SERVING__REQUEST_TIMEOUT_SECONDS")
         compose_settings = Settings(serving={"request_timeout_seconds": float(env_timeout)} if env_timeout else {})
         assert _seconds(server["stop_grace_period"]) >= shutdown_budget_seconds(compose_settings), name
+
+
+def test_k8s_keeps_metrics_admin_and_docs_off_the_public_entrance():
+    """Issue 17 item 9: with no proxy in front, /metrics, /v1/admin/* and /docs were as public as the API."""
+    docs = k8s_documents()
+    paths = {p["path"]: p["pathType"] for rule in docs["Ingress"]["spec"]["rules"] for p in rule["http"]["paths"]}
+    assert paths == {"/v1/tts": "Exact", "/v1/audio/speech": "Exact", "/v1/audio/voices": "Exact",
+                     "/v1/models": "Exact", "/v1/voices": "Prefix"}
+
+    def public(route: str) -> bool:
+        return any(route == p or (kind == "Prefix" and route.startswith(p.rstrip("/") + "/")) for p, kind in paths.items())
+
+    for private in ("/metrics", "/v1/admin/status", "/v1/admin/reload", "/v1/webhooks/mlflow", "/docs", "/redoc",
+                    "/openapi.json", "/livez", "/readyz", "/version"):
+        assert not public(private), private
+    assert public("/v1/voices/alice") and public("/v1/tts")
+    policy = docs["NetworkPolicy"]["spec"]
+    labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items() and policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    sources = [next(iter(f)) for f in rule["from"]]
+    assert sources == ["podSelector", "namespaceSelector", "namespaceSelector"] and rule["ports"][0]["port"] == "http"
