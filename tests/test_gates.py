@@ -88,7 +88,8 @@ def test_production_reference_reads_the_production_versions_gate_tags(settings, 
     client.log_text(run, "{}", "voice/voice.json")
     version = registry.register(f"voice-{voice}", run, "voice", {
         "training_key": f"tk-{voice}", "base_model": "voice-base", "base_version": "shipped", "base_sha256": "b" * 64,
-        "data_sha256": "d" * 64, "code_version": "test", "lora_rank": "4", "eval_adapted_p808_mos": "3.4100"}).version
+        "data_sha256": "d" * 64, "code_version": "test", "lora_rank": "4", "eval_adapted_p808_mos": "3.4100",
+        "gates_passed": "true"}).version  # it stands for a version that passed its gates (promote wants that)
     registry.promote(f"voice-{voice}", version)
     assert production_reference(settings, voice) == ProductionReference(version, 3.41)
     assert production_reference(settings, voice, evaluated="production") is None  # production is not judged by itself

@@ -65,6 +65,11 @@ ROUTES: dict[tuple[str, str], tuple[str, Callable[[str], dict] | None]] = {
     ("POST", "/v1/tts"): (TENANT, _tts_body),
     ("POST", "/v1/audio/speech"): (TENANT, _speech_body),
     ("GET", "/v1/voices"): (TENANT, None),
+    ("POST", "/v1/voices"): (TENANT, None),  # an upload starts onboarding of the tenant's own voice
+    ("GET", "/v1/voices/{voice_id}"): (TENANT, None),
+    ("DELETE", "/v1/voices/{voice_id}"): (TENANT, None),  # the owning tenant (or an admin key)
+    ("GET", "/v1/models"): (TENANT, None),
+    ("GET", "/v1/audio/voices"): (TENANT, None),
     ("GET", "/v1/admin/status"): (ADMIN, None),
     ("POST", "/v1/admin/reload"): (ADMIN, None),
     ("POST", "/v1/webhooks/mlflow"): (WEBHOOK, None),
