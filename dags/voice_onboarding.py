@@ -75,8 +75,10 @@ def train(manifest: dict, params=None) -> dict:
     from voice_lib.pipelines.training import finetune_voice
 
     # A retry resumes from the step checkpoint written every 50 steps.
+    backend = params.get("backend", "default")  # "default": VOICEOPS_MODEL__BACKEND
     return finetune_voice(params["voice_id"], manifest["manifest_key"], _settings(params),
-                          rank=int(params["lora_rank"]), steps=int(params["train_steps"])).to_json()
+                          rank=int(params["lora_rank"]), steps=int(params["train_steps"]),
+                          backend=None if backend == "default" else backend).to_json()
 
 # The hand-offs travel as JSON (XCom); the library takes and returns voice_lib.core.handoffs records.
 @task
@@ -128,6 +130,9 @@ def auto_release_enabled(registered: dict) -> bool:
         "lora_rank": Param(8, type="integer", minimum=1, maximum=64, description="LoRA rank of the voice adapter."),
         "train_steps": Param(600, type="integer", minimum=1, maximum=20000,
                              description="Fine-tuning steps (early stopping may end sooner)."),
+        "backend": Param("default", type="string", enum=["default", "two_stage", "end_to_end"],
+                         description="Acoustic backend: two_stage (a reference synthesizer + a LoRA-adapted converter) "
+                                     "or end_to_end; default = VOICEOPS_MODEL__BACKEND. See docs/model.md."),
     },
     render_template_as_native_obj=True,
 )

@@ -22,7 +22,7 @@ from serving.engine import SynthesisError, SynthesisJob, SynthesisOutput
 from serving.snapshot import Key, LoadedVersion
 from voice_lib.core.config import Settings
 from voice_lib.infer.core import END_TO_END, AcousticBackend
-from voice_lib.infer.end_to_end import load_backend
+from voice_lib.infer.backends import load_backend
 from voice_lib.infer.multilora import AdapterWeights, LoraBank
 from voice_lib.release.models import trained_base_dir
 from voice_lib.release.registry import Registry, RegistryError

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,6 +51,21 @@ class ASRSettings(BaseModel):
     beam_size: int = Field(5, ge=1)
     # CPU threads of one recogniser (measured: tiny.en on one core reads a 3 s clip in about 0.5 s).
     threads: int = Field(1, ge=1)
+
+
+class ModelSettings(BaseModel):
+    """Which acoustic backend new voices are trained with, and the two-stage backend's knobs (docs/model.md)."""
+
+    # "two_stage": a reference synthesizer says the text, a LoRA-adapted converter gives it the voice;
+    # "end_to_end": the text-to-WORLD transformer with LoRA. The default is the one that measures better.
+    backend: Literal["two_stage", "end_to_end"] = "two_stage"
+    # Reference voices the two-stage backend may render with (pretraining voices of the shipped converter);
+    # per target the nearest in pitch that does not sound like the target itself is used.
+    source_voices: list[str] = ["flite-awb", "flite-kal16", "espeak-cmn-m1", "espeak-cmn-f2"]
+    source_exclude_similarity: float = 0.85
+    adapt_learning_rate: float = 2e-3
+    # A retrained converter (`voiceops pretrain --backend two-stage --out DIR`); unset: the one shipped in the package.
+    converter_dir: Path | None = None
 
 
 class EvalSettings(BaseModel):
@@ -252,6 +268,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     release: ReleaseSettings = ReleaseSettings()
     eval: EvalSettings = EvalSettings()
+    model: ModelSettings = ModelSettings()
     limits: LimitSettings = LimitSettings()
     train: TrainSettings = TrainSettings()
 

@@ -71,6 +71,7 @@ class TrainedVoice(JsonRecord):
     resumed_from_step: int = 0
     train_seconds: float = 0.0
     adapter_parameters: int = 0
+    backend: str = "end_to_end"  # the acoustic backend (markers written before the two-stage backend: end_to_end)
 
 
 @dataclass

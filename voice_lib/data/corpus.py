@@ -247,9 +247,12 @@ def generate_corpus(
     seed: int = 0,
     progress: bool = True,
     workers: int = 2,
+    parallel: bool = False,
 ) -> CorpusManifest:
     """Render ``sentences_per_voice`` clips per speaker (default: every available speaker of
-    ``language``) into ``out_dir/<speaker>/``; clips already there with the same text are reused."""
+    ``language``) into ``out_dir/<speaker>/``; clips already there with the same text are reused.
+    ``parallel``: every speaker reads the same sentences in the same order (clip ``_NNNN`` is sentence NNNN
+    for all), the paired data the two-stage converter is pretrained on."""
     out_dir = Path(out_dir)
     names = available_voices(language) if voices is None else list(dict.fromkeys(voices))
     chosen = [get_voice(n) for n in names]
@@ -269,7 +272,7 @@ def generate_corpus(
     planned: list[tuple[CorpusVoice, str, str, str]] = []  # voice, relative file, text, hash
     for voice in chosen:
         (out_dir / voice.name).mkdir(exist_ok=True)
-        stream = _sentence_stream(language, seed, voice.name)
+        stream = _sentence_stream(language, seed, "parallel" if parallel else voice.name)
         for i in range(sentences_per_voice):
             text = _clean(next(stream))
             planned.append((voice, f"{voice.name}/{voice.name}_{i:04d}.wav", text, _clip_hash(voice, text, sample_rate)))

@@ -51,11 +51,13 @@ def _prepare_corpus_clip(args: tuple) -> tuple[str, str, bytes, bytes]:
     return speaker, Path(wav_path).stem, npz, buf.getvalue()
 
 
-def featurize_corpus(corpus_dir: Path, settings: Settings, workers: int = 2) -> list[Example]:
-    """Every clip of a corpus (``corpus.list``) as a training example; features cached by content."""
+def featurize_corpus(corpus_dir: Path, settings: Settings, workers: int = 2, config: FeatureConfig | None = None
+                     ) -> list[Example]:
+    """Every clip of a corpus (``corpus.list``) as a training example; features cached by content.
+    ``config`` defaults to the end-to-end model's features at the settings' sample rate."""
     from voice_lib.data.speech import centroid
 
-    config = FeatureConfig(sample_rate=settings.sample_rate)
+    config = config or FeatureConfig(sample_rate=settings.sample_rate)
     cache_dir = settings.cache_dir / "features"
     cache_dir.mkdir(parents=True, exist_ok=True)
     jobs = []

@@ -43,7 +43,8 @@ class SynthesizerLike(Protocol):
     """What evaluation needs of ``inference.Synthesizer``: both return Synthesis(audio, sample_rate, seconds_compute)."""
 
     def synthesize(self, text: str, language: str = "en") -> Any: ...
-    def reconstruct(self, phoneme_ids: np.ndarray, features: np.ndarray) -> Any: ...
+    def reconstruct(self, phoneme_ids: np.ndarray, features: np.ndarray, text: str | None = None,
+                    language: str = "en") -> Any: ...
 
 
 @dataclass
@@ -109,7 +110,7 @@ def _system_row(system: str, synth: SynthesizerLike, clip: HeldOutClip, referenc
     """One system on one clip: timed reconstruction (PESQ/STOI), free synthesis (WER, similarity, DNSMOS, RTF)."""
     ref, name, ref_dur = np.asarray(clip.audio, dtype=np.float32), safe_name(clip.clip_id), len(clip.audio) / SR
     row = ClipRow(system, clip.clip_id, clip.language, ref_dur)
-    rec = synth.reconstruct(clip.phoneme_ids, clip.features)
+    rec = synth.reconstruct(clip.phoneme_ids, clip.features, text=clip.text, language=clip.language)
     rec_audio = to_16k(rec.audio, rec.sample_rate)
     row.rtf_reconstruct = float(rec.seconds_compute) / max(len(rec_audio) / SR, 1e-6)
     row.pesq, row.stoi = intrusive_scores(ref, rec_audio, row.notes)

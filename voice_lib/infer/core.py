@@ -11,10 +11,10 @@ guards live here and nowhere else:
 
 An acoustic backend turns text into model inputs and predicts, per batch row and per row's adapter, a
 WORLD feature matrix (frames × [lf0, vuv, envelope, aperiodicity], denormalised); the vocoder is shared.
-Today's end-to-end network (voice_lib/infer/end_to_end.py) is the one implementation; a two-stage backend
-(a reference synthesiser's WORLD analysis mapped to the voice by a LoRA-adapted converter) plugs in behind
-the same protocol. Each registered version names its backend in the lineage tag ``backend``
-(``end_to_end`` when absent).
+Two implementations: the end-to-end network (voice_lib/infer/end_to_end.py) and the two-stage backend (a
+reference synthesiser's WORLD analysis mapped to the voice by a LoRA-adapted converter,
+voice_lib/infer/two_stage.py); ``voice_lib/infer/backends.py`` loads either by name. Each registered
+version names its backend in the lineage tag ``backend`` (``end_to_end`` when absent).
 
 The WORLD vocoder takes most of the time (about 80 ms of a 20-word sentence's 95 ms) and pyworld releases
 the GIL, so the rows of a batch are vocoded in parallel on a thread pool when one is given (measured: 8
@@ -28,7 +28,9 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, as_completed
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -49,7 +51,7 @@ class SynthesisError(RuntimeError):
 class AcousticRow:
     """One utterance of a batch: model inputs, the voice's speaker embedding and its adapter slot."""
 
-    inputs: Sequence[int]
+    inputs: Any  # what the backend's text frontend made: phoneme ids (end-to-end), source frames (two-stage)
     speaker: torch.Tensor  # (speaker_dim,) GE2E embedding of the voice
     slot: int  # the row's adapter in the bank (0: none, the plain base)
     speed: float = 1.0
@@ -63,8 +65,9 @@ class AcousticBackend(Protocol):
     feature_config: FeatureConfig
     shapes: dict[str, tuple[int, int]]  # {layer path: (in, out)} an adapter of this backend may touch
 
-    def model_inputs(self, text: str, language: str) -> list[int]:
-        """The text frontend: what ``AcousticRow.inputs`` holds for ``text``."""
+    def model_inputs(self, text: str, language: str, frontend: Mapping[str, Any] | None = None) -> Any:
+        """The text frontend: what ``AcousticRow.inputs`` holds for ``text``. ``frontend`` is the voice's own
+        part of it (``read_frontend`` of its folder; empty for the end-to-end backend)."""
         ...
 
     def predict(self, rows: Sequence[AcousticRow], bank: LoraBank) -> list[np.ndarray | SynthesisError]:
@@ -74,6 +77,22 @@ class AcousticBackend(Protocol):
     def predict_with_timing(self, row: AcousticRow, bank: LoraBank, reference: np.ndarray) -> np.ndarray:
         """Features on a reference recording's timing (its WORLD features): evaluation's reconstruction."""
         ...
+
+
+def read_frontend(folder: Path | None) -> dict[str, Any]:
+    """A voice folder's own part of the text frontend (two-stage: ``two_stage.json``, its reference voice and
+    pitch), or {} for a voice without any (end-to-end)."""
+    import json
+
+    from voice_lib.data.reference import VOICE_FILE
+
+    path = None if folder is None else folder / VOICE_FILE
+    if path is None or not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); re-run the voice's onboarding to write it again") from exc
 
 
 def vocode(features: np.ndarray, config: FeatureConfig) -> np.ndarray:

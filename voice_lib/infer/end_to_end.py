@@ -9,16 +9,16 @@ one batch; the model zeroes padded positions, so a row's output is the same alon
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from voice_lib.data.features import FeatureConfig
-from voice_lib.infer.core import END_TO_END, AcousticBackend, AcousticRow, SynthesisError, guarded_durations
+from voice_lib.infer.core import END_TO_END, AcousticRow, SynthesisError, guarded_durations
 from voice_lib.infer.multilora import LoraBank, activate, install
 from voice_lib.model.checkpoints import load_base
 from voice_lib.model.network import VoiceModel
@@ -42,7 +42,7 @@ class EndToEndBackend:
     feature_config: FeatureConfig
     source: str  # the folder it was loaded from (shown in /v1/admin/status)
 
-    def model_inputs(self, text: str, language: str) -> list[int]:
+    def model_inputs(self, text: str, language: str, frontend: Mapping[str, Any] | None = None) -> list[int]:
         return phoneme_inputs(text, language)
 
     def predict(self, rows: Sequence[AcousticRow], bank: LoraBank) -> list[np.ndarray | SynthesisError]:
@@ -108,16 +108,3 @@ def load_end_to_end(folder: Path, sha256: str | None = None) -> EndToEndBackend:
     config = json.loads((folder / "config.json").read_text()).get("feature_config")
     return EndToEndBackend(sha256 or sha256_file(folder / "model.safetensors"), model, shapes,
                            FeatureConfig(**config) if config else FeatureConfig(), str(folder))
-
-
-# Backend name (lineage tag ``backend``) -> loader of its resident model from a base folder.
-BACKEND_LOADERS: dict[str, Callable[[Path, str | None], AcousticBackend]] = {END_TO_END: load_end_to_end}
-
-
-def load_backend(name: str, folder: Path, sha256: str | None = None) -> AcousticBackend:
-    """The resident model of backend ``name``; a clear error for a backend this code does not have."""
-    loader = BACKEND_LOADERS.get(name or END_TO_END)
-    if loader is None:
-        raise ValueError(f"backend {name!r} (lineage tag 'backend') is not one of {', '.join(sorted(BACKEND_LOADERS))}; "
-                         "upgrade VoiceOps or re-register the version with a known backend.")
-    return loader(folder, sha256)

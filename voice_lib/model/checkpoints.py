@@ -13,12 +13,18 @@ from voice_lib.model.network import ModelConfig, VoiceModel
 SHIPPED_BASE = Path(__file__).parents[1] / "assets" / "base"
 
 
-def write_model_card(out_dir: Path, name: str, facts: dict) -> None:
-    lines = [f"# {name}", "", "VoiceOps reference acoustic model (see voice_lib/model/network.py): phonemes + GE2E speaker "
-             "embedding → WORLD features → waveform. CPU-trained; every number below was measured by the recipe.", ""]
+E2E_CARD = ("VoiceOps reference acoustic model (see voice_lib/model/network.py): phonemes + GE2E speaker embedding → "
+            "WORLD features → waveform. CPU-trained; every number below was measured by the recipe.")
+
+
+def write_model_card(out_dir: Path, name: str, facts: dict, description: str = E2E_CARD,
+                     reproduce: list[str] | None = None) -> None:
+    """A Piper-style model card beside the weights: what the model is, its facts, and how to rebuild it."""
+    reproduce = reproduce or ["voiceops corpus .voiceops/pretrain-corpus --sentences 80 --pretrain",
+                              f"voiceops pretrain .voiceops/pretrain-corpus --steps {facts.get('steps_trained', 1200)}"]
+    lines = [f"# {name}", "", description, ""]
     lines += [f"- **{k}**: {v}" for k, v in facts.items() if not isinstance(v, dict)]
-    lines += ["", "## Reproduce", "", "```bash", "voiceops corpus .voiceops/pretrain-corpus --sentences 80 --pretrain",
-              f"voiceops pretrain .voiceops/pretrain-corpus --steps {facts.get('steps_trained', 1200)}", "```"]
+    lines += ["", "## Reproduce", "", "```bash", *reproduce, "```"]
     (out_dir / "model_card.md").write_text("\n".join(lines) + "\n")
 
 
@@ -80,3 +86,36 @@ def lora_model(base: VoiceModel, rank: int = 8, alpha: int | None = None):
 
 def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --- the two-stage backend's converter ------------------------------------------------------------
+
+CONVERTER_WEIGHTS, CONVERTER_CONFIG = "converter.safetensors", "config.json"
+SHIPPED_CONVERTER = Path(__file__).parents[1] / "assets" / "converter"
+
+
+def save_converter(model, out_dir: Path, extra: dict, half: bool = False) -> Path:
+    """Self-describing converter checkpoint: safetensors weights + config.json (``backend``, model config,
+    the reference voices and their pitch statistics, lineage). ``half`` stores float16 weights."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if half else torch.float32
+    save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, str(out_dir / CONVERTER_WEIGHTS))
+    config = {"backend": "two_stage", "converter": model.cfg.to_dict(), **extra}
+    (out_dir / CONVERTER_CONFIG).write_text(json.dumps(config, indent=2, default=str))
+    return out_dir / CONVERTER_WEIGHTS
+
+
+def load_converter(path: Path):
+    """The converter saved by ``save_converter`` (float32, eval mode) and its config."""
+    from safetensors.torch import load_file
+
+    from voice_lib.model.converter import Converter, ConverterConfig
+
+    config = json.loads((path / CONVERTER_CONFIG).read_text())
+    if config.get("backend") != "two_stage":
+        raise ValueError(f"{path / CONVERTER_CONFIG}: not a two-stage converter (backend {config.get('backend')!r})")
+    model = Converter(ConverterConfig(**config["converter"]))
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path / CONVERTER_WEIGHTS)).items()})
+    return model.eval(), config

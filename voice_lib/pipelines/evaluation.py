@@ -71,10 +71,10 @@ def evaluate_voice(settings: Settings, trained: TrainedVoice) -> EvaluationSumma
         return EvaluationSummary.from_json(json_safe(json.loads(store.read_bytes(marker))), marker)
     model_dir = fetch_voice_model(settings, trained)
     speaker = np.load(model_dir / "speaker_embedding.npy")
-    base_dir = Path(trained.base_dir)
+    base_dir, backend = Path(trained.base_dir), trained.backend
     systems = {
-        "base": Synthesizer.load(base_dir, speaker),
-        "adapted": Synthesizer.load(base_dir, speaker, adapter_dir=model_dir),
+        "base": Synthesizer.load(base_dir, speaker, backend=backend, voice_dir=model_dir),
+        "adapted": Synthesizer.load(base_dir, speaker, adapter_dir=model_dir, backend=backend),
     }
     out_dir = settings.cache_dir / "work" / trained.voice_id / f"eval-{trained.training_key}"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -97,9 +97,10 @@ def evaluate_registered(settings: Settings, voice_id: str, alias_or_version: str
     from voice_lib.release.models import load_registered_voice
 
     adapted, meta = load_registered_voice(settings, voice_id, alias_or_version)
-    speaker = adapted.speaker[0].numpy()
+    speaker = np.load(Path(meta["voice_dir"]) / "speaker_embedding.npy")
     # A separate copy: peft injects LoRA into the adapted model's own modules.
-    base = Synthesizer.load(Path(meta["resolved_base_dir"]), speaker)
+    base = Synthesizer.load(Path(meta["resolved_base_dir"]), speaker, backend=meta.get("backend") or "end_to_end",
+                            voice_dir=Path(meta["voice_dir"]))
     out_dir = settings.cache_dir / "work" / voice_id / f"eval-{alias_or_version}"
     shutil.rmtree(out_dir, ignore_errors=True)
     production = production_reference(settings, voice_id, alias_or_version)

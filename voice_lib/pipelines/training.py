@@ -63,10 +63,19 @@ def pretrain_and_register(corpus_dir: Path, settings: Settings, out_dir: Path, s
 
 
 def finetune_voice(voice_id: str, manifest_key: str, settings: Settings, rank: int = 8, steps: int = 600,
-                   base_dir: Path | None = None, log_to_mlflow: bool = True) -> TrainedVoice:
-    """LoRA-adapt the base (given, or resolved from the registry) to one voice; resumes when retried."""
+                   base_dir: Path | None = None, log_to_mlflow: bool = True, backend: str | None = None) -> TrainedVoice:
+    """LoRA-adapt the base of ``backend`` (default ``model.backend``; the base given, or resolved) to one
+    voice; resumes when retried."""
     from voice_lib.release.models import base_model_dir
+
+    backend = backend or settings.model.backend
+    base_dir = base_dir or base_model_dir(settings, backend)
+    if backend == "two_stage":
+        from voice_lib.train.finetune_two_stage import finetune_two_stage_voice
+
+        return finetune_two_stage_voice(voice_id, manifest_key, settings, base_dir, rank=rank, steps=steps,
+                                        log_to_mlflow=log_to_mlflow)
     from voice_lib.train import finetune
 
-    return finetune.finetune_voice(voice_id, manifest_key, settings, base_dir or base_model_dir(settings), rank=rank,
-                                   steps=steps, log_to_mlflow=log_to_mlflow)
+    return finetune.finetune_voice(voice_id, manifest_key, settings, base_dir, rank=rank, steps=steps,
+                                   log_to_mlflow=log_to_mlflow)

@@ -13,14 +13,22 @@ import numpy as np
 from voice_lib.core.config import Settings
 from voice_lib.infer.core import END_TO_END
 from voice_lib.infer.synthesizer import Synthesizer
-from voice_lib.model.checkpoints import SHIPPED_BASE
+from voice_lib.model.checkpoints import CONVERTER_WEIGHTS, SHIPPED_BASE, SHIPPED_CONVERTER
 
 log = logging.getLogger(__name__)
 
 
-def base_model_dir(settings: Settings) -> Path:
-    """The base the voices are fine-tuned on: the registry's voice-base@production, else the shipped one."""
+def base_model_dir(settings: Settings, backend: str = "end_to_end") -> Path:
+    """The base the voices of ``backend`` are fine-tuned on. End-to-end: the registry's voice-base@production,
+    else the shipped one. Two-stage: the converter in ``model.converter_dir`` if set, else the shipped one."""
     from voice_lib.release.registry import Registry, RegistryError
+
+    if backend == "two_stage":
+        converter = settings.model.converter_dir or SHIPPED_CONVERTER
+        if not (converter / CONVERTER_WEIGHTS).exists():
+            raise FileNotFoundError(f"no two-stage converter in {converter}: set VOICEOPS_MODEL__CONVERTER_DIR to the output "
+                                    "of `voiceops pretrain --backend two-stage`, or use VOICEOPS_MODEL__BACKEND=end_to_end")
+        return converter
 
     try:
         registry = Registry(settings)
@@ -41,11 +49,15 @@ def trained_base_dir(settings: Settings, lineage: Mapping[str, Any], what: str, 
     first whose weights hash matches wins; without a ``base_sha256`` (versions older than the tag) the first
     that exists. ``what`` names the version in the error ("voice-x version 3").
     """
-    from voice_lib.core.hashing import sha256_file
+    from voice_lib.infer.backends import base_weights_file
     from voice_lib.release.registry import Registry, RegistryError
 
     sha = str(lineage.get("base_sha256") or "")
     base_version = str(lineage.get("base_version") or "")
+    backend = str(lineage.get("backend") or END_TO_END)
+    if backend == "two_stage":  # the converter is configured or shipped, not (yet) a registered model
+        return _matching_base([settings.model.converter_dir, SHIPPED_CONVERTER], CONVERTER_WEIGHTS, sha, what,
+                              "neither VOICEOPS_MODEL__CONVERTER_DIR nor the shipped converter")
     candidates: list[Path] = []
     if base_version.isdigit():
         base_model = str(lineage.get("base_model") or "voice-base")
@@ -57,15 +69,21 @@ def trained_base_dir(settings: Settings, lineage: Mapping[str, Any], what: str, 
             candidates.append(dest)
         except RegistryError as exc:  # the configured or shipped base may still be the right one
             log.info("%s: registered base version %s unavailable (%s)", what, base_version, exc)
-    candidates += [p for p in (settings.serving.base_dir, SHIPPED_BASE) if p is not None]
+    return _matching_base([*candidates, settings.serving.base_dir, SHIPPED_BASE], base_weights_file(backend), sha, what,
+                          f"neither voice-base version {base_version or '?'}, serving.base_dir nor the shipped base")
+
+
+def _matching_base(candidates: list[Path | None], weights_file: str, sha: str, what: str, tried: str) -> Path:
+    """The first candidate folder whose weights hash is ``sha`` (any that exists when ``sha`` is empty)."""
+    from voice_lib.core.hashing import sha256_file
+
     for folder in candidates:
-        weights = folder / "model.safetensors"
-        if weights.exists() and (not sha or sha256_file(weights) == sha):
+        weights = None if folder is None else folder / weights_file
+        if weights is not None and weights.exists() and (not sha or sha256_file(weights) == sha):
             return folder
     raise FileNotFoundError(
-        f"{what} was trained on base sha256 {sha[:12] or '?'}…, which is neither voice-base version "
-        f"{base_version or '?'}, serving.base_dir nor the shipped base; register that base (voiceops pretrain), "
-        "point VOICEOPS_SERVING__BASE_DIR at it, or re-onboard the voice.")
+        f"{what} was trained on base sha256 {sha[:12] or '?'}…, which is {tried}; register or configure that base "
+        "(voiceops pretrain; VOICEOPS_SERVING__BASE_DIR or VOICEOPS_MODEL__CONVERTER_DIR), or re-onboard the voice.")
 
 
 def load_registered_voice(settings, voice_id: str, alias_or_version: str = "production") -> tuple[Synthesizer, dict]:
@@ -79,5 +97,6 @@ def load_registered_voice(settings, voice_id: str, alias_or_version: str = "prod
     meta = json.loads((voice_dir / "voice.json").read_text()) if (voice_dir / "voice.json").exists() else {}
     base_dir = trained_base_dir(settings, meta, f"{name}@{alias_or_version}", registry)
     speaker = np.load(voice_dir / "speaker_embedding.npy")
-    synthesizer = Synthesizer.load(base_dir, speaker, adapter_dir=voice_dir, backend=meta.get("backend") or END_TO_END)
-    return synthesizer, {**meta, "resolved_base_dir": str(base_dir)}
+    backend = meta.get("backend") or END_TO_END
+    synthesizer = Synthesizer.load(base_dir, speaker, adapter_dir=voice_dir, backend=backend)
+    return synthesizer, {**meta, "resolved_base_dir": str(base_dir), "voice_dir": str(voice_dir), "backend": backend}

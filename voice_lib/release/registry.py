@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 BASE_MODEL = "voice-base"
 ALIASES = ("candidate", "canary", "production", "previous")
 LINEAGE_TAGS = ("base_model", "base_version", "base_sha256", "data_sha256", "code_version", "lora_rank")
+# Also in every version since the two-stage backend: `backend` ("two_stage" | "end_to_end"; absent = end_to_end).
 # Keys end up inside a search filter string, so only a quote-free alphabet is accepted.
 _TRAINING_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 _READY_TIMEOUT_S = 300.0

@@ -18,7 +18,11 @@ from voice_lib.core.hashing import sha256_file
 from voice_lib.core.storage import artifact_store, download_prefix
 from voice_lib.core.tracking import MlflowMetrics, start_run
 from voice_lib.model.checkpoints import write_model_card
-from voice_lib.train.resume import CheckpointLedger, mirror_checkpoint, restore_checkpoint
+from voice_lib.train.resume import (
+    CheckpointLedger,
+    mirror_checkpoint,
+    restore_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ def finetune_voice(voice_id: str, manifest_key: str, settings: Settings, base_di
     model = lora_model(base, rank)
     lineage = {"base_model": "voice-base", "base_version": str(base_config.get("version", "shipped")), "base_sha256": base_sha,
                "data_sha256": manifest["data_sha256"], "manifest_sha256": manifest["manifest_sha256"],
-               "code_version": __version__, "lora_rank": str(rank), "training_key": key}
+               "code_version": __version__, "lora_rank": str(rank), "training_key": key, "backend": "end_to_end"}
     params = {**lineage, "clips_train": len(train), "clips_val": len(val), "clips_held_out": len(held_out),
               "adapter_parameters": trainable_parameters(model), **{f"train.{k}": v for k, v in cfg.to_dict().items()}}
     run_id = start_run(settings, f"voice-{voice_id}", f"train-{key[:8]}", {"voiceops.key": f"train-{key}", "voiceops.step": "train"}, params) if log_to_mlflow else None

@@ -1,6 +1,8 @@
 """Training: base pretraining on a multi-speaker corpus and LoRA fine-tuning on one voice.
 
-Both loops are the same small function (``fit``): fixed seeds, AdamW, validation on held-out clips
+Every loop of both backends is the same small function (``fit_task``) over a ``TrainingTask`` that
+draws a batch and computes its loss (``VoiceModelTask`` for the end-to-end model, the converter's task
+in ``voice_lib.train.convert``): fixed seeds, AdamW, validation on held-out clips
 with early stopping, and checkpoints written atomically every ``checkpoint_every`` steps so a
 retried Airflow task resumes where the killed one stopped instead of starting over. Metrics go to a
 callback (the pipeline sends them to MLflow); this module knows nothing about MLflow or Airflow.
@@ -15,7 +17,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -26,16 +28,6 @@ from voice_lib.model.network import FEATURE_DIM, VoiceModel
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[int, dict[str, float]], None]
-
-
-
-
-
-
-
-
-
-
 
 
 @dataclass
@@ -126,6 +118,18 @@ def _is_trainable(model: torch.nn.Module, key: str) -> bool:
     return key in params and params[key].requires_grad
 
 
+class TrainingTask(Protocol):
+    """What a training loop needs of a model's data: a random batch's losses, and a validation loss."""
+
+    def batch_losses(self, model: torch.nn.Module, rng: random.Random) -> dict[str, torch.Tensor]:
+        """Losses of one random training batch; the key ``loss`` is the one minimised."""
+        ...
+
+    def validation_loss(self, model: torch.nn.Module) -> float | None:
+        """Mean loss on the validation set (``None`` without one: the last training loss is used)."""
+        ...
+
+
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, examples: list[Example], base: VoiceModel, batch_size: int = 16) -> float:
     model.eval()
@@ -140,6 +144,24 @@ def validation_loss(model: torch.nn.Module, examples: list[Example], base: Voice
     return total / max(1, count)
 
 
+@dataclass
+class VoiceModelTask:
+    """The end-to-end model's data: phonemes and WORLD features of clips (``base`` normalises them)."""
+
+    base: VoiceModel
+    train: list[Example]
+    val: list[Example]
+    batch_size: int
+
+    def batch_losses(self, model: torch.nn.Module, rng: random.Random) -> dict[str, torch.Tensor]:
+        batch = collate(rng.sample(self.train, min(self.batch_size, len(self.train))), self.base)
+        out = model(batch.phonemes, batch.phone_lengths, batch.speaker, batch.features, batch.frame_lengths)
+        return {k: v for k, v in out.items() if k != "durations"}
+
+    def validation_loss(self, model: torch.nn.Module) -> float | None:
+        return validation_loss(model, self.val, self.base) if self.val else None
+
+
 def fit(
     model: torch.nn.Module,
     base: VoiceModel,
@@ -150,8 +172,20 @@ def fit(
     on_metrics: MetricsCallback | None = None,
     on_checkpoint: Callable[[Path, int], None] | None = None,
 ) -> FitResult:
-    """Train the parameters of ``model`` that require grad. ``base`` is the underlying VoiceModel
-    (the same object for pretraining; the model under the LoRA wrapper for fine-tuning).
+    """Train the end-to-end model's parameters that require grad. ``base`` is the underlying VoiceModel
+    (the same object for pretraining; the model under the LoRA wrapper for fine-tuning)."""
+    return fit_task(model, VoiceModelTask(base, train, val, cfg.batch_size), cfg, checkpoint, on_metrics, on_checkpoint)
+
+
+def fit_task(
+    model: torch.nn.Module,
+    task: TrainingTask,
+    cfg: TrainConfig,
+    checkpoint: Path,
+    on_metrics: MetricsCallback | None = None,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
+) -> FitResult:
+    """Train the parameters of ``model`` that require grad on ``task``, resuming from ``checkpoint``.
     ``on_checkpoint(path, step)`` runs after each checkpoint is written (e.g. to copy it off the machine)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -179,19 +213,19 @@ def fit(
     started = time.monotonic()
     stopped_early = False
     while step < cfg.steps:
-        batch = collate(rng.sample(train, min(cfg.batch_size, len(train))), base)
-        out = model(batch.phonemes, batch.phone_lengths, batch.speaker, batch.features, batch.frame_lengths)
+        out = task.batch_losses(model, rng)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         step += 1
-        metrics = {k: float(v.detach()) for k, v in out.items() if k != "durations"}
+        metrics = {k: float(v.detach()) for k, v in out.items()}
         if on_metrics and (step % 10 == 0 or step == 1):
             on_metrics(step, {f"train_{k}": v for k, v in metrics.items()} | {"lr": schedule.get_last_lr()[0]})
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            val_loss = validation_loss(model, val, base) if val else metrics["loss"]
+            val_loss = task.validation_loss(model)
+            val_loss = metrics["loss"] if val_loss is None else val_loss
             history.append({"step": step, "val_loss": val_loss, "train_loss": metrics["loss"]})
             log.info("step %d/%d: train loss %.4f, validation loss %.4f (%.0f s)", step, cfg.steps, metrics["loss"], val_loss, time.monotonic() - started)
             if on_metrics:

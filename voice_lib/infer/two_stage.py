@@ -1,0 +1,100 @@
+"""The two-stage acoustic backend: a reference synthesizer says the text, the converter gives it the voice.
+
+Text frontend (``model_inputs``, per voice): the voice's reference synthesizer (``two_stage.json``:
+flite, festival or espeak-ng) renders the sentence, a fast WORLD analysis gives its frames, and the
+log-F0 contour is moved to the voice's pitch statistics (``voice_lib.data.reference``). Those frames are
+the row's model inputs. Prediction (``predict``): the converter (voice_lib/model/converter.py), its LoRA
+target layers wrapped for multi-adapter inference like the end-to-end model's, maps a padded batch of
+mixed voices in one pass to each voice's envelope and aperiodicity; timing and voicing stay the
+source's, so no duration guard is needed, and a row's output is the same alone or in a batch. The
+vocoder and its guards are the core's (voice_lib/infer/core.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from voice_lib.data.features import FeatureConfig
+from voice_lib.data.reference import TWO_STAGE_FEATURES, TwoStageVoice, analyze_frames, map_f0, render_source
+from voice_lib.infer.core import AcousticRow, SynthesisError
+from voice_lib.infer.multilora import LoraBank, activate, install
+from voice_lib.model.converter import Converter
+
+TWO_STAGE = "two_stage"
+
+
+def change_rate(frames: np.ndarray, speed: float) -> np.ndarray:
+    """Frames re-timed for ``speed`` (2.0 = twice as fast) by linear interpolation; voicing by nearest."""
+    if abs(speed - 1.0) < 1e-6 or len(frames) < 2:
+        return frames
+    n = max(2, int(round(len(frames) / speed)))
+    pos = np.linspace(0, len(frames) - 1, n)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, len(frames) - 1)
+    frac = (pos - lo)[:, None].astype(np.float32)
+    out = frames[lo] * (1 - frac) + frames[hi] * frac
+    out[:, 1] = frames[np.rint(pos).astype(int), 1]
+    return out.astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class TwoStageBackend:
+    """A resident converter with its LoRA target layers wrapped for multi-adapter inference."""
+
+    name: ClassVar[str] = TWO_STAGE
+    sha256: str
+    model: Converter
+    shapes: dict[str, tuple[int, int]]
+    feature_config: FeatureConfig
+    source: str  # the folder it was loaded from (shown in /v1/admin/status)
+
+    def model_inputs(self, text: str, language: str, frontend: Mapping[str, Any] | None = None) -> np.ndarray:
+        """The reference voice's frames of ``text``, F0 moved to the voice's (``frontend``: its two_stage.json)."""
+        if not frontend:
+            raise SynthesisError("a two-stage voice needs its two_stage.json (reference voice and pitch statistics)")
+        voice = TwoStageVoice.from_dict(dict(frontend))
+        frames = analyze_frames(render_source(text, voice.source_voice, self.feature_config.sample_rate), self.feature_config)
+        return map_f0(frames, voice.source_pitch, voice.target_pitch)
+
+    def _convert(self, sources: Sequence[np.ndarray], rows: Sequence[AcousticRow], bank: LoraBank) -> list[np.ndarray]:
+        lengths = torch.tensor([len(s) for s in sources])
+        src = torch.zeros(len(sources), int(lengths.max()), sources[0].shape[1])
+        for i, s in enumerate(sources):
+            src[i, : len(s)] = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32))
+        speaker = torch.stack([r.speaker for r in rows])
+        with torch.inference_mode(), activate(bank, [r.slot for r in rows]):
+            out = self.model.denormalize(src, self.model(src, speaker, lengths))
+        return [out[i, : int(lengths[i])].numpy() for i in range(len(sources))]
+
+    def predict(self, rows: Sequence[AcousticRow], bank: LoraBank) -> list[np.ndarray | SynthesisError]:
+        converted = self._convert([np.asarray(r.inputs) for r in rows], rows, bank)
+        return [change_rate(frames, row.speed) for frames, row in zip(converted, rows)]
+
+    def predict_with_timing(self, row: AcousticRow, bank: LoraBank, reference: np.ndarray) -> np.ndarray:
+        """The source warped onto a recording's timing by DTW (the alignment training uses), then converted.
+        ``reference`` is the recording's feature matrix at any multiple of 10 ms's rate (5 ms: every other row)."""
+        from voice_lib.data.alignment import alignment_features, dtw_path, warp_to_target
+
+        step = max(1, int(round(self.feature_config.frame_period_ms / 5.0)))
+        target = np.asarray(reference, dtype=np.float32)[::step]
+        source = np.asarray(row.inputs)
+        warped = warp_to_target(dtw_path(alignment_features(source), alignment_features(target)), len(target), source)
+        return self._convert([warped], [row], bank)[0]
+
+
+def load_two_stage(folder: Path, sha256: str | None = None) -> TwoStageBackend:
+    """The converter in ``folder`` (voice_lib.model.checkpoints.save_converter layout), ready for adapters."""
+    from voice_lib.core.hashing import sha256_file
+    from voice_lib.model.checkpoints import CONVERTER_WEIGHTS, load_converter
+
+    model, config = load_converter(folder)
+    shapes = install(model)
+    model.eval()
+    features = FeatureConfig(**config["feature_config"]) if "feature_config" in config else TWO_STAGE_FEATURES
+    return TwoStageBackend(sha256 or sha256_file(folder / CONVERTER_WEIGHTS), model, shapes, features, str(folder))

@@ -1,0 +1,189 @@
+"""LoRA adaptation of the two-stage backend's converter to one voice, from its onboarded clips.
+
+Each QC'd clip is paired with the reference voice's rendering of its transcript: the clip's WORLD
+frames are warped onto the rendering's timeline through the pretrained converter's conversion
+(``voice_lib.train.convert``), and a peft LoRA learns the rest. The reference voice is chosen per
+target: among the configured sources the base was pretrained with, any that sounds like the target
+itself (GE2E similarity at or above ``model.source_exclude_similarity``: a clone must never replay the
+reference voice) is excluded, and the one nearest in pitch wins (the F0 mapping then moves it least).
+
+Outputs, like the end-to-end fine-tuning: the adapter (``adapter_model.safetensors`` +
+``adapter_config.json``), the voice's GE2E embedding, ``two_stage.json`` (reference voice and pitch
+statistics), a model card and ``voice.json`` (the commit marker, written last) in the artifact store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from voice_lib import __version__
+from voice_lib.core.config import Settings, validate_voice_id
+from voice_lib.core.hashing import sha256_file
+from voice_lib.core.storage import artifact_store
+from voice_lib.core.tracking import MlflowMetrics, start_run
+from voice_lib.model.checkpoints import (
+    CONVERTER_WEIGHTS,
+    LORA_TARGETS,
+    load_converter,
+    write_model_card,
+)
+from voice_lib.train.resume import (
+    CheckpointLedger,
+    mirror_checkpoint,
+    restore_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+
+def clip_frames(manifest: dict, settings: Settings) -> dict[str, tuple[str, np.ndarray]]:
+    """clip_id → (text, the clip's feature matrix at the two-stage frame rate, with aperiodicity)."""
+    from voice_lib.data.audio import decode_audio
+    from voice_lib.data.reference import TWO_STAGE_FEATURES, analyze_frames
+
+    store = artifact_store(settings)
+    out = {}
+    for clip in manifest["clips"]:
+        audio = decode_audio(store.read_bytes(clip["wav"]), TWO_STAGE_FEATURES.sample_rate, clip["wav"]).audio
+        out[clip["clip_id"]] = (clip["text"], analyze_frames(audio, aperiodicity=True))
+    return out
+
+
+def choose_source(texts: list[str], target_frames: list[np.ndarray], speaker: np.ndarray, candidates: list[str],
+                  exclude_similarity: float, language: str = "en") -> tuple[str, dict[str, dict]]:
+    # ``candidates`` speak the target's language (the caller filters); the language is named in errors.
+    """The reference voice for a target, and what was measured of every candidate."""
+    from voice_lib.data.reference import analyze_frames, pitch_stats, render_source
+    from voice_lib.data.speech import cosine, speaker_embedding
+
+    target_pitch = pitch_stats(target_frames)
+    measured: dict[str, dict] = {}
+    for name in candidates:
+        audio = np.concatenate([render_source(t, name) for t in texts[:3]])
+        similarity = cosine(speaker_embedding(audio, 16000), speaker)
+        pitch = pitch_stats([analyze_frames(audio)])
+        measured[name] = {"similarity_to_target": round(similarity, 3), "pitch_distance": round(abs(pitch.mean - target_pitch.mean), 3),
+                          "excluded": similarity >= exclude_similarity}
+    usable = [n for n, m in measured.items() if not m["excluded"]]
+    if not usable:
+        raise ValueError(f"no usable reference voice for language {language!r} among {candidates} "
+                         f"(measured: {measured}); set VOICEOPS_MODEL__SOURCE_VOICES to voices of that language")
+    return min(usable, key=lambda n: measured[n]["pitch_distance"]), measured
+
+
+def finetune_two_stage_voice(voice_id: str, manifest_key: str, settings: Settings, base_dir: Path, rank: int = 8,
+                             steps: int = 400, log_to_mlflow: bool = True) -> dict:
+    """LoRA-adapt the pretrained converter to one voice. Resumes from its checkpoint when retried."""
+    from voice_lib.data.datasets import load_manifest, split_holdout
+
+    validate_voice_id(voice_id)
+    store = artifact_store(settings)
+    manifest = load_manifest(settings, manifest_key)
+    base_sha = sha256_file(base_dir / CONVERTER_WEIGHTS)
+    _, base_config = load_converter(base_dir)
+    cfg = adaptation_config(settings, steps)
+    key = hashlib.sha256(json.dumps([manifest["manifest_sha256"], base_sha, rank, cfg.to_dict(), __version__,
+                                     "two_stage", settings.model.source_voices]).encode()).hexdigest()[:16]
+    prefix = f"voices/{voice_id}/models/{key}"
+    if store.exists(f"{prefix}/voice.json"):
+        log.info("fine-tune: %s already trained (%s)", voice_id, key)
+        return json.loads(store.read_bytes(f"{prefix}/voice.json"))
+    clips = sorted(_Clip(c["clip_id"]) for c in manifest["clips"])
+    rest, held_out = split_holdout(clips, 0.1, 3)  # the same held-out clips as the end-to-end backend's
+    train, val = split_holdout(rest, 0.1, 2, seed=1)
+    speaker = np.load(io.BytesIO(store.read_bytes(manifest["speaker_embedding"]))).astype(np.float32)
+    lineage = {"base_model": "voice-base", "base_version": str(base_config.get("version", "shipped")),
+               "base_sha256": base_sha, "data_sha256": manifest["data_sha256"], "manifest_sha256": manifest["manifest_sha256"],
+               "code_version": __version__, "lora_rank": str(rank), "training_key": key, "backend": "two_stage"}
+    work = settings.cache_dir / "work" / voice_id / f"model-{key}"
+    shutil.rmtree(work, ignore_errors=True)
+    result, facts = _adapt(voice_id, manifest, settings, base_dir, base_config, speaker, train, val, cfg, rank, lineage, work,
+                           log_to_mlflow)
+    np.save(work / "speaker_embedding.npy", speaker)
+    (work / "voice.json").write_text(json.dumps({"voice_id": voice_id, **facts, "held_out": [c.clip_id for c in held_out]}, indent=2))
+    write_model_card(work, f"voice-{voice_id}", facts, description=(
+        "A VoiceOps two-stage voice: the reference voice named below renders the text, the converter "
+        "(voice-base, two-stage) with this LoRA turns it into this speaker. Every number was measured by the recipe."))
+    for path in sorted(work.iterdir()):
+        if path.name != "voice.json":
+            store.upload_file(path, f"{prefix}/{path.name}")
+    summary = {"voice_id": voice_id, "training_key": key, "model_prefix": prefix, "run_id": facts.pop("run_id"),
+               "lineage": lineage, "held_out": [c.clip_id for c in held_out], "manifest_key": manifest_key,
+               "base_dir": str(base_dir), "backend": "two_stage", **facts}
+    store.write_bytes(f"{prefix}/voice.json", json.dumps(summary, indent=2).encode())  # commit marker, last
+    return summary
+
+
+class _Clip(str):
+    """A clip id that ``split_holdout`` can order and split like an example."""
+
+    @property
+    def clip_id(self) -> str:
+        return str(self)
+
+
+def adaptation_config(settings: Settings, steps: int):
+    from voice_lib.train.loop import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=8, learning_rate=settings.model.adapt_learning_rate, warmup_steps=20,
+                       eval_every=50, checkpoint_every=50, patience=4)
+
+
+def _adapt(voice_id: str, manifest: dict, settings: Settings, base_dir: Path, base_config: dict, speaker: np.ndarray,
+           train: list, val: list, cfg, rank: int, lineage: dict, work: Path, log_to_mlflow: bool) -> tuple:
+    """Pairs, source choice, LoRA training; the adapter and two_stage.json saved into ``work``."""
+    from peft import LoraConfig, get_peft_model
+
+    from voice_lib.data.corpus import get_voice
+    from voice_lib.data.reference import (
+        PitchStats,
+        TwoStageVoice,
+        analyze_frames,
+        pitch_stats,
+        render_source,
+    )
+    from voice_lib.model.checkpoints import trainable_parameters
+    from voice_lib.train.convert import ConverterTask, fit_converter, make_pair, realign
+
+    store = artifact_store(settings)
+    frames = clip_frames(manifest, settings)
+    language = manifest["clips"][0].get("language", "en")
+    spoken = [s for s in settings.model.source_voices if get_voice(s).language == language]
+    # Voices the converter was pretrained from first; another voice of the language only if there is none.
+    candidates = [s for s in spoken if s in base_config.get("sources", [])] or spoken
+    texts = [frames[c][0] for c in train]
+    source_voice, measured = choose_source(texts, [frames[c][1] for c in train], speaker, candidates,
+                                           settings.model.source_exclude_similarity, language)
+    log.info("two-stage %s: reference voice %s (%s)", voice_id, source_voice, measured)
+    pairs = {c: make_pair(analyze_frames(render_source(frames[c][0], source_voice)), frames[c][1], speaker) for c in train + val}
+    base, _ = load_converter(base_dir)
+    realign(base, list(pairs.values()))  # align through the pretrained converter: like compared with like
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, lora_dropout=0.0, bias="none"))
+    params = {**lineage, "source_voice": source_voice, "clips_train": len(train), "clips_val": len(val),
+              "adapter_parameters": trainable_parameters(model), **{f"train.{k}": v for k, v in cfg.to_dict().items()}}
+    run_id = start_run(settings, f"voice-{voice_id}", f"train-{lineage['training_key'][:8]}",
+                       {"voiceops.key": f"train-{lineage['training_key']}", "voiceops.step": "train"}, params) if log_to_mlflow else None
+    metrics = MlflowMetrics(settings, run_id)
+    local = settings.cache_dir / "checkpoints" / f"{voice_id}-{lineage['training_key']}.pt"
+    remote = f"voices/{voice_id}/checkpoints/{lineage['training_key']}.pt"
+    ledger = CheckpointLedger(settings, run_id)  # resume only from a checkpoint whose sha256 this run recorded
+    result = fit_converter(model, ConverterTask([pairs[c] for c in train], [pairs[c] for c in val], batch_size=cfg.batch_size),
+                           cfg, restore_checkpoint(store, remote, local, ledger), on_metrics=metrics,
+                           on_checkpoint=lambda path, step: mirror_checkpoint(store, ledger, path, remote, step))
+    metrics.flush()
+    model.save_pretrained(str(work))
+    source_pitch = PitchStats(**base_config["source_pitch"][source_voice]) if source_voice in base_config.get("source_pitch", {}) \
+        else pitch_stats([p.source for p in pairs.values()])
+    TwoStageVoice(source_voice, source_pitch, pitch_stats([frames[c][1] for c in train])).save(work)
+    facts = {**lineage, "source_voice": source_voice, "source_candidates": json.dumps(measured),
+             "steps_trained": result.step, "best_val_loss": round(result.best_val_loss, 4),
+             "stopped_early": result.stopped_early, "resumed_from_step": result.resumed_from,
+             "train_seconds": round(result.seconds, 1), "adapter_parameters": trainable_parameters(model), "run_id": run_id}
+    return result, facts
