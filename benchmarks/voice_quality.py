@@ -69,7 +69,8 @@ def test_clips(voice: str, sentences: list[str], settings: Settings) -> list:
 
 def onboard(voice: str, backend: str, manifest: dict, t_prepare: float, sentences: list[str], settings: Settings,
             work: Path) -> dict:
-    from voice_lib.eval.evaluation import evaluate, json_safe
+    from voice_lib.eval.evaluation import evaluate
+    from voice_lib.eval.metrics import json_safe
     from voice_lib.infer.synthesizer import Synthesizer
     from voice_lib.pipelines.evaluation import evaluate_voice, held_out_clips
     from voice_lib.pipelines.training import finetune_voice

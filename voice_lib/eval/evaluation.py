@@ -142,7 +142,9 @@ def evaluate(synthesizers: Mapping[str, SynthesizerLike], clips: list[HeldOutCli
         raise ValueError(f"evaluate needs held-out clips, and system names other than {REAL!r}/{VOCODER!r} (the ceiling rows)")
     out_dir, started, rows = Path(out_dir), time.perf_counter(), list[ClipRow]()
     samples = out_dir / "samples"
-    fcfg = feature_config or getattr(next(iter(synthesizers.values()), None), "feature_config", None) or FeatureConfig()
+    # The vocoder ceiling resynthesises the clips' own features: onboarding's features step makes them with
+    # FeatureConfig at the settings' rate, whatever the backend under test uses (two-stage: 10 ms frames).
+    fcfg = feature_config or FeatureConfig(sample_rate=full.sample_rate if full else SR)
     for synth in synthesizers.values():  # warm-up: a first call's lazy initialisation must not count as RTF
         synth.synthesize(clips[0].text, clips[0].language)
     for i, clip in enumerate(clips, 1):
