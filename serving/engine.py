@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,9 +28,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class SynthesisJob:
-    """One sentence for the batcher: phoneme ids plus the adapter slot and bank of the request's snapshot."""
+    """One sentence for the batcher: its model inputs plus the adapter slot and bank of the request's snapshot."""
 
-    phoneme_ids: Sequence[int]
+    phoneme_ids: Any  # the backend's model inputs: phoneme ids (end-to-end) or source frames (two-stage)
     speed: float
     base: AcousticBackend
     bank: LoraBank

@@ -21,7 +21,7 @@ import torch
 from serving.engine import SynthesisError, SynthesisJob, SynthesisOutput
 from serving.snapshot import Key, LoadedVersion
 from voice_lib.core.config import Settings
-from voice_lib.infer.core import END_TO_END, AcousticBackend
+from voice_lib.infer.core import END_TO_END, AcousticBackend, read_frontend
 from voice_lib.infer.backends import load_backend
 from voice_lib.infer.multilora import AdapterWeights, LoraBank
 from voice_lib.release.models import trained_base_dir
@@ -80,7 +80,8 @@ class VersionLoader:
         if fault:
             log.warning("fault injection %r is active for %s version %s (serving.fault_injection is on)", fault, name, version)
         return LoadedVersion(voice_id, version, base.sha256, speaker, weights, dict(info.tags), time.time(),
-                             fault=parse_fault(fault) if fault else None, backend=base.name)
+                             fault=parse_fault(fault) if fault else None, backend=base.name,
+                             frontend=read_frontend(folder))
 
     def backend_for(self, lineage: Mapping[str, Any], name: str, version: str) -> AcousticBackend:
         """The exact base a version was trained on (by sha256), loaded once: never an adapter on another base."""
@@ -102,7 +103,7 @@ class VersionLoader:
         return loaded
 
     def warm_up(self, fresh: dict[Key, LoadedVersion], canaries: set[Key], ids: Sequence[int], run_batch: RunBatch,
-                errors: list[str]) -> dict[Key, LoadedVersion]:
+                errors: list[str], text: str = "") -> dict[Key, LoadedVersion]:
         """One synthesis per new version before it takes traffic.
 
         A version that raises is not swapped in. Non-finite output refuses a production version (nothing
@@ -116,7 +117,9 @@ class VersionLoader:
         for sha, versions in by_base.items():
             base = self.bases[sha]
             bank = LoraBank([(v.key, v.weights) for v in versions], base.shapes)
-            jobs = [SynthesisJob(ids, 1.0, base, bank, bank.slot(v.key), v.speaker) for v in versions]
+            # The warm-up sentence through each version's own frontend (two-stage: its reference voice).
+            jobs = [SynthesisJob(ids if v.backend == END_TO_END else base.model_inputs(text, "en", v.frontend), 1.0, base,
+                                 bank, bank.slot(v.key), v.speaker) for v in versions]
             started = time.perf_counter()
             for i, out in run_batch(jobs):
                 v = versions[i]

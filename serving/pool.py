@@ -175,7 +175,8 @@ class VoicePool:
             if fresh:
                 canaries = {(w.voice_id, w.canary) for w in wanted.values() if w.canary}
                 ids = self._phonemize(self.settings.serving.warmup_text)
-                fresh = self.loader.warm_up(fresh, canaries, ids, self.run_batch, errors)
+                fresh = self.loader.warm_up(fresh, canaries, ids, self.run_batch, errors,
+                                            text=self.settings.serving.warmup_text)
             available = {**held, **fresh}
             routes = {voice_id: route for voice_id, w in wanted.items()
                       if (route := route_voice(w, available, old.voices.get(voice_id), errors)) is not None}

@@ -9,7 +9,7 @@ under an in-flight batch, and the old bank is freed when its last batch ends.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -35,6 +35,7 @@ class LoadedVersion:
     warmup: Mapping[str, Any] = field(default_factory=dict)
     fault: str | None = None  # game-day fault injection (serving.fault_injection): raise | silence | slow:<factor>
     backend: str = END_TO_END  # the lineage tag ``backend``
+    frontend: Mapping[str, Any] = field(default_factory=dict)  # the voice's part of the text frontend (two_stage.json)
 
     @property
     def key(self) -> Key:
@@ -83,9 +84,10 @@ class Snapshot:
     banks: Mapping[str, LoraBank]
     created_at: float
 
-    def job(self, version: LoadedVersion, phoneme_ids: Sequence[int], speed: float = 1.0) -> SynthesisJob:
+    def job(self, version: LoadedVersion, inputs: Any, speed: float = 1.0) -> SynthesisJob:
+        """A batcher job for ``inputs`` (what ``version``'s backend frontend made: phoneme ids or source frames)."""
         bank = self.banks[version.base_sha256]
-        return SynthesisJob(phoneme_ids, speed, self.bases[version.base_sha256], bank, bank.slot(version.key),
+        return SynthesisJob(inputs, speed, self.bases[version.base_sha256], bank, bank.slot(version.key),
                             version.speaker)
 
     @property

@@ -32,7 +32,13 @@ from serving.admission import Ticket, estimated_audio_seconds
 from serving.encoding import AudioEncoder, sse_audio_delta, sse_audio_done
 from serving.routing import choose, requested_override
 from serving.services import Services
-from serving.synthesis import PlannedChunk, RequestContext, Served, ServingError, plan_chunks
+from serving.synthesis import (
+    PlannedChunk,
+    RequestContext,
+    Served,
+    ServingError,
+    plan_chunks,
+)
 from serving.tenants import Tenant
 from voice_lib.data.text import Lexicon, word_timings
 
@@ -110,7 +116,7 @@ async def _synthesize_and_answer(svc: Services, st: Any, snap: Any, route: Any, 
                                  planned: Sequence[PlannedChunk], o: SpeechOptions, ctx: RequestContext,
                                  ticket: Ticket) -> Response:
     """The synthesis and the answer of an admitted request; a stream releases ``ticket`` after its last chunk."""
-    chunks = [c.ids for c in planned]
+    chunks = planned  # each version turns them into its own model inputs (serving.synthesis.version_inputs)
     if o.mode == "whole":
         served = await svc.synthesis.synthesize(snap, route, decision, chunks, o.speed, ctx)
         note(svc, st, served)

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from serving.batcher import BatcherClosed, MicroBatcher
+from serving.encoding import MEDIA_TYPES, encode_audio, pcm16, wav_header
 from serving.engine import SynthesisError, SynthesisOutput, bad_audio_kind
 from serving.routing import CANARY, PRODUCTION, Decision
 from serving.snapshot import LoadedVersion, Snapshot, VoiceRoute
-from serving.encoding import MEDIA_TYPES, encode_audio, pcm16, wav_header
 from voice_lib.data.text import (
     FrontendUnavailable,
     Lexicon,
@@ -32,6 +32,7 @@ from voice_lib.data.text import (
     phonemes_to_ids,
     plan_speech,
 )
+from voice_lib.infer.core import END_TO_END
 
 CHUNK_CHARS = 200  # sentences longer than this are split at clauses (text.split_sentences)
 # format -> (soundfile container, subtype, media type), as /openapi.json and the fuzz oracle read it; the encoding
@@ -62,6 +63,22 @@ class PlannedChunk:
     ids: list[int]
     pause_after: float
     speech: SpeechChunk
+
+    @property
+    def spoken_text(self) -> str:
+        """The sentence as the frontend reads it (numbers, dates, overrides resolved): what a two-stage voice's
+        reference synthesizer is given."""
+        return " ".join(w.word for w in self.speech.words) or self.speech.text
+
+
+async def version_inputs(snap: Snapshot, version: LoadedVersion, chunks: Sequence[PlannedChunk]) -> list:
+    """The model inputs of ``chunks`` for ``version``'s backend: the phoneme ids (end-to-end), or the voice's
+    reference rendering of each sentence (two-stage; off the event loop, one thread per sentence)."""
+    if version.backend == END_TO_END:
+        return [c.ids for c in chunks]
+    backend = snap.bases[version.base_sha256]
+    return list(await asyncio.gather(*(asyncio.to_thread(backend.model_inputs, c.spoken_text, "en", version.frontend)
+                                       for c in chunks)))
 
 
 def plan_chunks(text: str, language: str, lexicon: Lexicon | None = None,
@@ -140,17 +157,18 @@ class Synthesis:
     def __init__(self, batcher: MicroBatcher, breaker: Any, audit: Any, metrics: Any, timeout: float) -> None:
         self.batcher, self.breaker, self.audit, self.metrics, self.timeout = batcher, breaker, audit, metrics, timeout
 
-    async def _run(self, snap: Snapshot, version: LoadedVersion, chunks: Sequence[Sequence[int]],
+    async def _run(self, snap: Snapshot, version: LoadedVersion, chunks: Sequence[PlannedChunk],
                    speed: float) -> list[SynthesisOutput]:
         started = time.perf_counter()
+        inputs = await version_inputs(snap, version, chunks)  # per version: canary and production may differ
         try:
-            futures = [self.batcher.submit(snap.job(version, ids, speed)) for ids in chunks]
+            futures = [self.batcher.submit(snap.job(version, item, speed)) for item in inputs]
         except BatcherClosed:
             raise ServingError(503, "shutting_down", "the server is shutting down; retry on another replica") from None
         outputs = list(await asyncio.wait_for(asyncio.gather(*futures), self.timeout))
         return await _inject_fault(version, outputs, time.perf_counter() - started) if version.fault else outputs
 
-    async def synthesize(self, snap: Snapshot, route: VoiceRoute, decision: Decision, chunks: Sequence[Sequence[int]],
+    async def synthesize(self, snap: Snapshot, route: VoiceRoute, decision: Decision, chunks: Sequence[PlannedChunk],
                          speed: float, ctx: RequestContext) -> Served:
         """Every chunk with the decided version; a failing canary falls back to production (module docstring)."""
         started = time.perf_counter()
@@ -182,7 +200,7 @@ class Synthesis:
             self.breaker.observe_production(route.voice_id, served.rtf)
         return served
 
-    async def _fallback(self, snap: Snapshot, route: VoiceRoute, decision: Decision, chunks: Sequence[Sequence[int]],
+    async def _fallback(self, snap: Snapshot, route: VoiceRoute, decision: Decision, chunks: Sequence[PlannedChunk],
                         speed: float, why: str) -> Served:
         production = Decision(PRODUCTION, route.production, decision.effective_weight, decision.bucket)
         try:
@@ -207,7 +225,7 @@ class Synthesis:
                           variant=CANARY, characters=ctx.characters, latency_ms=latency_ms, status=status,
                           error=f"{error}; fell back to production")
 
-    async def stream(self, snap: Snapshot, route: VoiceRoute, decision: Decision, chunks: Sequence[Sequence[int]],
+    async def stream(self, snap: Snapshot, route: VoiceRoute, decision: Decision, chunks: Sequence[PlannedChunk],
                      speed: float, ctx: RequestContext) -> tuple[Served, AsyncIterator[Served]]:
         """The first chunk now (errors still become a proper status), the rest as an async iterator.
 
