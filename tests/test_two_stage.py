@@ -3,6 +3,9 @@ its checkpoint, LoRA-adapt it to an unseen voice, and synthesise from every stag
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +117,93 @@ def test_pretrain_resume_adapt_and_synthesise(parallel_corpus, tmp_path):
     five_ms = target[0][np.repeat(np.arange(len(target[0])), 2)]  # the recording's features as evaluation has them
     recon = adapted.reconstruct(np.zeros(0), five_ms, text=texts[0])
     assert abs(len(recon.audio) - len(target[0]) * 160) <= 160 * 2  # the recording's timing is kept
+
+
+def tiny_converter(out: Path) -> Path:
+    """A random converter with the statistics of real reference frames, saved as pretraining saves one."""
+    from dataclasses import asdict
+
+    from voice_lib.data.reference import (
+        TWO_STAGE_FEATURES,
+        analyze_frames,
+        pitch_stats,
+        render_source,
+    )
+    from voice_lib.model.checkpoints import save_converter
+    from voice_lib.model.converter import Converter, ConverterConfig
+
+    frames = analyze_frames(render_source("The birch canoe slid on the smooth planks.", SOURCES[0]), aperiodicity=True)
+    torch.manual_seed(0)
+    model = Converter(ConverterConfig(d_model=32, ffn_dim=64, n_layers=1))
+    model.set_statistics(frames)
+    save_converter(model, out, {"feature_config": asdict(TWO_STAGE_FEATURES), "sources": [SOURCES[0]],
+                                "source_pitch": {SOURCES[0]: pitch_stats([frames]).to_dict()}})
+    return out
+
+
+def register_two_stage(stack, converter_dir: Path, voice_id: str, seed: int) -> str:
+    """A random LoRA of the tiny converter with its two_stage.json, registered as two-stage training registers."""
+    from peft import LoraConfig, get_peft_model
+
+    from voice_lib.core.hashing import sha256_file
+    from voice_lib.core.tracking import experiment_id, mlflow_client
+    from voice_lib.data.reference import PitchStats, TwoStageVoice
+    from voice_lib.model.checkpoints import (
+        CONVERTER_WEIGHTS,
+        LORA_TARGETS,
+        load_converter,
+    )
+
+    model, config = load_converter(converter_dir)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+    folder = stack.work / f"{voice_id}-{seed}"
+    lora.save_pretrained(str(folder))
+    source = PitchStats(**config["source_pitch"][SOURCES[0]])
+    TwoStageVoice(SOURCES[0], source, PitchStats(source.mean + 0.3, source.std)).save(folder)
+    np.save(folder / "speaker_embedding.npy", np.random.default_rng(seed).standard_normal(256).astype(np.float32))
+    sha = sha256_file(converter_dir / CONVERTER_WEIGHTS)
+    (folder / "voice.json").write_text(json.dumps({"backend": "two_stage", "base_sha256": sha, "base_version": "shipped"}))
+    client = mlflow_client(stack.settings)
+    run_id = client.create_run(experiment_id(client, f"voice-{voice_id}")).info.run_id
+    client.log_artifacts(run_id, str(folder), "voice")
+    tags = {**stack.lineage, "base_sha256": sha, "backend": "two_stage", "gates_passed": "true", "training_key": f"{voice_id}-{seed}"}
+    return stack.registry.register(f"voice-{voice_id}", run_id, "voice", tags).version
+
+
+def test_server_serves_a_two_stage_voice_as_evaluation_hears_it(mlflow_server, tmp_path):
+    """A two-stage version beside end-to-end ones on one server: its audio through the HTTP API is, sample for
+    sample, what evaluation's Synthesizer makes of the same text (one inference core, two backends)."""
+    import httpx
+    from serving_stack import ServerStack
+
+    from serving.synthesis import pcm16
+    from voice_lib.release.models import load_registered_voice
+
+    converter = tiny_converter(tmp_path / "converter")
+    stack = ServerStack(mlflow_server, tmp_path / "home", {"VOICEOPS_MODEL__CONVERTER_DIR": str(converter)})
+    voice = "two-stage-" + stack.a.rsplit("-", 1)[1]
+    try:
+        stack.publish_default_voices()
+        register_two_stage(stack, converter, voice, seed=5)
+        stack.registry.promote(f"voice-{voice}", 1)
+        stack.start()
+        stack.wait("the two-stage voice", lambda: voice in stack.status().get("voices", {}), timeout=120)
+        settings = stack.settings.model_copy(update={"model": stack.settings.model.model_copy(update={"converter_dir": converter})})
+        synth, meta = load_registered_voice(settings, voice, "production")
+        assert meta["backend"] == "two_stage" and meta["resolved_base_dir"] == str(converter)
+        text = "The birch canoe slid on the smooth planks."
+        evaluated = synth.synthesize(text, "en")
+        r = httpx.post(f"{stack.url}/v1/tts", json={"text": text, "voice_id": voice, "format": "pcm16", "language": "en"},
+                       headers=stack.auth("ops"), timeout=60)
+        assert r.status_code == 200, r.text
+        served, expected = np.frombuffer(r.content, "<i2"), np.frombuffer(pcm16(evaluated.audio), "<i2")
+        assert len(expected) > evaluated.sample_rate and np.abs(expected).max() > 100
+        assert len(served) == len(expected) and np.array_equal(served, expected), np.abs(served - expected.astype(int)).max()
+        e2e = stack.tts("ops", voice_id=stack.b)  # the end-to-end voices still speak beside it
+        assert e2e.status_code == 200 and len(e2e.content) > 1000
+    finally:
+        stack.stop()
