@@ -25,6 +25,7 @@ import numpy as np
 
 from voice_lib import __version__
 from voice_lib.core.config import Settings, validate_voice_id
+from voice_lib.core.handoffs import TrainedVoice
 from voice_lib.core.hashing import sha256_file
 from voice_lib.core.storage import artifact_store
 from voice_lib.core.tracking import MlflowMetrics, start_run
@@ -79,7 +80,7 @@ def choose_source(texts: list[str], target_frames: list[np.ndarray], speaker: np
 
 
 def finetune_two_stage_voice(voice_id: str, manifest_key: str, settings: Settings, base_dir: Path, rank: int = 8,
-                             steps: int = 400, log_to_mlflow: bool = True) -> dict:
+                             steps: int = 400, log_to_mlflow: bool = True) -> TrainedVoice:
     """LoRA-adapt the pretrained converter to one voice. Resumes from its checkpoint when retried."""
     from voice_lib.data.datasets import load_manifest, split_holdout
 
@@ -94,7 +95,7 @@ def finetune_two_stage_voice(voice_id: str, manifest_key: str, settings: Setting
     prefix = f"voices/{voice_id}/models/{key}"
     if store.exists(f"{prefix}/voice.json"):
         log.info("fine-tune: %s already trained (%s)", voice_id, key)
-        return json.loads(store.read_bytes(f"{prefix}/voice.json"))
+        return TrainedVoice.from_json(json.loads(store.read_bytes(f"{prefix}/voice.json")), f"{prefix}/voice.json")
     clips = sorted(_Clip(c["clip_id"]) for c in manifest["clips"])
     rest, held_out = split_holdout(clips, 0.1, 3)  # the same held-out clips as the end-to-end backend's
     train, val = split_holdout(rest, 0.1, 2, seed=1)
@@ -114,11 +115,14 @@ def finetune_two_stage_voice(voice_id: str, manifest_key: str, settings: Setting
     for path in sorted(work.iterdir()):
         if path.name != "voice.json":
             store.upload_file(path, f"{prefix}/{path.name}")
-    summary = {"voice_id": voice_id, "training_key": key, "model_prefix": prefix, "run_id": facts.pop("run_id"),
-               "lineage": lineage, "held_out": [c.clip_id for c in held_out], "manifest_key": manifest_key,
-               "base_dir": str(base_dir), "backend": "two_stage", **facts}
-    store.write_bytes(f"{prefix}/voice.json", json.dumps(summary, indent=2).encode())  # commit marker, last
-    return summary
+    run_id = facts.pop("run_id")
+    named = {"steps_trained", "best_val_loss", "stopped_early", "resumed_from_step", "train_seconds", "adapter_parameters"}
+    trained = TrainedVoice(voice_id=voice_id, training_key=key, model_prefix=prefix, manifest_key=manifest_key,
+                           base_dir=str(base_dir), held_out=[c.clip_id for c in held_out], lineage=lineage, run_id=run_id,
+                           backend="two_stage", **{k: v for k, v in facts.items() if k in named},
+                           extra={k: v for k, v in facts.items() if k not in named and k != "backend"})
+    store.write_bytes(f"{prefix}/voice.json", json.dumps(trained.to_json(), indent=2).encode())  # commit marker, last
+    return trained
 
 
 class _Clip(str):
