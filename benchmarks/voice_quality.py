@@ -30,7 +30,6 @@ import numpy as np
 from voice_lib.core.config import Settings
 from voice_lib.data.corpus import PRETRAIN_HOLDOUT, load_sentences, make_voice_dataset
 
-STEPS = {"two_stage": 400, "end_to_end": 600}
 
 
 def prepare(voice: str, seconds: float, settings: Settings, work: Path) -> tuple[dict, float]:
@@ -77,8 +76,7 @@ def onboard(voice: str, backend: str, manifest: dict, t_prepare: float, sentence
     from voice_lib.train.finetune import fetch_voice_model
 
     started = time.perf_counter()
-    trained = finetune_voice(voice, manifest["manifest_key"], settings, steps=STEPS[backend], log_to_mlflow=False,
-                             backend=backend)
+    trained = finetune_voice(voice, manifest["manifest_key"], settings, log_to_mlflow=False, backend=backend)
     t_trained = time.perf_counter() - started + t_prepare
     platform = evaluate_voice(settings, trained)  # what onboarding decides, with the default gates
     t_registered = time.perf_counter() - started + t_prepare

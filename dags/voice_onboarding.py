@@ -77,7 +77,8 @@ def train(manifest: dict, params=None) -> dict:
     # A retry resumes from the step checkpoint written every 50 steps.
     backend = params.get("backend", "default")  # "default": VOICEOPS_MODEL__BACKEND
     return finetune_voice(params["voice_id"], manifest["manifest_key"], _settings(params),
-                          rank=int(params["lora_rank"]), steps=int(params["train_steps"]),
+                          rank=int(params["lora_rank"]),
+                          steps=int(params["train_steps"]) if params.get("train_steps") else None,
                           backend=None if backend == "default" else backend).to_json()
 
 # The hand-offs travel as JSON (XCom); the library takes and returns voice_lib.core.handoffs records.
@@ -128,8 +129,9 @@ def auto_release_enabled(registered: dict) -> bool:
                                     description="Reject the dataset with less usable speech than this."),
         "shards": Param(2, type="integer", minimum=1, maximum=64, description="Parallel QC/feature shards."),
         "lora_rank": Param(8, type="integer", minimum=1, maximum=64, description="LoRA rank of the voice adapter."),
-        "train_steps": Param(600, type="integer", minimum=1, maximum=20000,
-                             description="Fine-tuning steps (early stopping may end sooner)."),
+        "train_steps": Param(None, type=["null", "integer"], minimum=1, maximum=20000,
+                             description="Fine-tuning steps (early stopping may end sooner); empty: the backend's "
+                                         "default (two-stage 400, end-to-end 600)."),
         "backend": Param("default", type="string", enum=["default", "two_stage", "end_to_end"],
                          description="Acoustic backend: two_stage (a reference synthesizer + a LoRA-adapted converter) "
                                      "or end_to_end; default = VOICEOPS_MODEL__BACKEND. See docs/model.md."),

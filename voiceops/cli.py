@@ -201,6 +201,8 @@ def corpus(
     sentences: int = typer.Option(20, min=1, help="Sentences per voice."),
     language: str = typer.Option("en", help="en or zh."),
     pretrain: bool = typer.Option(False, "--pretrain", help="Only the pretraining speakers (held-out voices excluded)."),
+    parallel: bool = typer.Option(False, "--parallel", help="Every speaker reads the same sentences (the two-stage "
+                                                              "converter's pretraining pairs)."),
     seed: int = 0,
 ) -> None:
     """Generate a multi-speaker synthetic corpus with transcripts from offline TTS engines."""
@@ -209,7 +211,7 @@ def corpus(
     speakers = voices.split(",") if voices else (pretrain_voices(language) if pretrain else None)
     try:
         manifest = generate_corpus(out, speakers, sentences, language=language,
-                                   sample_rate=get_settings().sample_rate, seed=seed)
+                                   sample_rate=get_settings().sample_rate, seed=seed, parallel=parallel)
     except CorpusError as exc:
         raise _usage_error(str(exc)) from exc
     console.print(f"corpus written to {out} ({len(manifest.speakers)} speakers)")
@@ -343,14 +345,26 @@ def pretrain(
     batch_size: int = typer.Option(16, min=2),
     out: Optional[Path] = typer.Option(None, help="Where to write the base model (default <home>/models/voice-base)."),
     register: bool = typer.Option(True, "--register/--no-register", help="Log to MLflow and register voice-base@production."),
+    backend: str = typer.Option("end-to-end", help="end-to-end: the shared base; two-stage: the converter (a "
+                                                   "--parallel corpus; use it with VOICEOPS_MODEL__CONVERTER_DIR)."),
 ) -> None:
-    """Pretrain the shared base model on a multi-speaker corpus."""
+    """Pretrain the shared base model (or the two-stage converter) on a multi-speaker corpus."""
     from voice_lib.pipelines.training import pretrain_and_register
 
     _setup_logging(True)
     if not (corpus_dir / "corpus.list").exists():
         raise _usage_error(f"{corpus_dir}: no corpus.list; create it with `voiceops corpus {corpus_dir} --pretrain`.")
     settings = get_settings()
+    if backend == "two-stage":
+        from voice_lib.train.pretrain import pretrain_converter
+
+        info = pretrain_converter(corpus_dir, settings, out or settings.home / "models" / "converter", steps=steps)
+        console.print(f"converter: {info['base_dir']} (best validation loss {info['best_val_loss']:.4f}, "
+                      f"{info['steps_trained']} steps, {info['train_seconds']:.0f} s); serve it with "
+                      f"VOICEOPS_MODEL__CONVERTER_DIR={info['base_dir']}")
+        return
+    if backend != "end-to-end":
+        raise _usage_error(f"--backend must be end-to-end or two-stage, not {backend!r}")
     info = pretrain_and_register(corpus_dir, settings, out or settings.home / "models" / "voice-base", steps=steps,
                          batch_size=batch_size, log_to_mlflow=register, register=register)
     console.print(f"base model: {info['base_dir']} (best validation loss {info['best_val_loss']:.4f}, "

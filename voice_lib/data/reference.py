@@ -94,13 +94,19 @@ class TwoStageVoice:
     source_voice: str  # the reference synthesizer voice, e.g. "flite-awb"
     source_pitch: PitchStats
     target_pitch: PitchStats
+    # Global-variance post-filter: per envelope dimension, how much to stretch the converted envelope around its
+    # utterance mean (regression over imperfect alignments over-smooths it, which listeners and DNSMOS hear as
+    # muffled). None: no post-filter (voices adapted before it existed).
+    envelope_scale: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> TwoStageVoice:
-        return cls(data["source_voice"], PitchStats(**data["source_pitch"]), PitchStats(**data["target_pitch"]))
+        scale = data.get("envelope_scale")
+        return cls(data["source_voice"], PitchStats(**data["source_pitch"]), PitchStats(**data["target_pitch"]),
+                   tuple(float(v) for v in scale) if scale is not None else None)
 
     def save(self, folder: Path) -> Path:
         path = folder / VOICE_FILE
@@ -114,3 +120,14 @@ class TwoStageVoice:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{folder / VOICE_FILE}: not a readable two-stage voice file ({exc}); "
                              "re-run the voice's onboarding to write it again") from exc
+
+
+def apply_envelope_scale(frames: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """The global-variance post-filter: the envelope stretched around its utterance mean, per dimension."""
+    if scale is None:
+        return frames
+    out = frames.copy()
+    env = out[:, 2:62]
+    mean = env.mean(0, keepdims=True)
+    out[:, 2:62] = mean + (env - mean) * np.asarray(scale, dtype=np.float32)
+    return out

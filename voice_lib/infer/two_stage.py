@@ -21,7 +21,14 @@ import numpy as np
 import torch
 
 from voice_lib.data.features import FeatureConfig
-from voice_lib.data.reference import TWO_STAGE_FEATURES, TwoStageVoice, analyze_frames, map_f0, render_source
+from voice_lib.data.reference import (
+    TWO_STAGE_FEATURES,
+    TwoStageVoice,
+    analyze_frames,
+    apply_envelope_scale,
+    map_f0,
+    render_source,
+)
 from voice_lib.infer.core import AcousticRow, SynthesisError
 from voice_lib.infer.multilora import LoraBank, activate, install
 from voice_lib.model.converter import Converter
@@ -44,6 +51,14 @@ def change_rate(frames: np.ndarray, speed: float) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
+class SourceFrames:
+    """A row's model inputs: the reference rendering's frames (F0 already the voice's) and the voice's post-filter."""
+
+    frames: np.ndarray
+    envelope_scale: np.ndarray | None = None
+
+
+@dataclass(frozen=True, eq=False)
 class TwoStageBackend:
     """A resident converter with its LoRA target layers wrapped for multi-adapter inference."""
 
@@ -54,13 +69,14 @@ class TwoStageBackend:
     feature_config: FeatureConfig
     source: str  # the folder it was loaded from (shown in /v1/admin/status)
 
-    def model_inputs(self, text: str, language: str, frontend: Mapping[str, Any] | None = None) -> np.ndarray:
+    def model_inputs(self, text: str, language: str, frontend: Mapping[str, Any] | None = None) -> SourceFrames:
         """The reference voice's frames of ``text``, F0 moved to the voice's (``frontend``: its two_stage.json)."""
         if not frontend:
             raise SynthesisError("a two-stage voice needs its two_stage.json (reference voice and pitch statistics)")
         voice = TwoStageVoice.from_dict(dict(frontend))
         frames = analyze_frames(render_source(text, voice.source_voice, self.feature_config.sample_rate), self.feature_config)
-        return map_f0(frames, voice.source_pitch, voice.target_pitch)
+        scale = None if voice.envelope_scale is None else np.asarray(voice.envelope_scale, dtype=np.float32)
+        return SourceFrames(map_f0(frames, voice.source_pitch, voice.target_pitch), scale)
 
     def _convert(self, sources: Sequence[np.ndarray], rows: Sequence[AcousticRow], bank: LoraBank) -> list[np.ndarray]:
         lengths = torch.tensor([len(s) for s in sources])
@@ -73,28 +89,34 @@ class TwoStageBackend:
         return [out[i, : int(lengths[i])].numpy() for i in range(len(sources))]
 
     def predict(self, rows: Sequence[AcousticRow], bank: LoraBank) -> list[np.ndarray | SynthesisError]:
-        converted = self._convert([np.asarray(r.inputs) for r in rows], rows, bank)
-        return [change_rate(frames, row.speed) for frames, row in zip(converted, rows)]
+        converted = self._convert([r.inputs.frames for r in rows], rows, bank)
+        return [change_rate(apply_envelope_scale(frames, row.inputs.envelope_scale), row.speed)
+                for frames, row in zip(converted, rows)]
 
     def predict_with_timing(self, row: AcousticRow, bank: LoraBank, reference: np.ndarray) -> np.ndarray:
         """The source warped onto a recording's timing by DTW (the alignment training uses), then converted.
         ``reference`` is the recording's feature matrix at any multiple of 10 ms's rate (5 ms: every other row)."""
-        from voice_lib.data.alignment import alignment_features, dtw_path, warp_to_target
+        from voice_lib.data.alignment import (
+            alignment_features,
+            dtw_path,
+            warp_to_target,
+        )
 
         step = max(1, int(round(self.feature_config.frame_period_ms / 5.0)))
         target = np.asarray(reference, dtype=np.float32)[::step]
-        source = np.asarray(row.inputs)
+        source = row.inputs.frames
         warped = warp_to_target(dtw_path(alignment_features(source), alignment_features(target)), len(target), source)
-        return self._convert([warped], [row], bank)[0]
+        return apply_envelope_scale(self._convert([warped], [row], bank)[0], row.inputs.envelope_scale)
 
 
 def load_two_stage(folder: Path, sha256: str | None = None) -> TwoStageBackend:
     """The converter in ``folder`` (voice_lib.model.checkpoints.save_converter layout), ready for adapters."""
     from voice_lib.core.hashing import sha256_file
     from voice_lib.model.checkpoints import CONVERTER_WEIGHTS, load_converter
+    from voice_lib.model.converter import CONVERTER_LORA_TARGETS
 
     model, config = load_converter(folder)
-    shapes = install(model)
+    shapes = install(model, CONVERTER_LORA_TARGETS)
     model.eval()
     features = FeatureConfig(**config["feature_config"]) if "feature_config" in config else TWO_STAGE_FEATURES
     return TwoStageBackend(sha256 or sha256_file(folder / CONVERTER_WEIGHTS), model, shapes, features, str(folder))

@@ -29,6 +29,10 @@ from torch import nn
 LF0, VUV, ENVELOPE, APERIODICITY = 0, 1, slice(2, 62), slice(62, 63)  # feature-matrix columns
 N_ENVELOPE = 60
 FRAME_DIM = 63
+# LoRA targets of a voice's adapter: every block's Linear layers (named as in voice_lib.model.network) and the
+# speaker and output projections, where most of a voice's timbre lives (measured: training those two heads
+# with the blocks' LoRA gave the best similarity; as LoRA they batch in the server like the rest).
+CONVERTER_LORA_TARGETS = ["qkv", "proj", "fc1", "fc2", "speaker", "out"]
 IN_DIM = N_ENVELOPE + 2  # envelope, voicing, z-scored log F0
 OUT_DIM = N_ENVELOPE + 1  # envelope, band aperiodicity
 
