@@ -135,7 +135,7 @@ def pretrain_converter(corpus_dir: Path, settings: Settings, out_dir: Path, step
     params = {"speakers": ",".join(speakers), "sources": ",".join(sources), "pairs": len(train) + len(val),
               "parameters": model.n_params(), "refine_at": refine_at,
               **{f"model.{k}": v for k, v in model.cfg.to_dict().items()}, **{f"train.{k}": v for k, v in cfg.to_dict().items()}}
-    recipe = {"backend": "two_stage", "sources": list(sources), "refine_at": refine_at,
+    recipe = {"backend": "two_stage", "sources": list(sources), "refine_at": refine_at, "model": model.cfg.to_dict(),
               **{k: v for k, v in cfg.to_dict().items() if k not in ("steps", "threads")}}
     key, run_id = training_run(settings, "pretrain-converter", data_sha, recipe, params, log_to_mlflow)
     metrics = MlflowMetrics(settings, run_id)
