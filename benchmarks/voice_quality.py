@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from common import Bench
 
 from voice_lib.core.config import Settings
 from voice_lib.data.corpus import PRETRAIN_HOLDOUT, load_sentences, make_voice_dataset
@@ -73,12 +74,17 @@ def onboard(voice: str, backend: str, manifest: dict, t_prepare: float, sentence
     from voice_lib.infer.synthesizer import Synthesizer
     from voice_lib.pipelines.evaluation import evaluate_voice, held_out_clips
     from voice_lib.pipelines.training import finetune_voice
+    from voice_lib.release.registration import GatesFailed, register_voice
     from voice_lib.train.finetune import fetch_voice_model
 
     started = time.perf_counter()
-    trained = finetune_voice(voice, manifest["manifest_key"], settings, log_to_mlflow=False, backend=backend)
+    trained = finetune_voice(voice, manifest["manifest_key"], settings, backend=backend)
     t_trained = time.perf_counter() - started + t_prepare
     platform = evaluate_voice(settings, trained)  # what onboarding decides, with the default gates
+    try:
+        registered = register_voice(settings, trained, platform).version
+    except GatesFailed:
+        registered = None  # tagged rejected in the registry, with the reasons
     t_registered = time.perf_counter() - started + t_prepare
     model_dir = fetch_voice_model(settings, trained)
     speaker = np.load(model_dir / "speaker_embedding.npy")
@@ -92,6 +98,7 @@ def onboard(voice: str, backend: str, manifest: dict, t_prepare: float, sentence
         "test_clips": len(clips), "steps_trained": trained.steps_trained, "source_voice": trained.extra.get("source_voice"),
         "seconds_to_trained": round(t_trained, 1), "seconds_to_candidate": round(t_registered, 1),
         "aggregates": json_safe(result.aggregates), "platform_gate_failures": platform.gate_failures,
+        "registered_candidate": registered,
         "report": str(work / f"eval-{voice}-{backend}" / "report.html"),
     }
 
@@ -131,8 +138,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "voice_quality.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    work = Path(tempfile.mkdtemp(prefix="voice-quality-"))
-    settings = Settings(home=work / "home")
+    bench = Bench("voice-quality")  # a private MLflow: onboarding registers each clone, as it would for a user
+    work = bench.home
+    settings = Settings(home=work / "home", mlflow_tracking_uri=bench.start_mlflow())
     # Fixed everyday sentences from the end of the bundled list; make_voice_dataset draws the 75 s from
     # a seeded shuffle of all of them, so any it happens to share are dropped from the test set.
     results = []
