@@ -49,7 +49,8 @@ class Oracle:
         audio = corpus.synthesize(text, self.voice)
         return Synthesis(self.post(audio), SR, time.perf_counter() - started)
 
-    def reconstruct(self, phoneme_ids: np.ndarray, features: np.ndarray) -> Synthesis:
+    def reconstruct(self, phoneme_ids: np.ndarray, features: np.ndarray, text: str | None = None,
+                    language: str = "en") -> Synthesis:
         started = time.perf_counter()
         lf0, vuv, env, bap = split_features(features)
         return Synthesis(self.post(world_synthesis(self.pitch(lf0), vuv, env, bap, CFG)), SR, time.perf_counter() - started)
@@ -69,7 +70,8 @@ class WrongSpeaker(Oracle):
     def pitch(self, lf0: np.ndarray) -> np.ndarray:
         return lf0 - np.log(2.0)
 
-    def reconstruct(self, phoneme_ids: np.ndarray, features: np.ndarray) -> Synthesis:
+    def reconstruct(self, phoneme_ids: np.ndarray, features: np.ndarray, text: str | None = None,
+                    language: str = "en") -> Synthesis:
         out = super().reconstruct(phoneme_ids, features)  # WORLD peaks rise an octave down: keep it off full scale
         return Synthesis(out.audio * 0.5, SR, out.seconds_compute)
 
@@ -145,8 +147,11 @@ def test_wrong_speaker_fails_similarity_gate(evaluated):
     value = result.aggregates["base"]["speaker_similarity"]
     assert value < 0.7
     assert re.fullmatch(rf"speaker_similarity {value:.2f} < 0\.8 \(VOICEOPS_EVAL__MIN_SPEAKER_SIMILARITY\)", sim[0].message)
-    # an octave too low: PESQ collapses while STOI (intelligibility) barely moves
-    assert any(f.metric == "pesq" and "(VOICEOPS_EVAL__MIN_PESQ)" in f.message for f in failures)
+    # an octave too low: PESQ collapses while STOI (intelligibility) barely moves; PESQ is not gated by default
+    # (docs/model.md), so the gate is checked where an operator sets the floor
+    pesq_gated = Settings(eval=EvalSettings(min_pesq=1.5))
+    assert any(f.metric == "pesq" and "(VOICEOPS_EVAL__MIN_PESQ)" in f.message
+               for f in check_gates(result.aggregates, pesq_gated, system="base"))
     # the adapted model against a base that is as good as it: no gain, gate fails with both values named
     gain = check_gates(result.aggregates, Settings(), system="clipped", baseline="adapted")
     assert any(f.gate == "min_similarity_gain_over_base" and "vs adapted" in f.message for f in gain)

@@ -482,7 +482,7 @@ def demo(
     voice_id: str = typer.Option("demo-slt", help="Voice id of the demo voice."),
     speaker: str = typer.Option("flite-slt", help="Offline TTS speaker (unseen in pretraining) standing in for a person."),
     seconds: float = typer.Option(75.0, help="Seconds of recordings to generate."),
-    train_steps: int = typer.Option(300, help="LoRA fine-tuning steps."),
+    train_steps: Optional[int] = typer.Option(None, help="LoRA fine-tuning steps (default: the backend's)."),
     release: bool = typer.Option(True, "--release/--no-release", help="Finish with a short canary run to production."),
 ) -> None:
     """The whole job on the embedded stack: recordings → onboarding → registered candidate → synthesis → release."""

@@ -8,17 +8,14 @@ from rich.console import Console
 
 from voice_lib.core.config import Settings
 
-# The CPU reference base shipped in the repo is small and briefly trained: its clones sound like the
-# speaker (GE2E similarity 0.61-0.84, up to +0.26 over the base) but are not yet intelligible (WER 0.6-0.9) nor
-# natural (DNSMOS P.808 ~2.7 against ~3.5 for the recordings; docs/model.md, docs/instruments.md). The release
-# gates (VOICEOPS_EVAL__*) would rightly reject them, so the demo uses this relaxed profile to show the whole path,
-# and says so. Real releases keep the defaults.
-DEMO_GATES = {"min_pesq": 1.0, "max_wer_gap_over_real": 1.0, "min_stoi": 0.3, "min_speaker_similarity": 0.6,
-              "min_similarity_gain_over_base": 0.05, "min_p808_mos": 2.3, "max_p808_gap_below_real": 1.5,
-              "max_p808_drop_below_production": 0.5}
+# One gate is still relaxed for the demo, and only that one: the two-stage clones (the default backend) pass the
+# default WER and similarity gates on the held-out voices, but their DNSMOS P.808 is 0.4-0.5 below the
+# recordings' where the gate allows 0.3 (benchmarks/results/voice_quality.json, docs/model.md). Every other gate,
+# including the absolute P.808 floor, is the default. Real releases keep all defaults.
+DEMO_GATES = {"max_p808_gap_below_real": 0.6}
 
 
-def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, train_steps: int, release: bool,
+def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, train_steps: int | None, release: bool,
              console: Console) -> int:
     from voice_lib.core.handoffs import EvaluationSummary
     from voice_lib.core.storage import artifact_store
@@ -30,8 +27,8 @@ def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, tr
     from voiceops import airflow_client, stack
 
     total = 5 if release else 4
-    console.print(f"[yellow]demo gate profile: {DEMO_GATES} (defaults would reject the CPU reference model's "
-                  "unintelligible clones; see docs/model.md)[/yellow]")
+    console.print(f"[yellow]demo gate profile: the defaults except {DEMO_GATES} (the clones' DNSMOS is 0.4-0.5 below "
+                  "the recordings' where the default allows 0.3; see docs/model.md)[/yellow]")
     settings = settings.model_copy(update={"eval": settings.eval.model_copy(update=DEMO_GATES)})
     data = settings.home / "demo" / voice_id
     console.rule(f"1/{total} recordings")
@@ -56,7 +53,9 @@ def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, tr
             return 1
         if candidate.version == "1":
             console.print("now a second, longer fine-tune of the same voice, released through a canary:")
-            conf["train_steps"] = train_steps * 2
+            from voice_lib.pipelines.training import DEFAULT_STEPS
+
+            conf["train_steps"] = (train_steps or DEFAULT_STEPS[settings.model.backend]) * 3 // 2
             if airflow_client.dags_test(settings, "voice_onboarding", conf, console) != "success":
                 return 1
             second = registry.version_by_alias(f"voice-{voice_id}", "candidate")
