@@ -26,6 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from voice_lib.model.network import (
+    FeedForward,  # the same feed-forward layer (fc1/fc2) as the end-to-end model
+)
+
 LF0, VUV, ENVELOPE, APERIODICITY = 0, 1, slice(2, 62), slice(62, 63)  # feature-matrix columns
 N_ENVELOPE = 60
 FRAME_DIM = 63
@@ -65,17 +69,6 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, cfg: ConverterConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.d_model, cfg.ffn_dim)
-        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.dropout(F.gelu(self.fc1(x))))
 
 
 class Block(nn.Module):
