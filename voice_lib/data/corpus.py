@@ -310,8 +310,16 @@ def generate_corpus(
         (out_dir / voice.name / "metadata.csv").write_text("".join(rows), encoding="utf-8")
     manifest = CorpusManifest(out_dir, sample_rate, clips, len(todo), [v.name for v in chosen])
     manifest.list_path.write_text("".join(f"{c.file}|{c.speaker}|{c.language}|{c.text}\n" for c in clips), encoding="utf-8")
+    _write_summary(json_path, manifest, language, sample_rate, seed, parallel)
+    return manifest
+
+
+def _write_summary(json_path: Path, manifest: CorpusManifest, language: str, sample_rate: int, seed: int,
+                   parallel: bool) -> None:
+    """corpus.json: per-speaker totals, the sentences and every clip (what a re-run compares against)."""
+    clips = manifest.clips
     summary = {
-        "version": 1, "language": language, "sample_rate": sample_rate, "seed": seed,
+        "version": 1, "language": language, "sample_rate": sample_rate, "seed": seed, "parallel": parallel,
         "speakers": {
             name: {"engine": VOICES[name].engine, "clips": sum(c.speaker == name for c in clips), "seconds": round(s, 3)}
             for name, s in manifest.seconds_per_speaker().items()
@@ -320,7 +328,6 @@ def generate_corpus(
         "clips": [c.__dict__ for c in clips],
     }
     json_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return manifest
 
 
 def make_voice_dataset(
