@@ -71,7 +71,11 @@ class TrainedVoice(JsonRecord):
     resumed_from_step: int = 0
     train_seconds: float = 0.0
     adapter_parameters: int = 0
-    backend: str = "end_to_end"  # the acoustic backend (markers written before the two-stage backend: end_to_end)
+
+    @property
+    def backend(self) -> str:
+        """The acoustic backend, from the lineage (markers written before the two-stage backend: end_to_end)."""
+        return str(self.lineage.get("backend") or self.extra.get("backend") or "end_to_end")
 
 
 @dataclass

@@ -133,8 +133,8 @@ def finetune_two_stage_voice(voice_id: str, manifest_key: str, settings: Setting
     named = {"steps_trained", "best_val_loss", "stopped_early", "resumed_from_step", "train_seconds", "adapter_parameters"}
     trained = TrainedVoice(voice_id=voice_id, training_key=key, model_prefix=prefix, manifest_key=manifest_key,
                            base_dir=str(base_dir), held_out=[c.clip_id for c in held_out], lineage=lineage, run_id=run_id,
-                           backend="two_stage", **{k: v for k, v in facts.items() if k in named},
-                           extra={k: v for k, v in facts.items() if k not in named and k != "backend"})
+                           **{k: v for k, v in facts.items() if k in named},
+                           extra={k: v for k, v in facts.items() if k not in named})
     store.write_bytes(f"{prefix}/voice.json", json.dumps(trained.to_json(), indent=2).encode())  # commit marker, last
     return trained
 
