@@ -38,7 +38,7 @@ def base_model_pretrain():
 
         return build_pretrain_corpus(get_settings(), int(params["sentences_per_voice"]))
 
-    @task(execution_timeout=timedelta(hours=6), queue=get_settings().train.queue)  # VOICEOPS_TRAIN__QUEUE=gpu: the gpu worker
+    @task(execution_timeout=timedelta(hours=6), **get_settings().train.task_options())  # VOICEOPS_TRAIN__QUEUE=gpu: the gpu worker
     def pretrain(corpus: dict, params=None) -> dict:
         from voice_lib.pipelines.training import pretrain_from_store
 

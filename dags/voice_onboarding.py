@@ -70,7 +70,7 @@ def features_manifest(dataset: dict, qc: dict, shard_results: list, params=None)
     return run(dataset, qc, _settings(params))
 
 
-@task(execution_timeout=timedelta(hours=2), queue=get_settings().train.queue)  # VOICEOPS_TRAIN__QUEUE=gpu: the gpu worker
+@task(execution_timeout=timedelta(hours=2), **get_settings().train.task_options())  # VOICEOPS_TRAIN__QUEUE=gpu: the gpu worker
 def train(manifest: dict, params=None) -> dict:
     from voice_lib.pipelines.training import finetune_voice
 

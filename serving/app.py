@@ -115,7 +115,7 @@ class RequestObserver:
             response = error_json(413, "request_too_large", f"request body is {length} bytes; the limit is {limit}")
             return await response(scope, receive, observed_send)
         try:
-            await self.app(scope, self._bounded(receive, state), observed_send)
+            await self.app(scope, self._bounded(receive, state, limit), observed_send)
         except BodyTooLarge as exc:  # raised outside FastAPI's handlers (e.g. read by a middleware below)
             if not result.get("started"):
                 await error_json(413, "request_too_large", exc.detail)(scope, receive, observed_send)
@@ -130,8 +130,9 @@ class RequestObserver:
                 result["done"] = True
                 self._finish(scope["path"], state, result["status"], started)
 
-    def _bounded(self, receive: Any, state: dict) -> Any:
-        """``receive`` that counts body bytes and raises BodyTooLarge once they pass ``max_body``."""
+    def _bounded(self, receive: Any, state: dict, limit: int) -> Any:
+        """``receive`` that counts body bytes and raises BodyTooLarge once they pass ``limit`` (the route's: an
+        upload's is ``max_upload``, every other body's ``max_body``)."""
         received = 0
 
         async def bounded_receive() -> dict:
@@ -139,9 +140,9 @@ class RequestObserver:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
+                if received > limit:
                     state["error"] = "request body too large"
-                    raise BodyTooLarge(self.max_body)
+                    raise BodyTooLarge(limit)
             return message
 
         return bounded_receive

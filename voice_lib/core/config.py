@@ -196,8 +196,13 @@ class TrainSettings(BaseModel):
 
     # The Celery queue of the fine-tuning and pretraining tasks. "gpu" sends them to the airflow-worker-gpu
     # service of docker-compose.yml; read when the DAG files are parsed, so set it for the dag processor
-    # and scheduler too. LocalExecutor (`voiceops up`) has no queues and ignores it.
-    queue: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # and scheduler too. Unset: Airflow's own default queue ([operators] default_queue), like every other task.
+    # LocalExecutor (`voiceops up`) has no queues and ignores it.
+    queue: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+    def task_options(self) -> dict[str, str]:
+        """The @task keyword arguments that put a training task on ``queue`` (none when unset)."""
+        return {"queue": self.queue} if self.queue else {}
 
 
 class LimitSettings(BaseModel):
