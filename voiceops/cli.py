@@ -481,7 +481,7 @@ def bench(
 def demo(
     voice_id: str = typer.Option("demo-rms", help="Voice id of the demo voice."),
     # flite-rms: of the held-out voices the one with the most margin on the default gates (docs/model.md); on
-    # flite-slt the clone's similarity on its 3 held-out clips can land on the 0.80 line (measured 0.7996 once).
+    # flite-slt the clone's similarity on its 3 held-out clips can land on the 0.80 line (measured 0.799 once).
     speaker: str = typer.Option("flite-rms", help="Offline TTS speaker (unseen in pretraining) standing in for a person."),
     seconds: float = typer.Option(75.0, help="Seconds of recordings to generate."),
     train_steps: Optional[int] = typer.Option(None, help="LoRA fine-tuning steps (default: the backend's)."),
