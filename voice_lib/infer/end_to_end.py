@@ -31,6 +31,18 @@ def phoneme_inputs(text: str, language: str) -> list[int]:
     return phonemes_to_ids(phonemize(text, language))  # type: ignore[arg-type]
 
 
+def _padded(rows: Sequence[AcousticRow]) -> tuple[torch.Tensor, ...]:
+    """A batch's phoneme ids padded to the longest row, with lengths, speakers, speeds and the padding mask."""
+    lengths = torch.tensor([len(r.inputs) for r in rows])
+    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row.inputs)] = torch.as_tensor(list(row.inputs), dtype=torch.long)
+    speaker = torch.stack([r.speaker for r in rows])
+    speed = torch.tensor([[r.speed] for r in rows], dtype=torch.float32)
+    phone_mask = torch.arange(ids.shape[1])[None] >= lengths[:, None]
+    return ids, lengths, speaker, speed, phone_mask
+
+
 @dataclass(frozen=True, eq=False)
 class EndToEndBackend:
     """A resident base model with its LoRA target layers wrapped for multi-adapter inference."""
@@ -47,13 +59,7 @@ class EndToEndBackend:
 
     def predict(self, rows: Sequence[AcousticRow], bank: LoraBank) -> list[np.ndarray | SynthesisError]:
         net = self.model
-        lengths = torch.tensor([len(r.inputs) for r in rows])
-        ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row.inputs)] = torch.as_tensor(list(row.inputs), dtype=torch.long)
-        speaker = torch.stack([r.speaker for r in rows])
-        speed = torch.tensor([[r.speed] for r in rows], dtype=torch.float32)
-        phone_mask = torch.arange(ids.shape[1])[None] >= lengths[:, None]
+        ids, lengths, speaker, speed, phone_mask = _padded(rows)
         with torch.inference_mode(), activate(bank, [r.slot for r in rows]):
             h, mean, log_dur = net.encode(ids, phone_mask, speaker)
             durations, broken = guarded_durations(log_dur, phone_mask, speed, net.cfg.max_positions)
@@ -71,13 +77,7 @@ class EndToEndBackend:
         """Decoder steps per phone of each row, exactly as ``predict`` lays them out (the same encoder pass and
         guards): what word timestamps are measured in (voice_lib.data.text.timing)."""
         net = self.model
-        lengths = torch.tensor([len(r.inputs) for r in rows])
-        ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row.inputs)] = torch.as_tensor(list(row.inputs), dtype=torch.long)
-        speaker = torch.stack([r.speaker for r in rows])
-        speed = torch.tensor([[r.speed] for r in rows], dtype=torch.float32)
-        phone_mask = torch.arange(ids.shape[1])[None] >= lengths[:, None]
+        ids, lengths, speaker, speed, phone_mask = _padded(rows)
         with torch.inference_mode(), activate(bank, [r.slot for r in rows]):
             _, _, log_dur = net.encode(ids, phone_mask, speaker)
             durations, _ = guarded_durations(log_dur, phone_mask, speed, net.cfg.max_positions)
