@@ -43,8 +43,19 @@ class Store(Protocol):
     def child(self, prefix: str) -> "Store": ...
 
 
+class FileTransfers:
+    """Whole-file copies in and out of a store, on top of its ``read_bytes`` / ``write_bytes``."""
+
+    def upload_file(self, src: Path, key: str) -> str:
+        return self.write_bytes(key, Path(src).read_bytes())  # type: ignore[attr-defined]
+
+    def download_to(self, key: str, dest: Path) -> Path:
+        write_bytes_atomic(dest, self.read_bytes(key))  # type: ignore[attr-defined]
+        return dest
+
+
 @dataclass
-class LocalStore:
+class LocalStore(FileTransfers):
     root: Path
 
     @property
@@ -65,13 +76,6 @@ class LocalStore:
         path = self._path(key)
         write_bytes_atomic(path, data)
         return path.as_uri()
-
-    def upload_file(self, src: Path, key: str) -> str:
-        return self.write_bytes(key, Path(src).read_bytes())
-
-    def download_to(self, key: str, dest: Path) -> Path:
-        write_bytes_atomic(dest, self.read_bytes(key))
-        return dest
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -103,7 +107,7 @@ class LocalStore:
 
 
 @dataclass
-class S3Store:
+class S3Store(FileTransfers):
     bucket: str
     prefix: str
     client: object
@@ -138,13 +142,6 @@ class S3Store:
         full = self._key(key)
         self._call("write", full, self.client.put_object, Bucket=self.bucket, Key=full, Body=data)
         return f"s3://{self.bucket}/{full}"
-
-    def upload_file(self, src: Path, key: str) -> str:
-        return self.write_bytes(key, Path(src).read_bytes())
-
-    def download_to(self, key: str, dest: Path) -> Path:
-        write_bytes_atomic(dest, self.read_bytes(key))
-        return dest
 
     def exists(self, key: str) -> bool:
         try:
