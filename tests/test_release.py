@@ -185,6 +185,92 @@ def test_breaker_trip_is_completed_as_a_formal_rollback(release_env):
     assert registry.version(f"voice-{voice}", v2).tags["rolled_back"] == "true"
 
 
+def _approval_settings(settings):
+    return settings.model_copy(update={"release": settings.release.model_copy(update={"manual_approval": True})})
+
+
+@pytest.mark.slow
+def test_manual_approval_holds_before_the_last_step_and_goes_on_only_when_approved(release_env):
+    settings, voice, (v1, v2), registry = release_env
+    settings, name = _approval_settings(settings), f"voice-{voice}"
+    start_rollout(settings, voice, None, [25, 50, 100])
+    time.sleep(1.2)
+    _traffic(settings, voice, "canary", 40, 200)
+    _traffic(settings, voice, "production", 40, 200)
+    assert advance_rollout(settings, voice, v2).outcome == "advanced"  # 25 -> 50: no approval needed yet
+    time.sleep(1.2)
+    _traffic(settings, voice, "canary", 40, 200)
+    _traffic(settings, voice, "production", 40, 200)
+    held = advance_rollout(settings, voice, v2)
+    assert held.outcome == "awaiting_approval" and held.held and not held.done
+    assert registry.release_state(name)["canary_weight"] == 50  # held below 100 %
+    assert advance_rollout(settings, voice, v2).outcome == "awaiting_approval"  # no tag or poke approves it
+    outcomes = [r["outcome"] for r in ReleaseHistory(settings.resolved_audit_url).rows(voice)]
+    assert outcomes.count("awaiting_approval") == 1  # recorded once, not on every poke
+    # The approval's first call analyses the whole time spent at 50 %, then moves to 100 %.
+    assert advance_rollout(settings, voice, v2, approved=True).outcome == "advanced"
+    assert registry.release_state(name)["canary_weight"] == 100
+    time.sleep(1.2)
+    _traffic(settings, voice, "canary", 40, 200)
+    assert advance_rollout(settings, voice, v2, approved=True).outcome == "promoted"
+    assert registry.aliases(name)["production"] == v2
+
+
+@pytest.mark.slow
+def test_a_stale_answer_never_promotes_nor_rolls_back_another_canary(release_env):
+    """The canary the approval asked about was rolled back and a newer version put on the canary meanwhile."""
+    import json
+
+    from voice_lib.release.approvals import APPROVE, REJECT, on_answer, on_timeout
+
+    settings, voice, (v1, v2), registry = release_env
+    name = f"voice-{voice}"
+    start_rollout(settings, voice, v2, [50, 100])
+    registry.rollback(name, "bad prosody", expected_canary=v2)
+    assert "ignored" in on_answer(settings, voice, v2, APPROVE, "alice", "looks fine")
+    assert "approve" not in registry.version(name, v2).tags.get("last_manual_action", "")
+    v3 = _register_another(settings, voice, registry)
+    registry.set_canary(name, v3, 50)
+    assert "nothing rolled back" in on_answer(settings, voice, v2, REJECT, "bob", "no")
+    assert registry.aliases(name)["canary"] == v3  # the newer canary kept its traffic
+    assert "no longer the canary" in on_timeout(settings, {"voice_id": voice, "version": v2, "step": 0}, 1, "rollback")
+    assert registry.aliases(name)["canary"] == v3
+    # The answer about the current canary acts, and says who and why.
+    assert "approved by carol" in on_answer(settings, voice, v3, APPROVE, "carol", "heard it")
+    note = json.loads(registry.version(name, v3).tags["last_manual_action"])
+    assert (note["action"], note["actor"], note["reason"]) == ("approve", "carol", "heard it")
+    assert "rolled back" in on_answer(settings, voice, v3, REJECT, "dave", "robotic on long sentences")
+    tags = registry.version(name, v3).tags
+    assert "canary" not in registry.aliases(name) and tags["rolled_back"] == "true"
+    assert tags["reason"] == "rejected at approval by dave: robotic on long sentences"
+    rows = ReleaseHistory(settings.resolved_audit_url).rows(voice)
+    assert [r["outcome"] for r in rows[:2]] == ["manual", "manual"] and "reject by dave" in rows[0]["detail"]
+
+
+@pytest.mark.slow
+def test_an_unanswered_approval_pauses_the_canary_at_its_weight(release_env):
+    from voice_lib.release.approvals import on_timeout
+
+    settings, voice, (v1, v2), registry = release_env
+    start_rollout(settings, voice, v2, [50, 100])
+    message = on_timeout(settings, {"voice_id": voice, "version": v2, "step": 0}, 72, "pause")
+    state = registry.release_state(f"voice-{voice}")
+    assert "no approval within 72 h" in message
+    assert (state["release_state"], state["canary_weight"], state["aliases"]["canary"]) == ("paused", 50, v2)
+    assert ReleaseHistory(settings.resolved_audit_url).rows(voice)[0]["outcome"] == "paused"
+
+
+def _register_another(settings, voice: str, registry) -> str:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    run = client.create_run(client.get_experiment_by_name(f"voice-{voice}").experiment_id)
+    client.log_text(run.info.run_id, "{}", "voice/voice.json")
+    tags = {"training_key": f"k3-{voice}", "base_model": "voice-base", "base_version": "1", "base_sha256": "x" * 64,
+            "data_sha256": "y" * 64, "code_version": "0.1.0", "lora_rank": "8", "gates_passed": "true"}
+    return registry.register(f"voice-{voice}", run.info.run_id, "voice", tags).version
+
+
 CANARY_DAG_PROBE = r"""
 import copy, importlib.util, json, sys
 from airflow.dag_processing.dagbag import DagBag

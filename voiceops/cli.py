@@ -142,7 +142,21 @@ def _release_action(voice: str, action: str, actor: str, **kwargs) -> str:
     except Exception as exc:  # noqa: BLE001 - the action still goes on and is recorded on the version's tags
         console.print(f"[yellow]release history unavailable ({type(exc).__name__}); recording on the version only")
         history = None
-    return _registry_call(lambda: perform(registry, history, voice, action, actor=actor, **kwargs))
+    approvals = _approvals(settings) if action in ("promote", "rollback") else None
+    return _registry_call(lambda: perform(registry, history, voice, action, actor=actor, approvals=approvals, **kwargs))
+
+
+def _approvals(settings: Settings):
+    """canary_promotion's pending approvals over Airflow's REST API, or None when Airflow cannot be asked (then
+    promote/rollback act on the registry alone, as without a held rollout)."""
+    from voice_lib.core.airflow import AirflowError
+    from voice_lib.release.approvals import AirflowApprovals
+
+    try:
+        return AirflowApprovals.for_stack(settings)
+    except AirflowError as exc:
+        console.print(f"[yellow]not asking Airflow for a held approval ({exc})")
+        return None
 
 
 _ACTOR = typer.Option(None, "--actor", help="Who acts, recorded with the action (default: the OS user).")
@@ -160,7 +174,9 @@ def promote(voice: str = typer.Argument(...), version: Optional[str] = typer.Opt
                                        "passed the gates, rolled back, tripped the breaker); needs --reason."),
             reason: Optional[str] = typer.Option(None, help="Why; recorded on the version with the actor."),
             actor: Optional[str] = _ACTOR) -> None:
-    """Make a version production now (the old production becomes `previous`); also approves a held rollout."""
+    """Make a version production now (the old production becomes `previous`). A rollout held for approval is
+    approved instead (canary_promotion's `approve` task, through Airflow's REST API): it goes on to 100 %, then
+    production."""
     if force and not (reason or "").strip():
         raise _usage_error("--force needs --reason: say why this version goes to production anyway.")
     console.print(_release_action(voice, "promote", _actor(actor), version=version, force=force, reason=reason))

@@ -112,6 +112,28 @@ def _history():
         return None
 
 
+def _approvals(user: BaseUser):
+    """canary_promotion's approvals over Airflow's REST API as this user (a one-minute token minted for them), so
+    Airflow records who answered, and checks their right to, as for an answer in its own UI."""
+    from voice_lib.release.approvals import AirflowApprovals
+
+    token = get_auth_manager().generate_jwt(user, expiration_time_in_seconds=60)
+    return AirflowApprovals(_settings().airflow_url, token)
+
+
+def _pending_approvals(user: BaseUser) -> tuple[dict[str, Any], str | None]:
+    """voice_id -> its held rollout's pending approval (as JSON), and an error when Airflow could not be asked."""
+    from dataclasses import asdict
+
+    from voice_lib.core.airflow import AirflowError
+
+    try:
+        return {p.voice_id: asdict(p) for p in reversed(_approvals(user).pending())}, None
+    except AirflowError as exc:
+        log.warning("pending approvals unavailable: %s", exc)
+        return {}, f"pending approvals unavailable: {exc}"
+
+
 def _registry_error(exc: Exception, voice_id: str | None, action: str | None) -> ApiError:
     text = str(exc)
     what = f"cannot {action} voice {voice_id}" if action else (f"cannot read voice {voice_id}" if voice_id else "cannot read the registry")
@@ -263,13 +285,16 @@ async def list_voices(user: Reader) -> dict[str, Any]:
         async with gate:
             return await asyncio.to_thread(_voice_or_error, view.voice_id_of(name))
 
-    voices = await asyncio.gather(*(one(n) for n in names))
+    voices, (approvals, approvals_error) = await asyncio.gather(asyncio.gather(*(one(n) for n in names)),
+                                                                asyncio.to_thread(_pending_approvals, user))
+    for voice in voices:
+        voice["approval"] = approvals.get(voice["voice_id"])
     can_write = await asyncio.to_thread(_allowed, user, "PUT")
-    return {"voices": voices, "thresholds": check_limits(settings.release), "user": user.get_name(),
+    return {"voices": voices, "approvals_error": approvals_error, "thresholds": check_limits(settings.release), "user": user.get_name(),
             "can_write": can_write, "registry": redact_url(settings.mlflow_tracking_uri), "generated_at": time.time()}
 
 
-async def _one_voice(voice_id: str) -> dict[str, Any]:
+async def _one_voice(voice_id: str, user: BaseUser) -> dict[str, Any]:
     from voice_lib.release.registry import RegistryError
 
     voice_id = _valid_voice(voice_id)
@@ -282,14 +307,17 @@ async def _one_voice(voice_id: str) -> dict[str, Any]:
         return view.voice_view(_settings(), registry, _history(), voice_id)
 
     try:
-        return await asyncio.to_thread(read)
+        voice = await asyncio.to_thread(read)
     except RegistryError as exc:
         raise _registry_error(exc, voice_id, None) from None
+    approvals, voice["approvals_error"] = await asyncio.to_thread(_pending_approvals, user)
+    voice["approval"] = approvals.get(voice_id)
+    return voice
 
 
 @app.get("/api/voices/{voice_id}")
 async def get_voice(voice_id: str, user: Reader) -> dict[str, Any]:
-    return await _one_voice(voice_id)
+    return await _one_voice(voice_id, user)
 
 
 async def _act(voice_id: str, action: str, user: BaseUser, **kwargs: Any) -> dict[str, Any]:
@@ -303,7 +331,8 @@ async def _act(voice_id: str, action: str, user: BaseUser, **kwargs: Any) -> dic
         if not registry.exists(registry.model_name(voice_id)):
             raise ApiError(404, f"cannot {action} voice {voice_id}: model voice-{voice_id} is not registered in MLflow "
                                 f"at {registry.display_uri}.", voice_id, "onboard it first (voice_onboarding), or check the id.")
-        message = perform(registry, _history(), voice_id, action, actor=who, **kwargs)
+        approvals = _approvals(user) if action in ("promote", "rollback") else None
+        message = perform(registry, _history(), voice_id, action, actor=who, approvals=approvals, **kwargs)
         log.warning("release page: %s by %s: %s%s", action, who, message,
                     f" (reason: {kwargs['reason']})" if kwargs.get("reason") else "")
         return message
@@ -314,12 +343,13 @@ async def _act(voice_id: str, action: str, user: BaseUser, **kwargs: Any) -> dic
         log.warning("release page: %s of voice-%s by %s refused: %s", action, voice_id, who, exc)
         raise _registry_error(exc, voice_id, action) from None
     return {"ok": True, "action": action, "voice_id": voice_id, "by": who, "message": message,
-            "voice": await _one_voice(voice_id)}
+            "voice": await _one_voice(voice_id, user)}
 
 
 @app.post("/api/voices/{voice_id}/promote")
 async def promote(voice_id: str, user: Writer, body: PromoteBody | None = None) -> dict[str, Any]:
-    """Make the canary (else the candidate, or body.version) production; the old production becomes previous."""
+    """Make the canary (else the candidate, or body.version) production; the old production becomes previous.
+    A rollout held for approval is approved instead (canary_promotion's `approve` task): it goes on to 100 %."""
     version = (body.version or "").strip() if body else ""
     if version and not version.isdigit():
         raise ApiError(422, f"cannot promote voice {voice_id}: version {version!r} is not a version number.", voice_id)

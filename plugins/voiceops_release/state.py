@@ -111,7 +111,6 @@ def _version_flags(tags: dict[str, str]) -> dict[str, Any]:
         "reason": tags.get("reason"),
         "breaker_tripped": tags.get("breaker_tripped") == "true",
         "breaker_reason": tags.get("breaker_reason"),
-        "release_approved": tags.get("release_approved") == "true",
         "last_outcome": tags.get("release_last_outcome"),
         "eval": {k.removeprefix("eval_"): _num(v) for k, v in sorted(tags.items()) if k.startswith("eval_") and _num(v) is not None},
     }

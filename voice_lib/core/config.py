@@ -169,7 +169,11 @@ class ReleaseSettings(BaseModel):
     window_seconds: float = 7200.0  # observation window per step
     poke_seconds: float = 30.0  # how often the rescheduling sensor re-checks (no worker held between)
     blackout_hours: list[int] = []  # UTC hours in which no step advances (peak traffic)
-    manual_approval: bool = False  # hold before 100% until `voiceops promote` or the release page approves
+    # Hold before the last (100 %) step in canary_promotion's Human-in-the-loop task `approve` until a human answers
+    # it: Airflow's Required Actions, the release page or `voiceops promote` (voice_lib/release/approvals.py).
+    manual_approval: bool = False
+    approval_timeout_hours: float = Field(72.0, gt=0)  # unanswered this long: the timeout action below
+    approval_timeout_action: Literal["pause", "rollback"] = "pause"
     max_p95_ms: float = 800.0  # canary p95 end-to-end latency: what callers wait
     max_error_rate: float = 0.005
     max_rtf: float = 0.5

@@ -4,6 +4,10 @@ Each action goes through voice_lib.release.registry (the only writer of the regi
 and the reason on the version (``manual_action_<ms>`` / ``last_manual_action`` tags), and adds one row to the
 release history (outcome ``manual``) that says who did what and why, next to canary_promotion's decisions.
 
+A rollout held for manual approval (canary_promotion's ``approve`` task) is answered, not bypassed: with an
+``approvals`` client (voice_lib/release/approvals.py) a promote of the held canary approves that task and a
+rollback also rejects it, so the run goes on (or ends) by the same answer the Airflow UI would give.
+
 Guards against hitting the wrong version:
 - a rollback names the canary the human saw (or none): when it changed meanwhile (a DAG or another human
   acted), nothing is rolled back and the human is told to look again;
@@ -24,20 +28,47 @@ log = logging.getLogger(__name__)
 ACTIONS = ("promote", "pause", "resume", "rollback")
 
 
+def _held_approval(approvals: Any, voice_id: str, version: str | None) -> Any:
+    """The pending approval of ``version`` (the canary), or None; an unreachable Airflow is said and skipped."""
+    from voice_lib.core.airflow import AirflowError
+
+    if approvals is None or not version:
+        return None
+    try:
+        return approvals.waiting_for(voice_id, version)
+    except AirflowError as exc:
+        log.warning("cannot look for a pending approval of voice-%s version %s (%s); acting on the registry only",
+                    voice_id, version, exc)
+        return None
+
+
 def perform(registry: Registry, history: Any, voice_id: str, action: str, *, actor: str,
             reason: str | None = None, version: str | None = None, force: bool = False,
-            expected_canary: Any = "seen now") -> str:
+            expected_canary: Any = "seen now", approvals: Any = None) -> str:
     """Run one release action as ``actor``; returns what happened, in a sentence.
 
     ``history`` is a ReleaseHistory (or None when the audit DB is unavailable: the tags still record it).
     ``expected_canary`` for a rollback: the canary version the human judged (None: none, so production);
     by default the canary read here, which still closes the race with a DAG acting in between.
-    Raises RegistryError when the action does not fit the voice's state."""
+    ``approvals`` (an AirflowApprovals): promote answers a held rollout's approval instead of promoting at once.
+    Raises RegistryError when the action does not fit the voice's state (AirflowError when Airflow refuses
+    an answer)."""
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}; use one of {', '.join(ACTIONS)}")
     name = registry.model_name(voice_id)
     state = registry.release_state(name)
     aliases = state["aliases"]
+    canary = aliases.get("canary")
+    held = _held_approval(approvals, voice_id, canary) if action in ("promote", "rollback") else None
+    if action == "promote" and held is not None and str(version or canary) == canary:
+        from voice_lib.core.airflow import AirflowError
+
+        try:  # the approve task records the Airflow user who answered; the reason says who asked for it here
+            approvals.answer(held, True, f"{(reason or '').strip() or 'approved'} [{actor}]")
+        except AirflowError as exc:
+            raise RegistryError(f"{name} version {canary} waits for approval, but the answer failed: {exc}") from None
+        return (f"{name} version {canary}: approved the held rollout (canary_promotion run {held.dag_run_id}); it "
+                "goes to 100 % for one more window, then becomes production")
     if action == "promote":
         target = str(version or aliases.get("canary") or aliases.get("candidate") or "")
         if not target:
@@ -65,12 +96,25 @@ def perform(registry: Registry, history: Any, voice_id: str, action: str, *, act
                    f"{aliases.get('production', 'none')}" if expected else
                    f"{name} production version {bad} rolled back to version {aliases.get('previous')}")
         subject, forced = bad, False
-    _record(history, voice_id, subject, state, action, actor, reason, forced, message)
+        if held is not None and held.version == bad:
+            _reject_held(approvals, held, f"rolled back by {actor}: {reason}")
+    record_action(history, voice_id, subject, state, action, actor, reason, forced, message)
     return message
 
 
-def _record(history: Any, voice_id: str, version: str, state: dict, action: str, actor: str, reason: str | None,
-            forced: bool, message: str) -> None:
+def _reject_held(approvals: Any, held: Any, reason: str) -> None:
+    """Answer the rolled-back canary's pending approval with Reject, so its run ends now instead of at the timeout."""
+    from voice_lib.core.airflow import AirflowError
+
+    try:
+        approvals.answer(held, False, reason)
+    except AirflowError as exc:  # the rollback is done; the run then ends at its timeout, finding no canary
+        log.warning("rolled back, but the pending approval (run %s) could not be answered: %s", held.dag_run_id, exc)
+
+
+def record_action(history: Any, voice_id: str, version: str, state: dict, action: str, actor: str,
+                  reason: str | None, forced: bool, message: str) -> None:
+    """One release-history row (outcome ``manual``) saying who did what and why."""
     detail = (f"{action} by {actor}{' (forced)' if forced else ''}: {(reason or '').strip() or 'no reason given'}"
               f" -> {message}")
     if history is None:

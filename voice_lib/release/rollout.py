@@ -4,7 +4,9 @@
 no worker is held while a step's window runs). Each call reads the rollout's state from the registry,
 does at most one thing (wait, extend, advance, pause, promote or roll back) and records every
 decision in the release history table and as MLflow tags. Because all state lives in the registry,
-a call can be repeated or a new DAG run can take over at any time.
+a call can be repeated or a new DAG run can take over at any time. With manual approval the rollout
+stops before its last (100 %) step with ``awaiting_approval``: the DAG then asks a human in an Airflow
+Human-in-the-loop task (voice_lib/release/approvals.py) and calls on with ``approved=True``.
 """
 
 from __future__ import annotations
@@ -84,6 +86,11 @@ class Decision:
     @property
     def done(self) -> bool:
         return self.outcome in DONE
+
+    @property
+    def held(self) -> bool:
+        """Done for now: the rollout waits for a human's approval before its last step."""
+        return self.done or self.outcome == "awaiting_approval"
 
 
 def validate_steps(steps: list[int]) -> list[int]:
@@ -386,11 +393,12 @@ def start_rollout(settings: Settings, voice_id: str, version: str | None, steps:
                                       release_step_started=f"{time.time():.3f}", release_extensions=0,
                                       release_steps=",".join(map(str, steps)))
         decision = Decision(voice_id, str(version), 0, steps[0], "advanced", detail=f"canary at {steps[0]}%")
-    _record(settings, registry, decision)
+    record_decision(settings, registry, decision)
     return decision
 
 
-def _record(settings: Settings, registry, decision: Decision) -> None:
+def record_decision(settings: Settings, registry, decision: Decision) -> None:
+    """One decision into the release history and onto the version's tags (``release_decision_<ms>``)."""
     ReleaseHistory(settings.resolved_audit_url).record(decision)
     tag = {"step": decision.step, "weight": decision.weight, "outcome": decision.outcome, "detail": decision.detail[:500],
            "checks": {c.name: [c.status, c.value] for c in decision.checks}, "ts": int(time.time())}
@@ -401,8 +409,12 @@ def _record(settings: Settings, registry, decision: Decision) -> None:
 
 
 def advance_rollout(settings: Settings, voice_id: str, version: str, source: MetricsSource | None = None,
-                    now: float | None = None, probe_texts: list[str] | None = None) -> Decision:
-    """One poke of the rollout: wait, extend, advance, pause, promote or roll back. Idempotent."""
+                    now: float | None = None, probe_texts: list[str] | None = None, approved: bool = False) -> Decision:
+    """One poke of the rollout: wait, extend, advance, pause, promote or roll back. Idempotent.
+
+    With ``manual_approval`` a passed step whose next step is the last one answers ``awaiting_approval``
+    instead of advancing, until called with ``approved`` (a human approved it in canary_promotion's approval
+    task). The first call after the approval analyses the whole time spent at the held weight."""
     from voice_lib.release.registry import Registry
 
     cfg = settings.release
@@ -418,7 +430,7 @@ def advance_rollout(settings: Settings, voice_id: str, version: str, source: Met
     def decide(outcome: Outcome, detail: str, checks: list[CheckResult] | None = None, record: bool = True) -> Decision:
         decision = Decision(voice_id, version, step, weight, outcome, checks or [], detail)
         if record:
-            _record(settings, registry, decision)
+            record_decision(settings, registry, decision)
         return decision
 
     if state["aliases"].get("production") == version:
@@ -465,12 +477,13 @@ def advance_rollout(settings: Settings, voice_id: str, version: str, source: Met
         alert(settings, decision)
         return decision
     if step + 1 >= len(steps):
-        if cfg.manual_approval and tags.get("release_approved") != "true":
-            return decide("awaiting_approval", "all steps passed; approve with `voiceops promote` or the release page", checks,
-                          record=tags.get("release_last_outcome") != "awaiting_approval")
         registry.promote(name, version)
         registry.set_release_progress(name, release_step=0, release_extensions=0)
         return decide("promoted", f"all {len(steps)} steps passed", checks)
+    if cfg.manual_approval and step + 2 == len(steps) and not approved:
+        return decide("awaiting_approval", f"every step up to {weight}% passed; the last step (100%) waits for a "
+                      "human's approval (Airflow Required Actions, the release page or `voiceops promote`)", checks,
+                      record=tags.get("release_last_outcome") != "awaiting_approval")
     step += 1
     weight = steps[step]
     registry.set_canary_weight(name, weight)

@@ -154,7 +154,14 @@ function renderVoice(v) {
     facts.append(el("li", { "data-field": "rolled_back" }, el("span", { class: "k" }, "Rolled back"),
       `v${v.rolled_back.version}: ${v.rolled_back.reason || "no reason recorded"}`));
   }
+  if (v.approval) {
+    facts.append(el("li", { "data-field": "approval" }, el("span", { class: "k" }, "Approval"),
+      el("span", { class: "badge info" }, `v${v.approval.version} waits for approval`),
+      ` before 100% (since ${fmtTime(v.approval.created_at)}): Approve below, or answer in `,
+      el("a", { href: v.approval.url, target: "_blank", rel: "noopener" }, "Airflow's Required Actions")));
+  }
   if (v.history_error) facts.append(el("li", { class: "note" }, v.history_error));
+  if (v.approvals_error) facts.append(el("li", { class: "note" }, v.approvals_error));
 
   const can = v.actions || {};
   const write = data && data.can_write;
@@ -164,7 +171,7 @@ function renderVoice(v) {
     title: title || (can[action] ? null : `nothing to ${action} in this state`), onclick: () => act(v, action),
   }, label);
   const actions = el("div", { class: "actions" },
-    button("promote", "Promote"), button("pause", "Pause"), button("resume", "Resume"),
+    button("promote", v.approval && v.approval.version === v.canary ? "Approve" : "Promote"), button("pause", "Pause"), button("resume", "Resume"),
     button("rollback", "Rollback", "danger"));
 
   return el("section", { class: "voice", "data-voice": v.voice_id }, head, aliases, facts, renderChecks(v.analysis), actions);
@@ -198,6 +205,10 @@ function question(v, action) {
   switch (action) {
     case "promote": {
       const target = v.canary || v.candidate;
+      if (v.approval && v.approval.version === v.canary) {
+        return `Approve ${m} version ${target}? canary_promotion takes it to 100% of users for one more window, ` +
+          "then makes it production.";
+      }
       return `Promote ${m} version ${target} to production?` +
         (v.production ? ` Version ${v.production} becomes previous.` : "");
     }
@@ -235,6 +246,11 @@ async function act(v, action) {
   }
   if (!window.confirm(question(v, action))) return;
   const payload = {};
+  if (action === "promote" && v.approval && v.approval.version === v.canary) {
+    const reason = window.prompt(`Why approve ${v.model} version ${v.canary}? Recorded with your name.`, "");
+    if (reason === null) return;
+    payload.reason = reason.trim();
+  }
   if (action === "rollback") {
     const reason = window.prompt(`Why roll back ${v.model}? The reason is recorded on the version.`, "");
     if (reason === null) return;
