@@ -280,3 +280,126 @@ def test_release_page_in_airflow_rolls_back_a_canary(tmp_path, mlflow_server, br
     for log_file in sorted(settings.log_dir.rglob("*")):  # the API server's and every task's log
         if log_file.is_file():
             assert password not in log_file.read_text(errors="replace"), f"the MLflow password is in {log_file}"
+
+
+# --- manual approval: Airflow's Human-in-the-loop task, answered in its UI and by `voiceops promote` ------
+
+class AuditTraffic:
+    """Canary and production requests of some voices, written to the audit table as the server writes them, so the
+    rollout's analysis has numbers to judge (the model server itself is not under test here)."""
+
+    def __init__(self, settings: Settings, voices: list[str]):
+        import threading
+
+        from serving.audit import AuditLog
+
+        self.audit, self.voices, self.stop = AuditLog(settings.resolved_audit_url), voices, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.2):
+            for voice in self.voices:
+                for variant in ("canary", "production"):
+                    self.audit.record(request_id=uuid.uuid4().hex, tenant="t", voice_id=voice, version="x",
+                                      variant=variant, characters=40, latency_ms=120, rtf=0.03, status=200)
+
+    def __enter__(self) -> "AuditTraffic":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.audit.close(timeout=10)
+
+
+def _wait(what: str, check, timeout: float = 240.0, every: float = 2.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _task_states(base: str, auth: dict, run_id: str) -> dict[str, str | None]:
+    tis = httpx.get(f"{base}/api/v2/dags/canary_promotion/dagRuns/{run_id}/taskInstances", headers=auth, timeout=30)
+    return {t["task_id"]: t["state"] for t in tis.json()["task_instances"]}
+
+
+def _run_state(base: str, auth: dict, run_id: str) -> str | None:
+    state = httpx.get(f"{base}/api/v2/dags/canary_promotion/dagRuns/{run_id}", headers=auth, timeout=30).json()["state"]
+    return state if state in ("success", "failed") else None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_canary_approval_in_required_actions_and_by_voiceops_promote(tmp_path, mlflow_server, browser):
+    import os
+    import subprocess
+
+    from voice_lib.release.registry import Registry
+    from voice_lib.release.rollout import ReleaseHistory
+    from voiceops import stack
+
+    release = ReleaseSettings(min_requests=5, poke_seconds=2.0)
+    settings = Settings(home=tmp_path / "home", airflow_port=free_port(), mlflow_tracking_uri=mlflow_server, release=release)
+    registry, base = Registry(settings), settings.airflow_url
+    in_ui, by_cli = f"hitl-{uuid.uuid4().hex[:8]}", f"cli-{uuid.uuid4().hex[:8]}"
+    for voice in (in_ui, by_cli):
+        registry.mark_candidate(_register_two_versions(settings, tmp_path, voice), "2")
+    try:
+        stack.up(settings, services=("airflow",), timeout=180)
+        auth = {"Authorization": f"Bearer {stack.airflow_api_token(settings)}"}
+        with AuditTraffic(settings, [in_ui, by_cli]):
+            runs = {}
+            for voice in (in_ui, by_cli):
+                conf = {"voice_id": voice, "version": "", "steps": [50, 100], "window_seconds": 3,
+                        "manual_approval": True, "quality_probe": False}
+                made = httpx.post(f"{base}/api/v2/dags/canary_promotion/dagRuns", headers=auth, timeout=30,
+                                  json={"logical_date": None, "conf": conf})
+                assert made.status_code == 200, made.text
+                runs[voice] = made.json()["dag_run_id"]
+            for voice, run_id in runs.items():  # held before 100 %, in a state that holds no worker slot
+                _wait(f"{voice}'s approval", lambda: _task_states(base, auth, run_id).get("approve") == "awaiting_input")
+                state = registry.release_state(f"voice-{voice}")
+                assert (state["aliases"]["canary"], state["canary_weight"]) == ("2", 50)
+                assert _task_states(base, auth, run_id)["finish"] is None
+
+            # --- a person answers in Airflow's Required Actions ---------------------------------------------
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(f"{base}/")
+            page.wait_for_url("**/auth/login**")
+            page.fill("input[name=username]", settings.airflow_username)
+            page.fill("input[name=password]", stack.airflow_password(settings))
+            page.click("button[type=submit]")
+            page.get_by_role("link", name="Dags").first.wait_for()
+            page.goto(f"{base}/required_actions")
+            page.get_by_role("link", name=f"Release voice-{in_ui} version 2").click()
+            page.get_by_text("is the canary at 50 %").wait_for()  # the request says where the rollout stands
+            approve = page.get_by_test_id("hitl-option-Approve")
+            assert approve.is_disabled()  # a reason is required
+            page.fill("input[name=element_reason]", "listened to the samples, ship it")
+            approve.click()
+            page.screenshot(path=str(tmp_path / "required-action-answered.png"))
+
+            # --- another through the CLI, which answers the same task over the REST API ------------------------
+            env = {**os.environ, **stack.settings_env(settings)}
+            promoted = subprocess.run([sys.executable, "-m", "voiceops.cli", "promote", by_cli, "--reason", "on call ok",
+                                       "--actor", "oncall"], env=env, capture_output=True, text=True, timeout=120)
+            assert promoted.returncode == 0, promoted.stderr
+            assert "approved the held rollout" in promoted.stderr
+            for voice, run_id in runs.items():
+                assert _wait(f"{voice}'s run to end", lambda: _run_state(base, auth, run_id), timeout=240) == "success"
+    finally:
+        stack.down(settings)
+
+    for voice, reason in ((in_ui, "listened to the samples, ship it"), (by_cli, "on call ok [oncall]")):
+        aliases = registry.aliases(f"voice-{voice}")
+        assert (aliases["production"], aliases["previous"]) == ("2", "1") and "canary" not in aliases
+        note = json.loads(registry.version(f"voice-{voice}", "2").tags["last_manual_action"])
+        assert (note["action"], note["actor"], note["reason"]) == ("approve", "admin", reason)  # who answered in Airflow
+        outcomes = [r["outcome"] for r in reversed(ReleaseHistory(settings.resolved_audit_url).rows(voice))]
+        assert outcomes == ["advanced", "awaiting_approval", "manual", "advanced", "promoted"], outcomes
