@@ -55,10 +55,10 @@ SENSOR = {"poke_interval": RELEASE.poke_seconds, "timeout": int(timedelta(days=1
 def _poke(started: dict, params: dict, approved: bool) -> PokeReturnValue:
     from dataclasses import asdict
 
-    from voice_lib.data.corpus import load_sentences
+    from voice_lib.data.corpus import listening_texts
     from voice_lib.release.rollout import advance_rollout
 
-    probe = load_sentences("en")[:3] if params["quality_probe"] else None
+    probe = listening_texts("en") if params["quality_probe"] else None
     decision = advance_rollout(_settings(params), started["voice_id"], started["version"], probe_texts=probe,
                                approved=approved)
     # Before the approval a hold ends this sensor (the approve task asks); after it, only the end does.

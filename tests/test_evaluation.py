@@ -219,6 +219,25 @@ def test_report_json_plots_and_audio(evaluated):
     assert str(out_dir / "report.html") in result.files
 
 
+def test_the_gated_system_speaks_the_listening_texts_for_the_release_page(evaluated):
+    """listen/<i>.wav: the same sentences for every version, so production, canary and candidate compare side by side."""
+    from voice_lib.data.asr import transcribe, word_error_rate
+    from voice_lib.data.audio import decode_audio
+
+    result, out_dir = evaluated
+    listen = json.loads((out_dir / "listen" / "listen.json").read_text())
+    assert [s["text"] for s in listen["samples"]] == corpus.listening_texts("en") and listen["language"] == "en"
+    texts = [s["text"] for s in listen["samples"]]
+    for sample in listen["samples"]:
+        path = out_dir / "listen" / sample["file"]
+        assert str(path) in result.files
+        audio = decode_audio(path.read_bytes(), SR, sample["file"]).audio
+        assert abs(len(audio) / SR - sample["seconds"]) < 0.05
+        heard = transcribe(audio, SR).text  # tiny.en on flite: "The birch can use laid on the smooth planks."
+        wers = {text: word_error_rate(text, heard) for text in texts}
+        assert wers[sample["text"]] <= 0.5 and min(wers, key=wers.get) == sample["text"], (heard, wers)
+
+
 def test_non_english_clip_has_no_wer(tmp_path, reference_embedding):
     clip = held_out_clip("de-0", "Please call me when you get home tonight.", language="de")
     result = evaluate({"adapted": Oracle()}, [clip], reference_embedding, EvalSettings(), tmp_path, render=False)
@@ -252,5 +271,7 @@ def test_log_eval_to_mlflow(evaluated, mlflow_server, tmp_path):
     assert {"eval_report/report.html", "eval_report/result.json", "eval_report/eval_metrics.png",
             "eval_report/eval_similarity.png", "eval_report/audio"} <= names
     assert "eval_report/samples" not in names
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "eval_report/listen")} == {
+        "eval_report/listen/0.wav", "eval_report/listen/1.wav", "eval_report/listen/2.wav", "eval_report/listen/listen.json"}
     audio = client.list_artifacts(run.info.run_id, "eval_report/audio")
     assert len(audio) == len(list((out_dir / "audio").iterdir())) > 0

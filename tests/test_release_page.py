@@ -403,3 +403,156 @@ def test_canary_approval_in_required_actions_and_by_voiceops_promote(tmp_path, m
         assert (note["action"], note["actor"], note["reason"]) == ("approve", "admin", reason)  # who answered in Airflow
         outcomes = [r["outcome"] for r in reversed(ReleaseHistory(settings.resolved_audit_url).rows(voice))]
         assert outcomes == ["advanced", "awaiting_approval", "manual", "advanced", "promoted"], outcomes
+
+
+# --- "should I promote this?": versions, gate metrics, reasons, listening, reports, trend ------------------
+
+REJECTION = ["adapted speaker_similarity 0.62 < 0.80 (VOICEOPS_EVAL__MIN_SPEAKER_SIMILARITY)",
+             "adapted wer_gap_over_real 0.31 > 0.10 (VOICEOPS_EVAL__MAX_WER_GAP_OVER_REAL)"]
+SPEAKERS = {"1": "flite-slt", "2": "flite-awb", "3": "flite-rms"}  # each version sounds different
+
+
+def _evaluated_version(settings: Settings, client, exp: str, folder: Path, voice: str, version: str, **metrics) -> str:
+    """A run as onboarding leaves it: the model folder, and eval_report/ with report.html and the listening samples
+    (the gated system speaking listening_texts, written by real offline TTS)."""
+    from voice_lib.data import corpus
+    from voice_lib.data.audio import write_wav
+
+    model, report = folder / f"model-{version}", folder / f"eval-{version}"
+    model.mkdir(parents=True)
+    (model / "voice.json").write_text("{}")
+    samples = []
+    for i, text in enumerate(corpus.listening_texts("en")):
+        audio = corpus.synthesize(text, SPEAKERS[version])
+        write_wav(report / "listen" / f"{i}.wav", audio, 16000)
+        samples.append({"file": f"{i}.wav", "text": text, "seconds": round(len(audio) / 16000, 2)})
+    (report / "listen" / "listen.json").write_text(json.dumps({"language": "en", "samples": samples}))
+    (report / "report.html").write_text(f"<!doctype html><h1>Held-out evaluation of v{version}</h1>")
+    run = client.create_run(exp)
+    client.log_artifacts(run.info.run_id, str(model), "voice")
+    client.log_artifacts(run.info.run_id, str(report), "eval_report")
+    defaults = {"wer": 0.08, "speaker_similarity": 0.86, "p808_mos": 3.4, "rtf": 0.05}
+    tags = {"training_key": f"k{version}-{voice}", "base_model": "voice-base", "base_version": "1",
+            "base_sha256": "x" * 64, "data_sha256": "a" * 64, "code_version": "0.1.0", "lora_rank": "8",
+            "eval_real_wer": "0.05", "eval_real_p808_mos": "3.6", "qc_prefix": f"voices/{voice}/datasets/{'a' * 16}/qc-test",
+            **{f"eval_adapted_{k}": str(v) for k, v in {**defaults, **metrics}.items()}}
+    from voice_lib.release.registry import Registry
+
+    return Registry(settings).register(f"voice-{voice}", run.info.run_id, "voice", tags).version
+
+
+def _register_reviewable_voices(settings: Settings, tmp_path: Path) -> tuple[str, str]:
+    """A voice whose only version was rejected, and one with production v1, canary v2 and candidate v3, a QC
+    report in the store and three nights of production re-evaluation."""
+    from mlflow import MlflowClient
+
+    from voice_lib.core.storage import artifact_store
+    from voice_lib.release.registry import Registry
+
+    client, registry, store = MlflowClient(settings.mlflow_tracking_uri), Registry(settings), artifact_store(settings)
+    rejected, review = f"rej-{uuid.uuid4().hex[:8]}", f"rev-{uuid.uuid4().hex[:8]}"
+    exp = client.create_experiment(f"voice-{rejected}")
+    _evaluated_version(settings, client, exp, tmp_path / rejected, rejected, "1", speaker_similarity=0.62, wer=0.36)
+    registry.reject(f"voice-{rejected}", "1", REJECTION)
+
+    exp, name = client.create_experiment(f"voice-{review}"), f"voice-{review}"
+    for version in ("1", "2", "3"):
+        _evaluated_version(settings, client, exp, tmp_path / review, review, version, wer=0.1 - int(version) / 100)
+    registry.set_version_tags(name, "1", {"gates_passed": "true"})
+    registry.promote(name, "1")
+    registry.set_version_tags(name, "2", {"gates_passed": "true"})
+    registry.set_canary(name, "2", 10)
+    registry.mark_candidate(name, "3")
+    store.write_bytes(f"voices/{review}/datasets/{'a' * 16}/qc-test/report/report.html",
+                      b"<!doctype html><h1>QC report</h1><script>alert(1)</script>")
+    for day, wer in (("2026-11-28", 0.07), ("2026-11-29", 0.08), ("2026-11-30", 0.11)):
+        store.write_bytes(f"voices/{review}/nightly/v1/{day}.json", json.dumps({
+            "day": day, "voice_id": review, "alias": "production", "version": "1", "regressions": [],
+            "metrics": {"wer": wer, "speaker_similarity": 0.86, "p808_mos": 3.4, "rtf": 0.05}}).encode())
+    return rejected, review
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_release_page_answers_should_i_promote_this(tmp_path, mlflow_server, browser):
+    from voice_lib.data import corpus
+    from voiceops import stack
+
+    settings = Settings(home=tmp_path / "home", airflow_port=free_port(), mlflow_tracking_uri=mlflow_server)
+    rejected, review = _register_reviewable_voices(settings, tmp_path)
+    base = settings.airflow_url
+    try:
+        stack.up(settings, services=("airflow",), timeout=180)
+        token = stack.airflow_api_token(settings)
+        viewer = {"Authorization": f"Bearer {_viewer_token(token, settings)}"}  # reading needs no more than viewer
+        body = httpx.get(f"{base}/voiceops/api/voices", headers=viewer, timeout=120).json()
+        voices = {v["voice_id"]: v for v in body["voices"]}
+
+        # --- the rejected version 1, with its reasons, not "idle, none" ----------------------------------------
+        rej = voices[rejected]
+        assert rej["summary"] == "nothing to release: version 1 rejected by the gates"
+        (row,) = rej["version_rows"]
+        assert (row["version"], row["status"], row["reasons"], row["aliases"]) == ("1", "rejected", REJECTION, [])
+        gates = {g["name"]: g for g in row["gates"]}
+        assert gates["speaker_similarity"] == {**gates["speaker_similarity"], "value": 0.62, "threshold": 0.8, "passed": False}
+        assert gates["wer"]["threshold"] == pytest.approx(0.15) and gates["wer"]["passed"] is False  # real 0.05 + 0.10
+        assert gates["p808_mos"]["passed"] is True and gates["rtf"]["passed"] is True
+
+        # --- every version, side-by-side samples, reports, trend ------------------------------------------------
+        rev = voices[review]
+        assert [(r["version"], r["status"]) for r in rev["version_rows"]] == [("3", "candidate"), ("2", "canary"),
+                                                                             ("1", "production")]
+        listen = rev["listening"]
+        assert listen["texts"] == corpus.listening_texts("en")  # the same three sentences in every column
+        assert [(c["alias"], c["version"], len(c["samples"])) for c in listen["columns"]] == [
+            ("production", "1", 3), ("canary", "2", 3), ("candidate", "3", 3)]
+        assert rev["trend"]["days"] == ["2026-11-28", "2026-11-29", "2026-11-30"]
+        assert rev["trend"]["metrics"]["wer"] == [0.07, 0.08, 0.11]
+        links = rev["version_rows"][0]["links"]
+        assert links["mlflow_run"].startswith(f"{mlflow_server}/#/experiments/")
+
+        sample = listen["columns"][2]["samples"][0]["url"]
+        wav = httpx.get(f"{base}/voiceops/{sample}", headers=viewer, timeout=60)
+        assert wav.status_code == 200 and wav.headers["content-type"] == "audio/x-wav" and wav.content[:4] == b"RIFF"
+        assert httpx.get(f"{base}/voiceops/{sample}", timeout=30).status_code == 401  # same rules as the page
+        qc = httpx.get(f"{base}/voiceops/{links['qc_report']}", headers=viewer, timeout=60)
+        assert qc.status_code == 200 and "QC report" in qc.text and "script-src 'none'" in qc.headers["content-security-policy"]
+        report = httpx.get(f"{base}/voiceops/{links['eval_report']}", headers=viewer, timeout=60)
+        assert report.status_code == 200 and "Held-out evaluation of v3" in report.text
+        for bad in (f"api/voices/{review}/versions/3/report/..%2F..%2Fvoice%2Fvoice.json",
+                    f"api/voices/{review}/versions/9/report/listen/0.wav",
+                    f"api/voices/{rejected}/versions/1/report/listen/7.wav"):
+            assert httpx.get(f"{base}/voiceops/{bad}", headers=viewer, timeout=60).status_code in (404, 422), bad
+
+        # --- a person: the page shows the rejection and plays the candidate ---------------------------------------
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+        page.goto(f"{base}/")
+        page.wait_for_url("**/auth/login**")
+        page.fill("input[name=username]", settings.airflow_username)
+        page.fill("input[name=password]", stack.airflow_password(settings))
+        page.click("button[type=submit]")
+        page.get_by_role("link", name="Dags").first.wait_for()
+        page.goto(f"{base}/voiceops/")
+        card = page.locator(f"[data-voice='{rejected}']")
+        card.wait_for()
+        assert "nothing to release: version 1 rejected" in card.locator("[data-field=summary]").inner_text()
+        assert card.locator("[data-field=release_state]").inner_text() == "nothing to release"  # not "idle"
+        v1 = card.locator("[data-version='1']")
+        assert v1.locator("[data-field=status]").inner_text() == "rejected"
+        reasons = v1.locator("[data-field=reasons] li").all_inner_texts()
+        assert reasons == REJECTION
+        assert "fail" in v1.locator("[data-gate=speaker_similarity]").get_attribute("class")
+
+        review_card = page.locator(f"[data-voice='{review}']")
+        assert review_card.locator("[data-field=listening] th").all_inner_texts() == [
+            "Sentence", "production v1", "canary v2", "candidate v3"]
+        assert review_card.locator("[data-field=trend] [data-metric=wer] figcaption").inner_text() == "Whisper WER 0.11"
+        played = review_card.locator("audio[data-sample='candidate-0']").evaluate(
+            "a => a.play().then(() => ({readyState: a.readyState, duration: a.duration, paused: a.paused}))")
+        seconds = listen["columns"][2]["samples"][0]["seconds"]
+        assert played["readyState"] >= 2 and not played["paused"] and played["duration"] == pytest.approx(seconds, abs=0.05)
+        page.screenshot(path=str(tmp_path / "release-page-review.png"), full_page=True)
+        print(f"\nscreenshot: {tmp_path / 'release-page-review.png'}")
+    finally:
+        stack.down(settings)

@@ -96,6 +96,29 @@ def _registry():
 
 
 @lru_cache(maxsize=1)
+def _artifacts():
+    from voiceops_release.reports import RunArtifacts
+
+    return RunArtifacts(_settings())
+
+
+def _view(voice_id: str) -> dict[str, Any]:
+    return view.voice_view(_settings(), _registry(), _history(), voice_id, artifacts=_artifacts(), trend=_trend)
+
+
+def _trend(settings, voice_id: str, version: str) -> dict[str, Any] | None:
+    """The production version's nightly metrics; an unreadable store must not hide the rest of the voice."""
+    from voice_lib.core.storage import StorageError
+    from voiceops_release.reports import nightly_trend
+
+    try:
+        return nightly_trend(settings, voice_id, version)
+    except (StorageError, OSError, ValueError) as exc:
+        log.warning("voice-%s: nightly trend unavailable: %s", voice_id, exc)
+        return {"version": version, "days": [], "metrics": {}, "regressions": [], "error": str(exc)}
+
+
+@lru_cache(maxsize=1)
 def _history_cached():
     from voice_lib.release.rollout import ReleaseHistory
 
@@ -262,7 +285,7 @@ def _voice_or_error(voice_id: str) -> dict[str, Any]:
     from voice_lib.release.registry import RegistryError
 
     try:
-        return view.voice_view(_settings(), _registry(), _history(), voice_id)
+        return _view(voice_id)
     except (RegistryError, ValueError) as exc:
         log.warning("voice-%s: %s", voice_id, exc)
         return {"voice_id": voice_id, "model": f"voice-{voice_id}", "error": str(exc), "aliases": {},
@@ -304,7 +327,7 @@ async def _one_voice(voice_id: str, user: BaseUser) -> dict[str, Any]:
         if not registry.exists(registry.model_name(voice_id)):
             raise ApiError(404, f"voice {voice_id} (model voice-{voice_id}) is not registered in MLflow at "
                                 f"{registry.display_uri}.", voice_id, "onboard it first (voice_onboarding), or check the id.")
-        return view.voice_view(_settings(), registry, _history(), voice_id)
+        return _view(voice_id)
 
     try:
         voice = await asyncio.to_thread(read)
@@ -318,6 +341,69 @@ async def _one_voice(voice_id: str, user: BaseUser) -> dict[str, Any]:
 @app.get("/api/voices/{voice_id}")
 async def get_voice(voice_id: str, user: Reader) -> dict[str, Any]:
     return await _one_voice(voice_id, user)
+
+
+# Reports are files this app writes (evaluation) or renders from uploads (QC): never let them run script here.
+REPORT_CSP = ("default-src 'self'; script-src 'none'; object-src 'none'; style-src 'self' 'unsafe-inline'; "
+              "img-src 'self' data:; media-src 'self'; frame-ancestors 'self'")
+
+
+def _version_tags(voice_id: str, version: str) -> Any:
+    from voice_lib.release.registry import RegistryError
+
+    voice_id = _valid_voice(voice_id)
+    if not version.isdigit():
+        raise ApiError(422, f"voice {voice_id}: version {version!r} is not a version number.", voice_id)
+    try:
+        return _registry().version(f"voice-{voice_id}", version)
+    except RegistryError as exc:
+        if "has no version" in str(exc) or "is not registered" in str(exc):
+            raise ApiError(404, str(exc), voice_id) from None
+        raise _registry_error(exc, voice_id, None) from None
+
+
+def _file_response(data: bytes | Path, name: str) -> Response:
+    import mimetypes
+
+    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    headers = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
+    if media == "text/html":
+        headers["Content-Security-Policy"] = REPORT_CSP
+    if isinstance(data, Path):
+        return FileResponse(data, media_type=media, headers=headers)
+    return Response(data, media_type=media, headers=headers)
+
+
+@app.get("/api/voices/{voice_id}/versions/{version}/report/{path:path}")
+async def eval_report_file(voice_id: str, version: str, path: str, user: Reader) -> Response:
+    """A file of the version's evaluation report (its MLflow run's eval_report/), e.g. report.html or the listening
+    samples listen/0.wav."""
+    from voiceops_release.reports import ReportNotFound
+
+    def read() -> Path:
+        mv = _version_tags(voice_id, version)
+        try:
+            return _artifacts().file(mv.run_id, path)
+        except ReportNotFound as exc:
+            raise ApiError(404, f"voice {voice_id} version {version}: {exc}", voice_id,
+                           "versions evaluated before the listening samples existed have none.") from None
+
+    return _file_response(await asyncio.to_thread(read), path)
+
+
+@app.get("/api/voices/{voice_id}/versions/{version}/qc/{path:path}")
+async def qc_report_file(voice_id: str, version: str, path: str, user: Reader) -> Response:
+    """A file of the QC report of the data the version was trained on (the artifact store)."""
+    from voiceops_release.reports import ReportNotFound, qc_file
+
+    def read() -> bytes:
+        mv = _version_tags(voice_id, version)
+        try:
+            return qc_file(_settings(), voice_id, dict(mv.tags), path)
+        except ReportNotFound as exc:
+            raise ApiError(404, f"voice {voice_id} version {version}: {exc}", voice_id) from None
+
+    return _file_response(await asyncio.to_thread(read), path)
 
 
 async def _act(voice_id: str, action: str, user: BaseUser, **kwargs: Any) -> dict[str, Any]:

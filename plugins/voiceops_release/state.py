@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import Any
 
 from voice_lib.core.config import Settings
@@ -116,10 +117,119 @@ def _version_flags(tags: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def voice_view(settings: Settings, registry: Any, history: Any, voice_id: str) -> dict[str, Any]:
-    """Everything the page shows for one voice (raises RegistryError when the voice cannot be read)."""
-    from voice_lib.release.registry import RegistryError
+# Gate metrics the page shows per version: tag suffix, label, which way passes (voice_lib.eval.gates).
+GATE_METRICS = (("wer", "Whisper WER", "<="), ("speaker_similarity", "similarity", ">="),
+                ("p808_mos", "DNSMOS P.808", ">="), ("rtf", "RTF", "<="))
+LISTEN_ALIASES = ("production", "canary", "candidate")  # side by side on the same sentences
 
+
+def gate_metrics(settings: Settings, tags: dict[str, str]) -> list[dict[str, Any]]:
+    """The gated system's registered metrics with the gate each was held to (WER and P.808 relative to the voice's
+    real recordings, as evaluation judged them)."""
+    from voice_lib.eval.gates import display_thresholds
+
+    system = settings.eval.gated_system
+    limits = display_thresholds(settings.eval, {m: _num(tags.get(f"eval_real_{m}")) for m in ("wer", "p808_mos")})
+    out = []
+    for metric, label, op in GATE_METRICS:
+        value, limit = _num(tags.get(f"eval_{system}_{metric}")), limits.get(metric)
+        passed = None if value is None or limit is None else (value <= limit if op == "<=" else value >= limit)
+        out.append({"name": metric, "label": label, "value": value, "threshold": limit, "op": op, "passed": passed})
+    return out
+
+
+def version_status(aliases: tuple[str, ...], tags: dict[str, str]) -> tuple[str, list[str]]:
+    """What a version is now, and the reasons recorded against it (a rejection's one per failed gate)."""
+    def reasons(*keys: str) -> list[str]:
+        return [r.strip() for k in keys for r in (tags.get(k) or "").split("; ") if r.strip()]
+
+    if tags.get("rejected") == "true":
+        return "rejected", reasons("reason") or ["rejected without a recorded reason"]
+    held = [a for a in ALIAS_ORDER if a in aliases]
+    if tags.get("rolled_back") == "true" and not held:
+        return "rolled back", reasons("reason", "breaker_reason")
+    if tags.get("regression") == "true":
+        return (held[0] if held else "regressed"), reasons("regression_reason")
+    if tags.get("breaker_tripped") == "true":
+        return (held[0] if held else "rolled back"), reasons("breaker_reason")
+    return (held[0] if held else "registered"), []
+
+
+def _mlflow_run_url(settings: Settings, run_id: str) -> str | None:
+    from voice_lib.core.config import public_url
+
+    experiment = _experiment_of(settings.mlflow_tracking_uri, run_id)
+    if not experiment:
+        return None
+    return f"{public_url(settings.mlflow_tracking_uri).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+
+
+@lru_cache(maxsize=4096)  # a run never changes experiment
+def _experiment_of(tracking_uri: str, run_id: str) -> str | None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    except MlflowException:
+        return None
+
+
+def version_rows(settings: Settings, voice_id: str, versions: list) -> list[dict[str, Any]]:
+    """Every version, newest first, with its aliases, status and reasons, gate metrics and links."""
+    rows = []
+    for v in sorted(versions, key=lambda x: int(x.version), reverse=True):
+        status, reasons = version_status(v.aliases, v.tags)
+        base = f"api/voices/{voice_id}/versions/{v.version}"
+        note = v.tags.get("last_manual_action")
+        rows.append({
+            "version": v.version, "aliases": [a for a in ALIAS_ORDER if a in v.aliases], "status": status,
+            "reasons": reasons, "gates": gate_metrics(settings, v.tags), "run_id": v.run_id or None,
+            "backend": v.tags.get("backend") or "end_to_end",
+            "last_manual_action": _json_or_none(note),
+            "links": {"eval_report": f"{base}/report/report.html" if v.run_id else None,
+                      "qc_report": f"{base}/qc/report.html" if v.tags.get("qc_prefix") or v.tags.get("data_sha256") else None,
+                      "mlflow_run": _mlflow_run_url(settings, v.run_id) if v.run_id else None},
+        })
+    return rows
+
+
+def _json_or_none(text: str | None) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def listening_view(voice_id: str, aliases: dict[str, str], versions: list, artifacts: Any) -> dict[str, Any]:
+    """The listening sentences and, per alias, each version's recording of them (None: that version has none)."""
+    run_of = {v.version: v.run_id for v in versions}
+    texts: list[str] = []
+    columns = []
+    for alias in LISTEN_ALIASES:
+        version = aliases.get(alias)
+        if not version:
+            continue
+        index = artifacts.listening(run_of.get(version) or "") if artifacts is not None else None
+        samples = (index or {}).get("samples") or []
+        texts = texts or [s["text"] for s in samples]
+        columns.append({"alias": alias, "version": version, "samples": [
+            {"text": s["text"], "seconds": s.get("seconds"),
+             "url": f"api/voices/{voice_id}/versions/{version}/report/listen/{s['file']}"} for s in samples]})
+    return {"texts": texts, "columns": columns}
+
+
+def history_rows(rows: list[dict]) -> list[dict[str, Any]]:
+    return [{"ts": _iso(r.get("ts")), "version": str(r.get("version", "")), "step": r.get("step"),
+             "weight": r.get("weight"), "outcome": r.get("outcome"), "detail": r.get("detail") or ""} for r in rows]
+
+
+def voice_view(settings: Settings, registry: Any, history: Any, voice_id: str, artifacts: Any = None,
+               trend: Any = None) -> dict[str, Any]:
+    """Everything the page shows for one voice (raises RegistryError when the voice cannot be read).
+
+    ``artifacts`` (reports.RunArtifacts) reads the versions' listening samples; ``trend(settings, voice_id,
+    version)`` the production version's nightly metrics. Without them those parts are empty."""
     name = registry.model_name(voice_id)
     state = registry.release_state(name)
     aliases: dict[str, str] = state["aliases"]
@@ -137,17 +247,9 @@ def voice_view(settings: Settings, registry: Any, history: Any, voice_id: str) -
     canary = aliases.get("canary")
     focus = canary or aliases.get("candidate") or progress.get("release_version") or aliases.get("production")
     # Versions worth describing: the aliased ones, the one a rollout was driving, the last decided one.
-    wanted = [v for v in (*[aliases.get(a) for a in ALIAS_ORDER], progress.get("release_version"),
-                          str(rows[0]["version"]) if rows else None) if v]
-    versions: dict[str, dict[str, Any]] = {}
-    tags_by_version: dict[str, dict[str, str]] = {}
-    for v in dict.fromkeys(wanted):
-        try:
-            tags_by_version[v] = dict(registry.version(name, v).tags)
-        except RegistryError as exc:  # e.g. a version deleted by hand
-            log.warning("%s: %s", name, exc)
-            continue
-        versions[v] = _version_flags(tags_by_version[v])
+    every = registry.versions(name)  # one search: every version with its tags and aliases
+    tags_by_version: dict[str, dict[str, str]] = {v.version: dict(v.tags) for v in every}
+    versions = {v: _version_flags(tags) for v, tags in tags_by_version.items()}
 
     analysis = None
     preferred = [r for r in rows if str(r["version"]) == focus] if focus else []
@@ -188,10 +290,27 @@ def voice_view(settings: Settings, registry: Any, history: Any, voice_id: str) -
         "rolled_back": ({"version": last_rolled_back, "reason": versions[last_rolled_back]["reason"]}
                         if last_rolled_back else None),
         "versions": versions,
+        "version_rows": version_rows(settings, voice_id, every),
+        "summary": release_summary(aliases, every),
+        "listening": listening_view(voice_id, aliases, every, artifacts),
+        "trend": trend(settings, voice_id, aliases.get("production")) if trend and aliases.get("production") else None,
+        "history": history_rows(rows),
         "actions": available_actions(state),
         "history_error": history_error,
         "error": None,
     }
+
+
+def release_summary(aliases: dict[str, str], versions: list) -> str:
+    """One line on what the voice can serve: never "idle, none" for a voice whose only version was rejected."""
+    if aliases.get("production") or aliases.get("canary") or aliases.get("candidate"):
+        return ""
+    if not versions:
+        return "no version registered yet"
+    rejected = [v.version for v in versions if v.tags.get("rejected") == "true"]
+    if len(rejected) == len(versions):
+        return f"nothing to release: {'version ' if len(rejected) == 1 else 'versions '}{', '.join(rejected)} rejected by the gates"
+    return "no version is production, canary or candidate"
 
 
 def available_actions(state: dict[str, Any]) -> dict[str, bool]:

@@ -369,6 +369,14 @@ def validate_voice_id(voice_id: str) -> str:
     return voice_id
 
 
+def public_url(url: str) -> str:
+    """``url`` without its userinfo: a link for a browser, which must log in by itself (``http://host/``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])) if "@" in parts.netloc else url
+
+
 def redact_url(url: str) -> str:
     """``url`` with the password of its userinfo replaced by ``***`` (for logs and errors): ``http://u:***@host/``."""
     from urllib.parse import urlsplit, urlunsplit

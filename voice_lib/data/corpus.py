@@ -133,6 +133,15 @@ def load_sentences(language: str = "en") -> list[str]:
     return list(_sentences(language))
 
 
+LISTENING_TEXTS = 3
+
+
+def listening_texts(language: str = "en") -> list[str]:
+    """The sentences every evaluated version speaks (the release page plays them side by side for production,
+    canary and candidate) and canary_promotion's quality probe sends through the server."""
+    return load_sentences(language if language in ("en", "zh") else "en")[:LISTENING_TEXTS]
+
+
 def _sentence_stream(language: str, seed: int, speaker: str) -> Iterator[str]:
     # Seeded per speaker, so adding a speaker or asking for more clips keeps earlier choices stable.
     rng = random.Random(f"{seed}:{speaker}")

@@ -128,6 +128,25 @@ def _system_row(system: str, synth: SynthesizerLike, clip: HeldOutClip, referenc
     return row
 
 
+def _listening_samples(synth: SynthesizerLike | None, language: str, out_dir: Path) -> list[str]:
+    """The gated system speaking ``listening_texts``: ``listen/<i>.wav`` and ``listen/listen.json`` (logged with the
+    report, so the release page plays the same sentences for production, canary and candidate side by side)."""
+    import json
+
+    from voice_lib.data.corpus import listening_texts
+
+    if synth is None:
+        return []
+    folder, entries = out_dir / "listen", []
+    for i, text in enumerate(listening_texts(language)):
+        out = synth.synthesize(text, language)
+        audio = to_16k(out.audio, out.sample_rate)
+        write_wav(folder / f"{i}.wav", audio, SR)
+        entries.append({"file": f"{i}.wav", "text": text, "seconds": round(len(audio) / SR, 2)})
+    (folder / "listen.json").write_text(json.dumps({"language": language, "samples": entries}, indent=2))
+    return [str(folder / e["file"]) for e in entries] + [str(folder / "listen.json")]
+
+
 def evaluate(synthesizers: Mapping[str, SynthesizerLike], clips: list[HeldOutClip], reference_embedding: np.ndarray,
              settings: Settings | EvalSettings, out_dir: Path, feature_config: FeatureConfig | None = None,
              render: bool = True, production: ProductionReference | None = None) -> EvalResult:
@@ -160,12 +179,14 @@ def evaluate(synthesizers: Mapping[str, SynthesizerLike], clips: list[HeldOutCli
                            f"{' BAD' if row.bad else ''}")
         log.info("eval clip %d/%d %s: %s", i, len(clips), clip.clip_id, "; ".join(summary))
 
+    listen = _listening_samples(synthesizers.get(ev.gated_system), clips[0].language, out_dir)
     systems = [REAL, VOCODER, *synthesizers]
     aggregates = aggregate(rows, systems, baseline=ev.baseline_system)
     result = EvalResult(rows, aggregates, gate_checks(aggregates, ev, production=production), systems, ev.model_dump(),
                         production=production)
     log.info("evaluated %d systems on %d clips in %.1f s: %s", len(synthesizers), len(clips),
              time.perf_counter() - started, "PASSED" if result.passed else "; ".join(g.message for g in result.failures))
+    result.files += listen
     out_dir.mkdir(parents=True, exist_ok=True)
     if render:
         render_eval_report(result, out_dir, ev)

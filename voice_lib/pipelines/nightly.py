@@ -40,6 +40,16 @@ def versions_to_check(settings: Settings) -> list[dict]:
     return out
 
 
+def nightly_prefix(voice_id: str, version: str) -> str:
+    return f"voices/{voice_id}/nightly/v{version}"
+
+
+def nightly_results(store, voice_id: str, version: str, last: int | None = None) -> list[dict]:
+    """The stored nightly re-evaluations of one version (``{day, metrics, regressions, ...}``), oldest first."""
+    keys = sorted(k for k in store.list(nightly_prefix(voice_id, version)) if k.endswith(".json"))
+    return [json.loads(store.read_bytes(k)) for k in (keys[-last:] if last else keys)]
+
+
 def regressions(now: dict, reference: dict, label: str) -> list[str]:
     found = []
     for metric, (direction, tol) in TOLERANCES.items():
@@ -59,7 +69,7 @@ def reevaluate(settings: Settings, item: dict) -> dict:
 
     store = artifact_store(settings)
     day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    prefix = f"voices/{item['voice_id']}/nightly/v{item['version']}"
+    prefix = nightly_prefix(item["voice_id"], item["version"])
     if store.exists(f"{prefix}/{day}.json"):
         return json.loads(store.read_bytes(f"{prefix}/{day}.json"))
     registry, name = Registry(settings), f"voice-{item['voice_id']}"
@@ -93,8 +103,7 @@ def log_trends(settings: Settings, results: list[dict]) -> list[str]:
     for voice_id in sorted({r["voice_id"] for r in results}):
         fig, (ax, mos_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
         for r in (x for x in results if x["voice_id"] == voice_id):
-            prefix = f"voices/{voice_id}/nightly/v{r['version']}"
-            nights = [json.loads(store.read_bytes(k)) for k in sorted(store.list(prefix)) if k.endswith(".json")]
+            nights = nightly_results(store, voice_id, r["version"])
             for axis, metrics in ((ax, ("speaker_similarity", "stoi", "wer")), (mos_ax, ("p808_mos", "ovrl_mos"))):
                 for metric in metrics:
                     axis.plot([n["day"] for n in nights], [n["metrics"].get(metric) for n in nights], marker="o",

@@ -32,6 +32,13 @@ def gate_metric_tags(aggregates: dict) -> dict[str, str]:
     return tags
 
 
+def report_tags(trained: TrainedVoice) -> dict[str, str]:
+    """Where the version's QC report lives in the store (``qc_prefix``; the manifest is ``<qc_prefix>/features-*/``),
+    for the release page's link. The evaluation report is the run's ``eval_report/`` artifact folder."""
+    prefix, sep, _ = trained.manifest_key.rpartition("/features-")
+    return {"qc_prefix": prefix} if sep else {}
+
+
 def register_voice(settings: Settings, trained: TrainedVoice, evaluation: EvaluationSummary) -> RegisteredVoice:
     """Register the version; alias `candidate` when the gates passed, else tag it rejected and fail."""
     name = f"voice-{trained.voice_id}"
@@ -41,7 +48,7 @@ def register_voice(settings: Settings, trained: TrainedVoice, evaluation: Evalua
         client = mlflow_client(settings)
         client.log_artifacts(trained.run_id, str(model_dir), "voice")
         verify_logged_folder(client, trained.run_id, "voice", model_dir)
-    tags = {**trained.lineage, **gate_metric_tags(evaluation.aggregates)}
+    tags = {**trained.lineage, **gate_metric_tags(evaluation.aggregates), **report_tags(trained)}
     version = registry.register(name, trained.run_id, "voice", tags,
                                 description=f"LoRA rank {trained.lineage['lora_rank']} on {trained.lineage['base_model']}")
     if evaluation.passed:

@@ -5,6 +5,7 @@
 const REFRESH_MS = 30000;
 let data = null;
 let busy = false;
+const openHistory = new Set();  // voices whose history is unfolded stay so across refreshes
 
 const $ = (sel) => document.querySelector(sel);
 
@@ -125,10 +126,120 @@ function stepText(v) {
   return t;
 }
 
+// --- versions, listening, trend, history ----------------------------------------------------------
+
+function gateCell(g) {
+  if (!g || g.value === null || g.value === undefined) return el("td", { class: "num" }, "–");
+  const limit = g.threshold === null || g.threshold === undefined ? null
+    : el("span", { class: "limit" }, `gate ${g.op === ">=" ? "≥" : "≤"} ${fmt(g.threshold)}`);
+  return el("td", { class: `num${g.passed === false ? " fail" : ""}`, "data-gate": g.name }, fmt(g.value), limit);
+}
+
+function renderVersions(v) {
+  const rows = v.version_rows || [];
+  if (!rows.length) return el("p", { class: "note", "data-field": "versions" }, "No version registered yet.");
+  const names = (rows[0].gates || []).map((g) => g.label);
+  const body = rows.map((r) => {
+    const byName = Object.fromEntries((r.gates || []).map((g) => [g.label, g]));
+    const links = r.links || {};
+    return el("tr", { "data-version": r.version, class: r.status === "rejected" ? "rejected" : null },
+      el("td", {}, `v${r.version}`),
+      el("td", {}, r.aliases.length ? r.aliases.join(", ") : "–"),
+      el("td", {}, el("span", { class: `badge ${statusClass(r.status)}`, "data-field": "status" }, r.status)),
+      names.map((n) => gateCell(byName[n])),
+      el("td", { "data-field": "reasons" }, r.reasons.length ? el("ul", {}, r.reasons.map((x) => el("li", {}, x))) : "–"),
+      el("td", { class: "reports" },
+        links.eval_report ? el("a", { href: links.eval_report, target: "_blank", rel: "noopener" }, "evaluation") : null,
+        links.qc_report ? el("a", { href: links.qc_report, target: "_blank", rel: "noopener" }, "QC") : null,
+        links.mlflow_run ? el("a", { href: links.mlflow_run, target: "_blank", rel: "noopener" }, "MLflow run") : null));
+  });
+  return el("table", { class: "grid", "data-field": "versions" },
+    el("thead", {}, el("tr", {}, ["Version", "Aliases", "Status", ...names, "Reasons", "Reports"].map((h) => el("th", {}, h)))),
+    el("tbody", {}, body));
+}
+
+function statusClass(status) {
+  return { rejected: "fail", "rolled back": "fail", regressed: "warn", production: "pass", canary: "info",
+           candidate: "info" }[status] || "";
+}
+
+function renderListening(v) {
+  const l = v.listening || { texts: [], columns: [] };
+  if (!l.columns.length) return null;
+  if (!l.texts.length) {
+    return el("p", { class: "note", "data-field": "listening" },
+      "No listening samples: these versions were evaluated before evaluation recorded them.");
+  }
+  const head = el("tr", {}, el("th", {}, "Sentence"), l.columns.map((c) => el("th", {}, `${c.alias} v${c.version}`)));
+  const rows = l.texts.map((text, i) => el("tr", {}, el("td", {}, text), l.columns.map((c) => {
+    const s = c.samples[i];
+    return el("td", { "data-alias": c.alias },
+      s ? el("audio", { controls: true, preload: "none", src: s.url, "data-sample": `${c.alias}-${i}` })
+        : el("span", { class: "note" }, "no sample"));
+  })));
+  return el("table", { class: "grid listen", "data-field": "listening" }, el("thead", {}, head), el("tbody", {}, rows));
+}
+
+const TREND_LABELS = { wer: "Whisper WER", speaker_similarity: "similarity", p808_mos: "DNSMOS P.808", rtf: "RTF" };
+
+function sparkline(values) {
+  const pts = values.map((y, x) => [x, y]).filter(([, y]) => y !== null && y !== undefined);
+  const W = 140, H = 34, P = 3;
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("width", W); svg.setAttribute("height", H); svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  if (!pts.length) return svg;
+  const ys = pts.map(([, y]) => y), lo = Math.min(...ys), hi = Math.max(...ys);
+  const sx = (x) => P + (values.length > 1 ? (x * (W - 2 * P)) / (values.length - 1) : (W - 2 * P) / 2);
+  const sy = (y) => (hi === lo ? H / 2 : H - P - ((y - lo) * (H - 2 * P)) / (hi - lo));
+  const line = document.createElementNS(svg.namespaceURI, "polyline");
+  line.setAttribute("points", pts.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" "));
+  svg.append(line);
+  const [lx, ly] = pts[pts.length - 1];
+  const dot = document.createElementNS(svg.namespaceURI, "circle");
+  dot.setAttribute("cx", sx(lx)); dot.setAttribute("cy", sy(ly)); dot.setAttribute("r", 2.5);
+  svg.append(dot);
+  return svg;
+}
+
+function renderTrend(v) {
+  const t = v.trend;
+  if (!t) return null;
+  if (!t.days.length) {
+    return el("p", { class: "note", "data-field": "trend" },
+      t.error || `No nightly re-evaluation of production v${t.version} yet (nightly_reevaluation).`);
+  }
+  const figs = Object.entries(t.metrics).map(([m, values]) => {
+    const last = [...values].reverse().find((x) => x !== null && x !== undefined);
+    return el("figure", { "data-metric": m }, sparkline(values),
+      el("figcaption", {}, `${TREND_LABELS[m] || m} ${fmt(last)}`));
+  });
+  return el("div", { "data-field": "trend" },
+    el("p", { class: "note" }, `Production v${t.version}, last ${t.days.length} night(s): ${t.days[0]} → ${t.days[t.days.length - 1]}` +
+      (t.regressions.length ? ` · regressions on ${t.regressions.map((r) => r.day).join(", ")}` : "")),
+    el("div", { class: "trend" }, figs));
+}
+
+function renderHistory(v) {
+  const rows = v.history || [];
+  const remember = (e) => (e.target.open ? openHistory.add(v.voice_id) : openHistory.delete(v.voice_id));
+  return el("details", { class: "history", "data-field": "history", open: openHistory.has(v.voice_id), ontoggle: remember },
+    el("summary", {}, `Release history (${rows.length} latest)`),
+    rows.length ? el("table", { class: "grid" },
+      el("thead", {}, el("tr", {}, ["Time", "Version", "Step", "Weight", "Outcome", "Detail"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, rows.map((r) => el("tr", {},
+        el("td", {}, fmtTime(r.ts)), el("td", {}, `v${r.version}`), el("td", {}, r.step === null ? "–" : String(r.step + 1)),
+        el("td", {}, r.weight === null ? "–" : `${r.weight}%`),
+        el("td", {}, el("span", { class: `badge ${badgeClass(r.outcome)}` }, r.outcome)), el("td", { class: "note" }, r.detail)))))
+      : el("p", { class: "note" }, "No release decision recorded yet."));
+}
+
 function renderVoice(v) {
   const head = el("div", { class: "voice-head" },
     el("h2", {}, v.voice_id), el("span", { class: "model" }, v.model),
-    v.release_state ? el("span", { class: `badge ${v.release_state}`, "data-field": "release_state" }, v.release_state) : null);
+    // "idle" over a voice with nothing releasable (say, its only version rejected) would read as fine.
+    v.summary && v.release_state === "idle"
+      ? el("span", { class: "badge fail", "data-field": "release_state" }, "nothing to release")
+      : v.release_state ? el("span", { class: `badge ${v.release_state}`, "data-field": "release_state" }, v.release_state) : null);
   if (v.error) {
     return el("section", { class: "voice", "data-voice": v.voice_id }, head,
       el("p", { class: "problem" }, v.error));
@@ -174,7 +285,14 @@ function renderVoice(v) {
     button("promote", v.approval && v.approval.version === v.canary ? "Approve" : "Promote"), button("pause", "Pause"), button("resume", "Resume"),
     button("rollback", "Rollback", "danger"));
 
-  return el("section", { class: "voice", "data-voice": v.voice_id }, head, aliases, facts, renderChecks(v.analysis), actions);
+  const listening = renderListening(v), trend = renderTrend(v);
+  return el("section", { class: "voice", "data-voice": v.voice_id }, head,
+    v.summary ? el("p", { class: "problem", "data-field": "summary" }, v.summary) : null,
+    aliases, facts, renderChecks(v.analysis), actions,
+    el("h3", {}, "Versions"), renderVersions(v),
+    listening ? [el("h3", {}, "Listen: the same sentences"), listening] : null,
+    trend ? [el("h3", {}, "Nightly trend of production"), trend] : null,
+    renderHistory(v));
 }
 
 function render() {
@@ -276,5 +394,7 @@ async function act(v, action) {
 document.addEventListener("DOMContentLoaded", () => {
   $("#refresh").addEventListener("click", refresh);
   refresh();
-  setInterval(() => { if (!busy && document.visibilityState === "visible") refresh(); }, REFRESH_MS);
+  // No refresh while someone listens: re-rendering would cut the sample off.
+  const listening = () => [...document.querySelectorAll("audio")].some((a) => !a.paused);
+  setInterval(() => { if (!busy && !listening() && document.visibilityState === "visible") refresh(); }, REFRESH_MS);
 });
