@@ -61,6 +61,54 @@ def test_actions_offered_follow_the_release_state():
     assert state.available_actions({"aliases": {"production": "2", "previous": "1"}, "release_state": "idle"})["rollback"]
 
 
+def test_a_version_s_status_and_reasons_come_from_its_tags():
+    state = _state_module()
+    reasons = "adapted speaker_similarity 0.62 < 0.80 (X); adapted wer_gap_over_real 0.31 > 0.10 (Y)"
+    assert state.version_status((), {"rejected": "true", "reason": reasons}) == ("rejected", [
+        "adapted speaker_similarity 0.62 < 0.80 (X)", "adapted wer_gap_over_real 0.31 > 0.10 (Y)"])
+    assert state.version_status((), {"rolled_back": "true", "reason": "p95 doubled"}) == ("rolled back", ["p95 doubled"])
+    assert state.version_status(("canary", "candidate"), {}) == ("canary", [])  # the alias that matters most
+    assert state.version_status(("production",), {"regression": "true", "regression_reason": "wer 0.3 vs 0.1"}) == (
+        "production", ["wer 0.3 vs 0.1"])
+    assert state.version_status((), {}) == ("registered", [])
+
+
+def test_summary_never_calls_a_voice_with_only_rejected_versions_idle():
+    from voice_lib.release.registry import ModelVersionInfo
+
+    state = _state_module()
+    v = lambda n, **tags: ModelVersionInfo("voice-x", n, "r", "s", tags)  # noqa: E731
+    assert state.release_summary({}, [v("1", rejected="true")]) == "nothing to release: version 1 rejected by the gates"
+    assert state.release_summary({}, [v("1", rejected="true"), v("2", rejected="true")]).startswith("nothing to release: versions 1, 2")
+    assert state.release_summary({}, [v("1", rejected="true"), v("2")]) == "no version is production, canary or candidate"
+    assert state.release_summary({"candidate": "2"}, [v("1", rejected="true"), v("2")]) == ""
+    assert state.release_summary({}, []) == "no version registered yet"
+
+
+def test_gate_metrics_are_judged_as_evaluation_judged_them():
+    from voice_lib.core.config import EvalSettings
+
+    state = _state_module()
+    settings = Settings(eval=EvalSettings(max_wer_gap_over_real=0.1, min_speaker_similarity=0.8, max_rtf=0.5))
+    tags = {"eval_adapted_wer": "0.2", "eval_real_wer": "0.05", "eval_adapted_speaker_similarity": "0.81",
+            "eval_adapted_rtf": "0.7"}
+    gates = {g["name"]: g for g in state.gate_metrics(settings, tags)}
+    assert (gates["wer"]["threshold"], gates["wer"]["passed"]) == (pytest.approx(0.15), False)  # relative to real speech
+    assert gates["speaker_similarity"]["passed"] is True and gates["rtf"]["passed"] is False
+    assert gates["p808_mos"]["value"] is None and gates["p808_mos"]["passed"] is None  # not measured: not judged
+
+
+def test_report_paths_stay_inside_the_report():
+    if str(PLUGINS) not in sys.path:
+        sys.path.insert(0, str(PLUGINS))
+    from voiceops_release.reports import ReportNotFound, safe_path
+
+    assert safe_path("listen/0.wav") == "listen/0.wav" and safe_path("report.html") == "report.html"
+    for bad in ("../voice/voice.json", "listen/../../x", "/etc/passwd", "a//b", "", "listen\\0.wav"):
+        with pytest.raises(ReportNotFound):
+            safe_path(bad)
+
+
 # --- the real thing ---------------------------------------------------------------------------------
 
 @pytest.fixture
