@@ -109,6 +109,24 @@ def test_report_paths_stay_inside_the_report():
             safe_path(bad)
 
 
+def test_every_route_of_the_plugin_checks_the_airflow_permissions():
+    """Airflow does not authenticate plugin apps: each route must depend on reader (GET) or writer (POST)."""
+    if str(PLUGINS) not in sys.path:
+        sys.path.insert(0, str(PLUGINS))
+    from fastapi.routing import APIRoute
+
+    from voiceops_release import app as plugin
+
+    def calls(dependant) -> set:
+        return {dependant.call} | {c for d in dependant.dependencies for c in calls(d)}
+
+    routes = [r for r in plugin.app.routes if isinstance(r, APIRoute)]
+    assert len(routes) >= 8  # page, list, one voice, two report routes, four actions
+    for route in routes:
+        needed = plugin.writer if "POST" in route.methods else plugin.reader
+        assert needed in calls(route.dependant), f"{route.path} does not check {needed.__name__}"
+
+
 # --- the real thing ---------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -435,6 +453,9 @@ def test_canary_approval_in_required_actions_and_by_voiceops_promote(tmp_path, m
 
             # --- another through the CLI, which answers the same task over the REST API ------------------------
             env = {**os.environ, **stack.settings_env(settings)}
+            status = subprocess.run([sys.executable, "-m", "voiceops.cli", "status", by_cli], env=env,
+                                    capture_output=True, text=True, timeout=120)
+            assert "version 2 waits before 100 %" in status.stdout, status.stdout + status.stderr
             promoted = subprocess.run([sys.executable, "-m", "voiceops.cli", "promote", by_cli, "--reason", "on call ok",
                                        "--actor", "oncall"], env=env, capture_output=True, text=True, timeout=120)
             assert promoted.returncode == 0, promoted.stderr

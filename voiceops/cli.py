@@ -119,6 +119,10 @@ def _release_status(voice: str) -> None:
             out.print(f"  {alias:10} → version {state['aliases'][alias]}")
     if state["progress"]:
         out.print("  progress: " + ", ".join(f"{k}={v}" for k, v in sorted(state["progress"].items())))
+    held = _held_approval(settings, voice) if "canary" in state["aliases"] else None
+    if held is not None:
+        out.print(f"  [bold]approval[/bold]: version {held.version} waits before 100 % (since {held.created_at}): "
+                  f"`voiceops promote {voice}` or `voiceops rollback {voice}`, or {held.url}")
     rows = ReleaseHistory(settings.resolved_audit_url).rows(voice, limit=10)
     if rows:
         table = Table("time", "version", "step", "weight", "outcome", "detail", title="recent decisions")
@@ -144,6 +148,17 @@ def _release_action(voice: str, action: str, actor: str, **kwargs) -> str:
         history = None
     approvals = _approvals(settings) if action in ("promote", "rollback") else None
     return _registry_call(lambda: perform(registry, history, voice, action, actor=actor, approvals=approvals, **kwargs))
+
+
+def _held_approval(settings: Settings, voice: str):
+    from voice_lib.core.airflow import AirflowError
+
+    approvals = _approvals(settings)
+    try:
+        return approvals.waiting_for(voice, None) if approvals else None
+    except AirflowError as exc:
+        console.print(f"[yellow]cannot list held approvals: {exc}")
+        return None
 
 
 def _approvals(settings: Settings):
