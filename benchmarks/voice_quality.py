@@ -39,7 +39,7 @@ def prepare(voice: str, seconds: float, settings: Settings, work: Path) -> tuple
 
     data = make_voice_dataset(work / voice, voice, seconds, layout="metadata")
     started = time.perf_counter()
-    dataset = onboarding.ingest(voice, str(data), settings)
+    dataset = onboarding.ingest(voice, str(data), settings.with_ingest_root(work))  # the benchmark's own folder
     for i in range(len(dataset["shards"])):
         onboarding.qc_shard(dataset, i, settings)
     qc = onboarding.qc_report(dataset, settings, log_to_mlflow=False)

@@ -33,9 +33,10 @@ def voice_intake():
 
     @task
     def onboarding_confs(datasets: list[dict]) -> list[dict]:
-        # The language rides along when the upload's manifest names it (POST /v1/voices); else the DAG's default.
+        # The language and the owner ride along when the upload's manifest names them (POST /v1/voices); else
+        # the DAG's defaults (English, the operators).
         return [{"voice_id": d["voice_id"], "data_uri": d["data_uri"],
-                 **({"language": d["language"]} if "language" in d else {})} for d in datasets]
+                 **{k: d[k] for k in ("language", "owner") if k in d}} for d in datasets]
 
     @task
     def claim_all(datasets: list[dict], run_id=None) -> int:

@@ -26,9 +26,16 @@ def _settings(params: dict):
 
 @task
 def ingest(params=None) -> dict:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from voice_lib.data.staging import IngestError
     from voice_lib.pipelines.onboarding import ingest as run
 
-    return run(params["voice_id"], params["data_uri"], _settings(params), shards=int(params["shards"]))
+    try:
+        return run(params["voice_id"], params["data_uri"], _settings(params), shards=int(params["shards"]),
+                   owner=params.get("owner") or None, allow_other_owner=bool(params.get("allow_other_owner")))
+    except IngestError as exc:
+        raise AirflowFailException(str(exc)) from exc  # a refused source or owner: retrying cannot help
 
 
 @task
@@ -123,7 +130,15 @@ def auto_release_enabled(registered: dict) -> bool:
         "voice_id": Param("demo-voice", type="string", pattern=VOICE_ID_PATTERN, minLength=2, maxLength=63,
                           description="Lowercase letters, digits and dashes; becomes MLflow model voice-<voice_id>."),
         "data_uri": Param("", type="string", minLength=1,
-                          description="Folder, .zip, audio file, or s3://bucket/prefix holding the recordings."),
+                          description="Folder, .zip, audio file, or s3://bucket/prefix holding the recordings, "
+                                      "under the intake prefix, the upload folder or VOICEOPS_INGEST__ALLOWED_ROOTS."),
+        "owner": Param("", type="string", maxLength=200,
+                       description="The tenant the voice is onboarded for (voice_intake sets it from the upload's "
+                                   "manifest); empty: the operators. A voice id another owner onboarded first is "
+                                   "refused unless allow_other_owner."),
+        "allow_other_owner": Param(False, type="boolean",
+                                   description="Onboard into another owner's voice on purpose: its candidate is "
+                                               "replaced, it keeps its owner."),
         "language": Param("en", type="string", enum=["en", "zh", "auto"]),
         "min_speech_seconds": Param(60, type="number", minimum=1, maximum=3600,
                                     description="Reject the dataset with less usable speech than this."),

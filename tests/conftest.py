@@ -52,6 +52,22 @@ def skip_unless_required(reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def datasets_from_temp_folders_may_be_onboarded(tmp_path_factory):
+    """Onboarding reads only under its ingest roots (voice_lib.data.staging.allowed_source); the suite's
+    datasets are generated in pytest's temporary folders, so those are a root for every Settings() the tests
+    build (and, through settings_env, for the Airflow and worker processes they start). Tests of the roots
+    themselves set ``ingest.allowed_roots`` explicitly."""
+    key = "VOICEOPS_INGEST__ALLOWED_ROOTS"
+    previous = os.environ.get(key)
+    os.environ[key] = json.dumps([str(tmp_path_factory.getbasetemp().resolve())])
+    yield
+    if previous is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = previous
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -105,8 +121,9 @@ def settings(tmp_path) -> Settings:
 @pytest.fixture
 def s3_settings(tmp_path, s3_endpoint, s3_bucket) -> Settings:
     return Settings(
-        home=tmp_path / "home", storage_uri=f"s3://{s3_bucket}/store", s3_endpoint_url=s3_endpoint,
-        s3_access_key_id="test", s3_secret_access_key="test", mlflow_tracking_uri="http://127.0.0.1:9",
+        home=tmp_path / "home", storage_uri=f"s3://{s3_bucket}/store", intake_uri=f"s3://{s3_bucket}/incoming",
+        s3_endpoint_url=s3_endpoint, s3_access_key_id="test", s3_secret_access_key="test",
+        mlflow_tracking_uri="http://127.0.0.1:9",
     )
 
 

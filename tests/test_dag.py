@@ -70,7 +70,7 @@ def test_dagbag_imports_cleanly_without_heavy_modules(settings):
     # Infrastructure faults (S3, MLflow down; a worker killed) are retried with backoff, every task
     # (tests/test_faults_onboarding.py shows the retried steps resume and register nothing partial).
     assert all(retries >= 1 and backoff for retries, backoff in probe["retries"].values()), probe["retries"]
-    assert {"voice_id", "data_uri", "language", "min_speech_seconds"} <= set(probe["params"])
+    assert {"voice_id", "data_uri", "language", "min_speech_seconds", "owner", "allow_other_owner"} <= set(probe["params"])
     assert probe["voice_id_validation"]["ok-voice"] == "valid"
     for bad in ("../etc", "Bad_ID", "a"):
         assert probe["voice_id_validation"][bad] != "valid", bad
@@ -191,3 +191,16 @@ def test_onboarding_rejects_too_little_speech_without_retrying(e2e_settings, sho
     assert any(k.endswith("/report.json") for k in keys)
     assert not any(k.endswith("/manifest.json") for k in keys)
 
+
+
+def test_a_data_uri_outside_the_ingest_roots_fails_the_run_at_once(settings, clean_voice):
+    """A Param naming a folder outside the workers' ingest roots (here: no extra root, so only the intake
+    prefix and the upload folder) fails ingest without retries, naming the setting; nothing is read or stored."""
+    confined = settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"allowed_roots": []})})
+    conf = {"voice_id": "outsider", "data_uri": str(clean_voice), "shards": 1}
+    run = _dags_test(confined, conf)
+    output = run.stdout + run.stderr
+    assert "is outside the folders onboarding may read" in output and "VOICEOPS_INGEST__ALLOWED_ROOTS" in output
+    assert 1 <= output.count("task_id=ingest map_index=-1") <= 2, output[-3000:]  # failed fast: not retried
+    assert "state=failed" in output or run.returncode != 0
+    assert artifact_store(confined).list("voices/outsider") == []

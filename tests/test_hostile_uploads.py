@@ -55,6 +55,7 @@ from voice_lib.core.storage import artifact_store, s3_client
 from voice_lib.data import corpus
 from voice_lib.data.audio import PEAK_CEILING, loudness_lufs
 from voice_lib.data.staging import IngestError
+from voice_lib.data.uploads import record_owner
 from voice_lib.pipelines.onboarding import (
     QCRejected,
     dataset_prefix,
@@ -342,6 +343,7 @@ def seeded_home(tmp_path_factory) -> Path:
     older = store / "voices" / VOICE / "datasets" / "0123456789abcdef"  # the voice's previous upload
     older.mkdir(parents=True)
     (older / "staged.json").write_text('{"files": ["old.wav"]}')
+    record_owner(cfg, VOICE, None, str(data))  # the voice exists, the operators' (as every upload here is)
     return home
 
 

@@ -17,6 +17,7 @@ import soundfile as sf
 from voice_lib.core.config import Settings
 from voice_lib.core.storage import artifact_store
 from voice_lib.data.staging import IngestError
+from voice_lib.data.uploads import owner_key
 from voice_lib.pipelines.onboarding import dataset_prefix, ingest
 
 VOICE = "alice"
@@ -385,7 +386,7 @@ def test_ingest_from_s3_prefix_into_s3_store(s3_settings, settings, s3, s3_bucke
     assert local["data_sha256"] == result["data_sha256"]
 
     versions = _versions(s3, s3_bucket, "store/")
-    assert set(versions) == {f"store/{k}" for k in store.list("voices")}
+    assert set(versions) == {f"store/{k}" for k in store.list("voices")} | {f"store/{owner_key('alice')}"}
     assert set(versions.values()) == {1}
     again = ingest("alice", f"s3://{s3_bucket}/incoming/alice", s3_settings)
     assert again["data_sha256"] == result["data_sha256"] and again["dataset_uri"] == result["dataset_uri"]
@@ -451,3 +452,90 @@ def test_concurrent_onboardings_of_one_voice_stage_in_separate_folders(tmp_path)
         assert results[name]["data_sha256"] == expected
         assert all(f.startswith(name) for f in results[name]["files"]), results[name]["files"][:3]
     assert not list((settings.cache_dir / "work" / "same-voice" / "ingest").glob("run-*"))  # cleaned up
+
+
+# --- where onboarding may read, and whose voice it may write (issue 17, item 5) -------------------
+
+def confined(settings: Settings, *roots: str) -> Settings:
+    """``settings`` with exactly these extra ingest roots (the suite's conftest allows pytest's temp folders)."""
+    return settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"allowed_roots": list(roots)})})
+
+
+def refused_into(settings: Settings, data: Path | str, voice_id: str) -> str:
+    """Ingest into ``voice_id`` fails with IngestError and writes nothing of that voice; returns the message."""
+    with pytest.raises(IngestError) as err:
+        ingest(voice_id, str(data), settings)
+    assert artifact_store(settings).list(f"voices/{voice_id}/") == []
+    assert not artifact_store(settings).exists(owner_key(voice_id)) and not staged_dir(settings, voice_id).exists()
+    return str(err.value)
+
+
+def test_a_data_uri_outside_the_ingest_roots_is_refused_naming_the_uri_roots_and_setting(settings, tmp_path, wav):
+    settings = confined(settings)
+    outside = wav.parent
+    msg = refused(settings, outside)
+    assert str(outside) in msg and settings.resolved_intake_uri in msg and settings.resolved_upload_dir.as_uri() in msg
+    assert "ingest.allowed_roots" in msg and "VOICEOPS_INGEST__ALLOWED_ROOTS" in msg
+
+    uploads = settings.resolved_upload_dir
+    (uploads / "alice").mkdir(parents=True)
+    tiny_wav(uploads / "alice" / "a.wav")
+    assert ingest(VOICE, str(uploads / "alice"), settings)["files"] == ["a.wav"]  # the upload folder is a root
+    assert ingest(VOICE, (uploads / "alice").as_uri(), settings)["files"] == ["a.wav"]
+
+    # Resolved before the check: '..' and a symlink inside a root that leads outside are refused.
+    dotdot = f"{uploads}/../../{outside.relative_to(tmp_path)}"
+    msg = refused_into(settings, dotdot, "bob")
+    assert f"{outside} (resolved from {dotdot})" in msg
+    (uploads / "link").symlink_to(outside, target_is_directory=True)
+    assert str(outside) in refused_into(settings, uploads / "link", "bob")
+    # A root given by the setting is honoured.
+    assert ingest("bob", str(outside), confined(settings, str(tmp_path / "src")))["files"] == ["a.wav"]
+
+
+def test_the_artifact_store_and_work_cache_are_refused_even_under_a_root(settings, wav):
+    settings = confined(settings, "/")  # an operator allowed the whole disk
+    stored = ingest(VOICE, str(wav.parent), settings)
+    raw = Path(stored["dataset_uri"].removeprefix("file://")) / "raw"
+    staged = settings.cache_dir / "work" / VOICE / "ingest" / "staged"
+    for other_voices_data in (raw, staged):
+        with pytest.raises(IngestError, match="the artifact store, VOICEOPS_STORAGE_URI, or its work cache"):
+            ingest("mallory", str(other_voices_data), settings)
+    assert not artifact_store(settings).list("voices/mallory")
+
+
+def test_s3_data_uris_must_lie_under_an_s3_root(s3_settings, s3, s3_bucket, wav):
+    for key in ("incoming/bob/a.wav", "incoming-old/bob/a.wav", "elsewhere/bob/a.wav"):
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=wav.read_bytes())
+    settings = confined(s3_settings)
+    assert ingest("bob", f"s3://{s3_bucket}/incoming/bob", settings)["files"] == ["a.wav"]  # the intake prefix
+    assert "outside the folders onboarding may read" in refused_into(settings, f"s3://{s3_bucket}/incoming-old/bob", "carol")
+    assert "outside the folders onboarding may read" in refused_into(settings, f"s3://{s3_bucket}/elsewhere/bob", "carol")
+    assert "'.' or '..' segments" in refused_into(settings, f"s3://{s3_bucket}/incoming/../elsewhere/bob", "carol")
+    with pytest.raises(IngestError, match="the artifact store"):
+        ingest("carol", f"s3://{s3_bucket}/store/voices/bob", confined(s3_settings, f"s3://{s3_bucket}"))
+    assert ingest("carol", f"s3://{s3_bucket}/elsewhere/bob", confined(s3_settings, f"s3://{s3_bucket}/elsewhere"))
+
+
+def test_onboarding_into_another_owners_voice_needs_allow_other_owner(settings, tmp_path):
+    from voice_lib.data.uploads import VoiceOwnedElsewhere, recorded_owner
+    from voice_lib.release.voices import voice_owner
+
+    first, second = (tiny_wav(tmp_path / name / "a.wav", seed=i).parent for i, name in enumerate(("one", "two")))
+    assert recorded_owner(settings, VOICE) == (False, None)
+    ingest(VOICE, str(first), settings, owner="acme")  # the first onboarding of the id records its owner
+    assert recorded_owner(settings, VOICE) == (True, "acme") and voice_owner(settings, VOICE) == "acme"
+    before = artifact_store(settings).list("voices")
+    for intruder in ("globex", None):  # another tenant, or an operator without a tenant
+        with pytest.raises(VoiceOwnedElsewhere) as err:
+            ingest(VOICE, str(second), settings, owner=intruder)
+        assert "belongs to tenant 'acme'" in str(err.value) and "allow_other_owner=true" in str(err.value)
+        assert artifact_store(settings).list("voices") == before  # nothing staged or stored
+    assert ingest(VOICE, str(first), settings, owner="acme")["files"] == ["a.wav"]  # the owner itself: fine
+    replaced = ingest(VOICE, str(second), settings, owner=None, allow_other_owner=True)  # on purpose
+    assert replaced["data_sha256"] != ingest(VOICE, str(first), settings, owner="acme")["data_sha256"]
+    assert recorded_owner(settings, VOICE) == (True, "acme")  # the voice stays acme's
+    # A voice the operators onboarded is not a tenant's to take over either.
+    ingest("ops-voice", str(first), settings)
+    with pytest.raises(VoiceOwnedElsewhere, match="belongs to the operators"):
+        ingest("ops-voice", str(second), settings, owner="acme")

@@ -51,10 +51,11 @@ def test_upload_lands_under_the_intake_prefix_with_ready_last(intake_settings, t
     manifest = json.loads((incoming / "manifest.json").read_text())
     assert manifest["language"] == "zh" and manifest["tenant"] == "acme" and manifest["description"] == "Carol, calm"
     assert read_manifest(intake_settings, "carol-01") == receipt.to_json()
-    # voice_intake finds it, with the upload's language, under the listing hash the receipt names.
+    # voice_intake finds it, with the upload's language and tenant (the voice's owner), under the listing hash
+    # the receipt names.
     (found,) = find_ready_datasets(intake_settings)
     assert found == {"voice_id": "carol-01", "data_uri": receipt.data_uri, "listing_sha256": receipt.listing_sha256,
-                     "language": "zh"}
+                     "language": "zh", "owner": "acme"}
     claim(intake_settings, found, "run-7")
     assert find_ready_datasets(intake_settings) == []
 

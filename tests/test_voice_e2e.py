@@ -48,6 +48,7 @@ def onboard(settings: Settings, dataset: dict) -> subprocess.CompletedProcess:
     airflow = _executable("airflow")
     subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
     conf = {"voice_id": dataset["voice_id"], "data_uri": dataset["data_uri"], "language": dataset["language"],
+            "owner": dataset["owner"],  # as voice_intake passes them: the uploading tenant owns the voice
             "min_speech_seconds": 60, "shards": 2, "lora_rank": 4, "train_steps": 30}
     return subprocess.run([airflow, "dags", "test", "voice_onboarding", "-c", json.dumps(conf)], env=env,
                           capture_output=True, text=True, timeout=1500)

@@ -278,6 +278,8 @@ def qc(
     except ValueError as exc:
         raise _usage_error(f"--voice-id: {exc}") from exc
     settings = _settings_with(min_speech_seconds)
+    if not data.startswith("s3://"):  # in-process, with your rights: the folder you named may be read
+        settings = settings.with_ingest_root(Path(data).expanduser().resolve())
     log_mlflow = _mlflow_reachable(settings) if mlflow is None else mlflow
     try:
         dataset = onboarding.ingest(voice_id, data, settings, shards=shards)
@@ -341,8 +343,14 @@ def onboard(
     min_speech_seconds: float = typer.Option(60.0),
     shards: int = typer.Option(2, min=1),
     airflow_url: Optional[str] = typer.Option(None, help="Trigger on a running Airflow through its REST API and follow the run."),
+    owner: str = typer.Option("", help="The tenant the voice is onboarded for; empty: the operators."),
+    allow_other_owner: bool = typer.Option(False, "--allow-other-owner",
+                                           help="Replace the candidate of a voice another owner onboarded, on purpose."),
 ) -> None:
-    """Run the voice_onboarding DAG: in-process (`airflow dags test`) by default, or on a running Airflow."""
+    """Run the voice_onboarding DAG: in-process (`airflow dags test`) by default, or on a running Airflow.
+
+    A local DATA run in-process may lie anywhere you can read; on a running Airflow it must lie under the
+    workers' ingest roots (the intake prefix, VOICEOPS_INGEST__UPLOAD_DIR, VOICEOPS_INGEST__ALLOWED_ROOTS)."""
     from voiceops import airflow_client
 
     try:
@@ -354,7 +362,8 @@ def onboard(
         if not path.exists():
             raise _usage_error(f"{data}: no such file or folder.")
         data = str(path.resolve())
-    conf = {"voice_id": voice_id, "data_uri": data, "language": language, "min_speech_seconds": min_speech_seconds, "shards": shards}
+    conf = {"voice_id": voice_id, "data_uri": data, "language": language, "min_speech_seconds": min_speech_seconds,
+            "shards": shards, "owner": owner, "allow_other_owner": allow_other_owner}
     settings = get_settings()
     if airflow_url:
         state = airflow_client.trigger_and_follow(settings.model_copy(update={"airflow_url": airflow_url}), "voice_onboarding", conf, console)
@@ -364,7 +373,9 @@ def onboard(
         # Onboarding logs reports and models to MLflow: make sure the local server is up (no-op if it is).
         if settings.mlflow_tracking_uri.rstrip("/") == stack.service_url(settings, "mlflow"):
             stack.up(settings, services=("mlflow",))
-        state = airflow_client.dags_test(settings, "voice_onboarding", conf, console)
+        # In-process, the run reads with your rights: the folder you named is an ingest root for this run only.
+        local = settings if data.startswith("s3://") else settings.with_ingest_root(data)
+        state = airflow_client.dags_test(local, "voice_onboarding", conf, console)
     console.print(f"voice_onboarding finished: [{'green' if state == 'success' else 'red'}]{state}[/]")
     raise typer.Exit(0 if state == "success" else 1)
 

@@ -30,7 +30,7 @@ def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, tr
     console.print(f"[yellow]demo gate profile: the defaults except {DEMO_GATES} (the clones' DNSMOS is 0.4-0.5 below "
                   "the recordings' where the default allows 0.3; see docs/model.md)[/yellow]")
     settings = settings.model_copy(update={"eval": settings.eval.model_copy(update=DEMO_GATES)})
-    data = settings.home / "demo" / voice_id
+    data = settings.resolved_upload_dir / voice_id  # where onboarding may read (VOICEOPS_INGEST__UPLOAD_DIR)
     console.rule(f"1/{total} recordings")
     make_voice_dataset(data, speaker, seconds, layout="metadata")
     console.print(f"{seconds:.0f} s of '{speaker}' speech with transcripts in {data} ('{speaker}' was held out of pretraining)")

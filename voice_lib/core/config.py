@@ -219,6 +219,17 @@ class LimitSettings(BaseModel):
     max_total_audio_seconds: float = 3600.0
 
 
+class IngestSettings(BaseModel):
+    """Where onboarding may read a dataset from (``data_uri``; voice_lib/data/staging.py::allowed_source)."""
+
+    # The folder operators put recordings in for `voiceops onboard` or a voice_onboarding run by path; `make demo`
+    # writes its recordings here. Default <home>/uploads. The intake prefix (VOICEOPS_INTAKE_URI) is always allowed.
+    upload_dir: Path | None = None
+    # More local folders or s3:// prefixes a data_uri may lie under (JSON list: VOICEOPS_INGEST__ALLOWED_ROOTS='["/data"]').
+    # The artifact store and the work cache are refused even under one of these: they hold other voices' data.
+    allowed_roots: list[str] = []
+
+
 PLACEHOLDER_SECRET = "change-me"  # deploy/make_env.py replaces every value of .env.example that holds it
 
 
@@ -283,6 +294,7 @@ class Settings(BaseSettings):
     eval: EvalSettings = EvalSettings()
     model: ModelSettings = ModelSettings()
     limits: LimitSettings = LimitSettings()
+    ingest: IngestSettings = IngestSettings()
     train: TrainSettings = TrainSettings()
 
     @field_validator("home", "dags_folder", "plugins_folder")
@@ -316,6 +328,21 @@ class Settings(BaseSettings):
     @property
     def resolved_intake_uri(self) -> str:
         return self.intake_uri or (self.home / "incoming").as_uri()
+
+    @property
+    def resolved_upload_dir(self) -> Path:
+        return (self.ingest.upload_dir or self.home / "uploads").expanduser().resolve()
+
+    @property
+    def ingest_roots(self) -> list[str]:
+        """Where a data_uri may lie: the intake prefix, the upload folder and ``ingest.allowed_roots``."""
+        return [self.resolved_intake_uri, self.resolved_upload_dir.as_uri(), *self.ingest.allowed_roots]
+
+    def with_ingest_root(self, root: str | Path) -> "Settings":
+        """These settings with ``root`` added to the allowed ingest roots (the CLI's in-process run of a folder
+        its user named: that user can read it anyway)."""
+        roots = [*self.ingest.allowed_roots, str(root)]
+        return self.model_copy(update={"ingest": self.ingest.model_copy(update={"allowed_roots": roots})})
 
     @property
     def resolved_tenants_file(self) -> Path:

@@ -207,6 +207,59 @@ def _stage_s3(uri: str, dest: Path, settings: Settings, skipped: list[dict]) -> 
         (dest / rel).write_bytes(data)
 
 
+def _local_path(uri: str) -> Path | None:
+    """The local path a file:// URI or a plain path names, resolved (symlinks followed, '..' removed); None for
+    any other scheme."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        return None
+    return Path(parsed.path if parsed.scheme == "file" else uri).expanduser().resolve()
+
+
+def _s3_parts(uri: str) -> tuple[str, ...] | None:
+    """(bucket, *key segments) of an s3:// URI, None for another scheme. S3 keys are literal, so a '.' or '..'
+    segment is not a parent: refused rather than guessed at."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3":
+        return None
+    segments = tuple(s for s in parsed.path.split("/") if s)
+    if not parsed.netloc or any(s in (".", "..") for s in segments):
+        raise IngestError(f"{uri}: an s3:// data_uri needs a bucket and no '.' or '..' segments.")
+    return (parsed.netloc, *segments)
+
+
+def _under(uri: str, root: str) -> bool:
+    local, base = _local_path(uri), _local_path(root)
+    if local is not None and base is not None:
+        return local.is_relative_to(base)
+    s3, s3_base = _s3_parts(uri), _s3_parts(root)
+    return s3 is not None and s3_base is not None and s3[:len(s3_base)] == s3_base
+
+
+def allowed_source(data_uri: str, settings: Settings) -> str:
+    """``data_uri`` with a local path resolved (symlinks and '..' followed, so the check is on the real place),
+    if it lies under one of ``settings.ingest_roots`` and outside the artifact store and the work cache (other
+    voices' raw data and staging folders); else an IngestError naming the URI, the roots and the setting.
+    Onboarding stages from what this returns, not from the name it was given."""
+    if _local_path(data_uri) is None and _s3_parts(data_uri) is None:
+        raise IngestError(f"{data_uri}: expected a local folder or file, a file:// URI or an s3:// prefix.")
+    source = str(_local_path(data_uri) or data_uri)
+    for private in (settings.resolved_storage_uri, settings.cache_dir.as_uri()):
+        if _under(source, private):
+            raise IngestError(f"{data_uri}: lies inside {private} (the artifact store, VOICEOPS_STORAGE_URI, or its "
+                              "work cache), which holds every voice's data; onboard from the intake prefix or the "
+                              "upload folder instead.")
+    roots = settings.ingest_roots
+    if not any(_under(source, root) for root in roots):
+        shown = f"{source} (resolved from {data_uri})" if source != data_uri else data_uri
+        raise IngestError(
+            f"{shown} is outside the folders onboarding may read: {', '.join(roots)}. Put the recordings in the "
+            f"upload folder ({settings.resolved_upload_dir}, VOICEOPS_INGEST__UPLOAD_DIR) or under the intake prefix "
+            "(VOICEOPS_INTAKE_URI), or add a root to the setting ingest.allowed_roots "
+            "(VOICEOPS_INGEST__ALLOWED_ROOTS='[\"/path\"]').")
+    return source
+
+
 def stage_dataset(data_uri: str, dest: Path, settings: Settings) -> StagedDataset:
     """Copy the dataset at ``data_uri`` into ``dest`` (replaced atomically) and hash its content."""
     parsed = urlparse(data_uri)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -21,9 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from voice_lib.core.config import Settings, validate_voice_id
-from voice_lib.core.storage import open_store
+from voice_lib.core.storage import artifact_store, open_store
 from voice_lib.data.staging import IngestError, check_member_name, stage_dataset
 
+log = logging.getLogger(__name__)
 LANGUAGES = ("en", "zh", "auto")
 MANIFEST = "manifest.json"
 READY = "_READY"
@@ -117,6 +119,53 @@ def accept_upload(files: Sequence[tuple[str, Path]], voice_id: str, language: st
         intake.write_bytes(f"{voice_id}/{MANIFEST}", json.dumps(receipt.to_json(), indent=1).encode())
         intake.write_bytes(f"{voice_id}/{READY}", b"")
     return receipt
+
+
+# --- who a voice belongs to ------------------------------------------------------------------------
+# Recorded in the artifact store by the voice's first onboarding (voice_lib.pipelines.onboarding.ingest), so it
+# outlives the intake folder (cleared by DELETE /v1/voices, replaced by every upload). None: the operators (an
+# onboarding started by the CLI or an Airflow user without a tenant).
+
+def owner_key(voice_id: str) -> str:
+    return f"owners/{validate_voice_id(voice_id)}.json"
+
+
+def recorded_owner(settings: Settings, voice_id: str) -> tuple[bool, str | None]:
+    """(whether the voice has an owner record, its owner: a tenant, or None for the operators)."""
+    store = artifact_store(settings)
+    if not store.exists(owner_key(voice_id)):
+        return False, None
+    return True, json.loads(store.read_bytes(owner_key(voice_id))).get("owner")
+
+
+def record_owner(settings: Settings, voice_id: str, owner: str | None, source: str) -> None:
+    record = {"voice_id": voice_id, "owner": owner, "source": source, "recorded_at": time.time()}
+    artifact_store(settings).write_bytes(owner_key(voice_id), json.dumps(record, indent=1).encode())
+
+
+def owner_name(owner: str | None) -> str:
+    return f"tenant {owner!r}" if owner else "the operators (no tenant: the CLI or an Airflow user)"
+
+
+class VoiceOwnedElsewhere(IngestError):
+    """An onboarding into a voice id another owner holds, without ``allow_other_owner``."""
+
+
+def check_owner(settings: Settings, voice_id: str, owner: str | None, allow_other_owner: bool) -> bool:
+    """Whether an onboarding for ``owner`` may write voice ``voice_id``; True when the voice has no owner record
+    yet (the caller records it once the data is stored). Raises VoiceOwnedElsewhere for another owner's voice,
+    unless ``allow_other_owner`` (the voice keeps its owner: an operator acting for it)."""
+    found, current = recorded_owner(settings, voice_id)
+    if not found or current == owner:
+        return not found
+    if not allow_other_owner:
+        raise VoiceOwnedElsewhere(
+            f"voice {voice_id!r} belongs to {owner_name(current)}, and this onboarding is for {owner_name(owner)}: "
+            "it would replace that voice's candidate. Choose another voice_id, or, on purpose, run voice_onboarding "
+            "with the Param allow_other_owner=true (CLI: voiceops onboard --allow-other-owner).")
+    log.warning("onboarding %s (owned by %s) for %s: allowed by allow_other_owner", voice_id, owner_name(current),
+                owner_name(owner))
+    return False
 
 
 def read_manifest(settings: Settings, voice_id: str) -> dict | None:

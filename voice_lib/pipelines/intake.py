@@ -20,8 +20,9 @@ READY_MARKERS = ("_READY", "manifest.json")
 
 
 def find_ready_datasets(settings: Settings) -> list[dict]:
-    """Datasets that are complete and not yet claimed: [{voice_id, data_uri, listing_sha256[, language]}]
-    (the language when the upload's manifest.json names one: uploads through POST /v1/voices do)."""
+    """Datasets that are complete and not yet claimed: [{voice_id, data_uri, listing_sha256[, language, owner]}]
+    (the language and the owning tenant when the upload's manifest.json names them: uploads through POST
+    /v1/voices do)."""
     incoming = open_store(settings.resolved_intake_uri, settings)
     claims = artifact_store(settings)
     by_voice: dict[str, list[str]] = {}
@@ -45,6 +46,8 @@ def find_ready_datasets(settings: Settings) -> list[dict]:
         manifest = read_manifest(settings, voice) if "manifest.json" in files else None
         if manifest and manifest.get("language") in LANGUAGES:  # an upload through POST /v1/voices says it
             dataset["language"] = manifest["language"]
+        if manifest and isinstance(manifest.get("tenant"), str) and manifest["tenant"]:
+            dataset["owner"] = manifest["tenant"]  # the tenant it is onboarded for (the same-owner rule)
         found.append(dataset)
     log.info("intake: %d new dataset(s) under %s", len(found), incoming.uri)
     return found

@@ -61,16 +61,30 @@ def _write_json(store: Store, key: str, data: dict) -> str:
 
 # --- ingest ---------------------------------------------------------------------------------------
 
-def ingest(voice_id: str, data_uri: str, settings: Settings, shards: int = 2) -> dict:
-    """Stage the upload, hash it, copy it into the voice's storage prefix. Returns the dataset handle."""
+def ingest(voice_id: str, data_uri: str, settings: Settings, shards: int = 2, *, owner: str | None = None,
+           allow_other_owner: bool = False) -> dict:
+    """Stage the upload, hash it, copy it into the voice's storage prefix. Returns the dataset handle.
+
+    ``data_uri`` must lie under the ingest roots (``Settings.ingest_roots``: the intake prefix, the upload folder
+    and ``ingest.allowed_roots``), checked after resolving symlinks and '..'. ``owner`` is the tenant the voice is
+    onboarded for (None: the operators); a voice another owner onboarded first is refused unless
+    ``allow_other_owner`` (voice_lib.data.uploads.check_owner). Both raise IngestError before anything is read.
+    """
+    from voice_lib.data.staging import allowed_source
+    from voice_lib.data.uploads import check_owner, record_owner
+
     validate_voice_id(voice_id)
+    source = allowed_source(data_uri, settings)
+    first_owner = check_owner(settings, voice_id, owner or None, allow_other_owner)
     store = artifact_store(settings)
     # A private folder per run: two onboardings of one voice at once staged into (and replaced) the same one.
     # The finished copy then becomes ingest/staged (the last run's upload, for inspection), under a lock.
     work = _work_dir(settings, voice_id, "ingest")
     with tempfile.TemporaryDirectory(prefix="run-", dir=work) as scratch:
-        result = _ingest_staged(voice_id, data_uri, settings, store, Path(scratch) / "staged", shards)
+        result = _ingest_staged(voice_id, source, settings, store, Path(scratch) / "staged", shards)
         _publish_staged(Path(scratch) / "staged", work / "staged")
+    if first_owner:  # after the data is stored: a refused upload claims no voice id
+        record_owner(settings, voice_id, owner or None, data_uri)
     return result
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from voice_lib.core.airflow import AirflowError, dag_run
 from voice_lib.core.config import Settings
 from voice_lib.core.storage import StorageError, artifact_store
-from voice_lib.data.uploads import claim_key, read_manifest
+from voice_lib.data.uploads import claim_key, read_manifest, recorded_owner
 from voice_lib.release.registry import Registry, RegistryError
 
 ONBOARDING_DAG = "voice_onboarding"
@@ -108,7 +108,11 @@ def voice_status(settings: Settings, registry: Registry, voice_id: str) -> dict[
 
 
 def voice_owner(settings: Settings, voice_id: str) -> str | None:
-    """The tenant that uploaded the voice over HTTP, or None (a voice onboarded by the CLI or Airflow)."""
+    """The tenant the voice belongs to, or None (a voice onboarded by the CLI or Airflow): its owner record
+    (written by its first onboarding, kept when the intake folder is cleared), else the waiting upload's tenant."""
+    found, owner = recorded_owner(settings, voice_id)
+    if found:
+        return owner
     manifest = read_manifest(settings, voice_id)
     return manifest.get("tenant") if manifest else None
 
