@@ -312,6 +312,19 @@ def test_sizes_come_from_the_listing(case):
     assert store.sizes("a/one.bin") == {"a/one.bin": 10}
 
 
+def test_fingerprints_follow_the_bytes_not_the_write(case):
+    store = case.store
+    store.write_bytes("v/a.wav", b"take one")
+    store.write_bytes("v/b.wav", b"take one")
+    first = store.fingerprints("v")
+    assert set(first) == {"v/a.wav", "v/b.wav"} and first["v/a.wav"] == first["v/b.wav"]  # same bytes, same print
+    store.write_bytes("v/a.wav", b"take one")
+    assert store.fingerprints("v") == first  # written again: unchanged
+    store.write_bytes("v/a.wav", b"take two")
+    assert store.fingerprints("v")["v/a.wav"] != first["v/a.wav"]
+    assert store.fingerprints("v/b.wav") == {"v/b.wav": first["v/b.wav"]}
+
+
 def test_an_s3_object_over_the_limit_is_refused_before_it_is_downloaded(s3_settings, tmp_path_factory, tmp_path):
     """Regression: _stage_s3 read every object whole and only then checked its size."""
     from voice_lib.data.staging import IngestError, stage_dataset

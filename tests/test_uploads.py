@@ -15,9 +15,9 @@ import pytest
 import soundfile as sf
 from test_ingest import make_zip, with_limits
 
-from voice_lib.core.storage import open_store
+from voice_lib.core.storage import artifact_store, open_store
 from voice_lib.data.staging import IngestError
-from voice_lib.data.uploads import accept_upload, listing_sha256, read_manifest
+from voice_lib.data.uploads import accept_upload, claim_key, names_listing_sha256, read_manifest
 from voice_lib.pipelines.intake import claim, find_ready_datasets
 
 
@@ -67,7 +67,8 @@ def test_zip_upload_and_a_new_upload_replaces_the_waiting_one(intake_settings, t
     second = accept_upload(files(tmp_path, {"z.wav": wav_bytes()}), "dave", "en", intake_settings, tenant="acme")
     listed = sorted(open_store(intake_settings.resolved_intake_uri, intake_settings).list("dave/"))
     assert listed == ["dave/_READY", "dave/manifest.json", "dave/z.wav"]  # nothing of the first upload left
-    assert second.listing_sha256 == listing_sha256(["_READY", "manifest.json", "z.wav"]) != first.listing_sha256
+    assert second.listing_sha256 != first.listing_sha256
+    assert [d["listing_sha256"] for d in find_ready_datasets(intake_settings)] == [second.listing_sha256]
 
 
 def zip_with(path: Path, name: str, content: bytes = b"x") -> Path:
@@ -120,3 +121,56 @@ def test_upload_to_an_s3_intake_prefix(s3_settings, s3_bucket, tmp_path):
     (found,) = find_ready_datasets(settings)
     assert found["data_uri"] == receipt.data_uri == f"s3://{s3_bucket}/incoming/frank"
     assert found["listing_sha256"] == receipt.listing_sha256 and found["language"] == "en"
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_intake(request, settings, tmp_path):
+    """Settings with a local or an S3 intake prefix (moto's ETags), and that prefix as a store."""
+    if request.param == "s3":
+        cfg = request.getfixturevalue("s3_settings")
+    else:
+        cfg = settings.model_copy(update={"intake_uri": (tmp_path / "incoming").as_uri()})
+    return cfg, open_store(cfg.resolved_intake_uri, cfg)
+
+
+def test_claims_are_keyed_on_content_not_names(any_intake, tmp_path):
+    """Regression (issue 17, item 9): claims were keyed on the file names, so new recordings uploaded under the
+    old names were never onboarded."""
+    settings, intake = any_intake
+    intake.write_bytes("alice/a.wav", wav_bytes(0.5))
+    intake.write_bytes("alice/_READY", b"")
+    (found,) = find_ready_datasets(settings)
+    claim(settings, found, "run-1")
+    intake.write_bytes("alice/a.wav", wav_bytes(0.5))  # the same bytes written again: not new
+    assert find_ready_datasets(settings) == []
+    intake.write_bytes("alice/a.wav", wav_bytes(0.7))  # new bytes under the same name: new
+    (changed,) = find_ready_datasets(settings)
+    assert changed["listing_sha256"] != found["listing_sha256"]
+    claim(settings, changed, "run-2")
+
+    # Over HTTP: the receipt names the content key voice_intake claims; the same recordings again are no new
+    # claim, other recordings under the same names are.
+    upload = {"take.wav": wav_bytes(0.5), "metadata.csv": b"take.wav|Hello.\n"}
+    receipt = accept_upload(files(tmp_path / "1", upload), "bob", "en", settings, tenant="acme")
+    (first,) = find_ready_datasets(settings)
+    assert first["listing_sha256"] == receipt.listing_sha256
+    claim(settings, first, "run-3")
+    again = accept_upload(files(tmp_path / "2", upload), "bob", "en", settings, tenant="acme")
+    assert again.listing_sha256 == receipt.listing_sha256 and find_ready_datasets(settings) == []
+    other = accept_upload(files(tmp_path / "3", {**upload, "take.wav": wav_bytes(0.9)}), "bob", "en", settings,
+                          tenant="acme")
+    assert other.listing_sha256 != receipt.listing_sha256 and other.files == receipt.files
+    assert [d["listing_sha256"] for d in find_ready_datasets(settings)] == [other.listing_sha256]
+
+
+def test_a_folder_claimed_by_its_names_before_the_upgrade_is_not_onboarded_again(intake_settings, tmp_path):
+    incoming = tmp_path / "incoming" / "carol"
+    incoming.mkdir(parents=True)
+    (incoming / "a.wav").write_bytes(wav_bytes())
+    (incoming / "_READY").write_bytes(b"")
+    legacy = claim_key("carol", names_listing_sha256(["_READY", "a.wav"]))
+    artifact_store(intake_settings).write_bytes(legacy, json.dumps({"onboarding_run_id": "old-run"}).encode())
+    assert find_ready_datasets(intake_settings) == []  # claimed before: adopted under its content key
+    assert find_ready_datasets(intake_settings) == []
+    (incoming / "a.wav").write_bytes(wav_bytes(0.8))  # and new bytes after that are new
+    assert [d["voice_id"] for d in find_ready_datasets(intake_settings)] == ["carol"]

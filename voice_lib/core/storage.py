@@ -37,6 +37,7 @@ class Store(Protocol):
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def sizes(self, prefix: str = "") -> dict[str, int]: ...
+    def fingerprints(self, prefix: str = "") -> dict[str, str]: ...
     def delete_prefix(self, prefix: str) -> int: ...
     def download_to(self, key: str, dest: Path) -> Path: ...
     def upload_file(self, src: Path, key: str) -> str: ...
@@ -96,6 +97,17 @@ class LocalStore(FileTransfers):
         """key -> size in bytes (from the file system; nothing is read)."""
         return {key: self._path(key).stat().st_size for key in self.list(prefix)}
 
+    def fingerprints(self, prefix: str = "") -> dict[str, str]:
+        """key -> a digest of its content (sha256 of the bytes: a folder lists no hash), so two listings are
+        equal exactly when the bytes are; the time a file was written does not matter."""
+        import hashlib
+
+        found = {}
+        for key in self.list(prefix):
+            with self._path(key).open("rb") as fh:
+                found[key] = "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
+        return found
+
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list(prefix)
         for key in keys:
@@ -154,16 +166,16 @@ class S3Store(FileTransfers):
             raise
 
     def _iter_keys(self, prefix: str) -> Iterator[str]:
-        return (key for key, _ in self._iter_objects(prefix))
+        return (key for key, _, _ in self._iter_objects(prefix))
 
-    def _iter_objects(self, prefix: str) -> Iterator[tuple[str, int]]:
-        """(full key, size) of every object under ``prefix``, as S3 lists them."""
+    def _iter_objects(self, prefix: str) -> Iterator[tuple[str, int, str]]:
+        """(full key, size, ETag) of every object under ``prefix``, as S3 lists them."""
         full = self._key(prefix) if prefix else self.prefix
         if full and not full.endswith("/") and prefix:
             # Treat the prefix as a folder unless it names an object exactly.
             if self.exists(prefix):
                 head = self._call("head", prefix, self.client.head_object, Bucket=self.bucket, Key=full)
-                yield full, int(head["ContentLength"])
+                yield full, int(head["ContentLength"]), head.get("ETag", "").strip('"')
                 return
             full += "/"
         elif full and not full.endswith("/"):
@@ -174,7 +186,7 @@ class S3Store(FileTransfers):
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 for obj in page.get("Contents", []):
-                    yield obj["Key"], int(obj.get("Size", 0))
+                    yield obj["Key"], int(obj.get("Size", 0)), obj.get("ETag", "").strip('"')
         except (ClientError, BotoCoreError) as exc:
             raise StorageError(f"S3 list of s3://{self.bucket}/{full} failed: {exc}") from exc
 
@@ -185,7 +197,14 @@ class S3Store(FileTransfers):
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """key -> size in bytes, from the listing alone (no object is read)."""
         strip = f"{self.prefix}/" if self.prefix else ""
-        return {k[len(strip):]: size for k, size in self._iter_objects(prefix)}
+        return {k[len(strip):]: size for k, size, _ in self._iter_objects(prefix)}
+
+    def fingerprints(self, prefix: str = "") -> dict[str, str]:
+        """key -> its ETag and size, from the listing alone (no object is read). The ETag is the MD5 of the bytes
+        for a single PUT; a multipart upload's depends on its part size too, so the same bytes sent by another
+        tool can list differently (a spurious difference, never a missed one)."""
+        strip = f"{self.prefix}/" if self.prefix else ""
+        return {k[len(strip):]: f"etag:{etag}:{size}" for k, size, etag in self._iter_objects(prefix)}
 
     def delete_prefix(self, prefix: str) -> int:
         keys = list(self._iter_keys(prefix))

@@ -17,7 +17,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,8 +52,17 @@ class UploadReceipt:
         return asdict(self)
 
 
-def listing_sha256(files: Sequence[str]) -> str:
-    """The hash voice_intake keys its claim by: the sorted names under ``<voice_id>/``, markers included."""
+def listing_sha256(fingerprints: Mapping[str, str]) -> str:
+    """The hash voice_intake keys its claim by: every file under ``<voice_id>/`` (relative name -> the store's
+    content fingerprint, ``Store.fingerprints``), so new bytes under the same names are a new claim and the same
+    bytes written again are not. The markers count by name only: the manifest holds this very hash."""
+    lines = [f"{name}\0{'' if name in (MANIFEST, READY) else print_}" for name, print_ in sorted(fingerprints.items())]
+    return hashlib.sha256("\n".join(["content-v2", *lines]).encode()).hexdigest()
+
+
+def names_listing_sha256(files: Sequence[str]) -> str:
+    """The claim hash before claims were keyed on content (names only): claims made then are still honoured
+    once (voice_lib.pipelines.intake), so an upgrade does not re-onboard every folder already handed over."""
     return hashlib.sha256("\n".join(sorted(files)).encode()).hexdigest()
 
 
@@ -111,11 +120,13 @@ def accept_upload(files: Sequence[tuple[str, Path]], voice_id: str, language: st
             if rel in (MANIFEST, READY):
                 continue  # the markers are ours to write, last
             intake.upload_file(staged.root / rel, f"{voice_id}/{rel}")
-        names = [rel for rel in staged.files if rel not in (MANIFEST, READY)] + [MANIFEST, READY]
+        # The claim key from the intake store's own listing, exactly as voice_intake will compute it.
+        stored = {k.removeprefix(f"{voice_id}/"): v for k, v in intake.fingerprints(f"{voice_id}/").items()}
         receipt = UploadReceipt(
             voice_id=voice_id, language=language, tenant=tenant, description=description,
-            data_sha256=staged.data_sha256, files=names[:-2], total_bytes=staged.total_bytes,
-            listing_sha256=listing_sha256(names), data_uri=f"{intake.uri}/{voice_id}", skipped=staged.skipped)
+            data_sha256=staged.data_sha256, files=sorted(stored), total_bytes=staged.total_bytes,
+            listing_sha256=listing_sha256({**stored, MANIFEST: "", READY: ""}), data_uri=f"{intake.uri}/{voice_id}",
+            skipped=staged.skipped)
         intake.write_bytes(f"{voice_id}/{MANIFEST}", json.dumps(receipt.to_json(), indent=1).encode())
         intake.write_bytes(f"{voice_id}/{READY}", b"")
     return receipt
