@@ -155,12 +155,14 @@ class RequestObserver:
                               voice_id=(state.get("voice_id") or None) and str(state["voice_id"])[:64],
                               version=state.get("version"), variant=state.get("variant"),
                               characters=state.get("characters"), latency_ms=round(latency * 1000, 2),
-                              rtf=state.get("rtf"), status=status, error=state.get("error"))
+                              rtf=state.get("rtf"), compute_ms=state.get("compute_ms"), status=status,
+                              error=state.get("error"))
         if path in SYNTHESIS_PATHS:
             served = bool(state.get("version"))
             self.svc.metrics.observe_request(state["voice_id"] if served else "-", state.get("version") or "-",
                                              state.get("variant") or "-", status, latency,
-                                             rtf=state.get("rtf"), first_chunk_seconds=state.get("first_chunk"))
+                                             rtf=state.get("rtf"), first_chunk_seconds=state.get("first_chunk"),
+                                             compute_ms=state.get("compute_ms"))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -78,7 +78,11 @@ audit_log = Table(
     Column("version", String(32)),
     Column("variant", String(16)),
     Column("characters", Integer),
-    Column("latency_ms", Float),
+    Column("latency_ms", Float),  # wall time of the whole request: what the caller waited, queue included
+    # Synthesis compute milliseconds of the request (queue wait excluded; None when nothing was synthesised):
+    # what canary_promotion's p95 rule judges, as the server's breaker does, so a flood by another tenant that
+    # makes every variant wait is no fault of the canary. Added to older tables by create_or_upgrade.
+    Column("compute_ms", Float, nullable=True),
     # Synthesis compute seconds per audio second (None for requests that produced no audio): what
     # canary_promotion compares between variants, since a canary may speak the same text longer.
     Column("rtf", Float, nullable=True),

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 REQUESTS = "voiceops_requests_total"
 REQUEST_LATENCY = "voiceops_request_latency_seconds"
 RTF = "voiceops_rtf"
+SYNTHESIS_SECONDS = "voiceops_synthesis_seconds"
 FIRST_CHUNK = "voiceops_first_chunk_seconds"
 BAD_AUDIO = "voiceops_bad_audio_total"
 BATCH_SIZE = "voiceops_batch_size"
@@ -39,10 +40,10 @@ AUDIT_REJECTED = "voiceops_audit_rejected_total"
 
 # The names as written in PromQL. Histograms are queried through their _bucket/_sum/_count series.
 METRIC_NAMES: tuple[str, ...] = (
-    REQUESTS, REQUEST_LATENCY, RTF, FIRST_CHUNK, BAD_AUDIO, BATCH_SIZE, FRONTEND_CACHE_HIT_RATIO,
+    REQUESTS, REQUEST_LATENCY, RTF, SYNTHESIS_SECONDS, FIRST_CHUNK, BAD_AUDIO, BATCH_SIZE, FRONTEND_CACHE_HIT_RATIO,
     ADAPTERS_LOADED, RESIDENT_MEMORY, CANARY_WEIGHT, BREAKER_OPEN, ROLLBACKS, AUDIT_DROPPED, AUDIT_REJECTED,
 )
-HISTOGRAMS = frozenset({REQUEST_LATENCY, RTF, FIRST_CHUNK, BATCH_SIZE})
+HISTOGRAMS = frozenset({REQUEST_LATENCY, RTF, SYNTHESIS_SECONDS, FIRST_CHUNK, BATCH_SIZE})
 # Every series name a query may use: the names above plus each histogram's sample series.
 METRIC_SERIES: frozenset[str] = frozenset(METRIC_NAMES) | {
     f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
@@ -92,6 +93,10 @@ class ServerMetrics:
             buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0))
         self.rtf = Histogram(RTF, "Real-time factor (synthesis seconds per audio second).", VARIANT_LABELS, registry=r,
                              buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0))
+        # Compute time without the queue wait: what canary_promotion's p95 rule judges (and the breaker's).
+        self.synthesis_seconds = Histogram(
+            SYNTHESIS_SECONDS, "Synthesis compute time of a request (queue wait excluded).", VARIANT_LABELS,
+            registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0))
         self.first_chunk = Histogram(
             FIRST_CHUNK, "Time to the first audio chunk of a streamed response.", VARIANT_LABELS, registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0))
@@ -116,12 +121,15 @@ class ServerMetrics:
     # --- helpers for the request path -----------------------------------------------------------
 
     def observe_request(self, voice: str, version: str, variant: str, status: int, latency_seconds: float,
-                        rtf: float | None = None, first_chunk_seconds: float | None = None) -> None:
+                        rtf: float | None = None, first_chunk_seconds: float | None = None,
+                        compute_ms: float | None = None) -> None:
         labels = (voice, str(version), variant)
         self.requests.labels(*labels, str(status)).inc()
         self.request_latency.labels(*labels).observe(latency_seconds)
         if rtf is not None:
             self.rtf.labels(*labels).observe(rtf)
+        if compute_ms is not None:
+            self.synthesis_seconds.labels(*labels).observe(compute_ms / 1000)
         if first_chunk_seconds is not None:
             self.first_chunk.labels(*labels).observe(first_chunk_seconds)
 

@@ -176,6 +176,8 @@ async def _stream_body(st: Any, encoder: AudioEncoder, first: Served, rest: Asyn
     try:
         index = 0
         async for served in _served_in_order(first, rest):
+            if index:
+                st.compute_ms = (getattr(st, "compute_ms", None) or 0.0) + served.compute_seconds * 1000
             for block in _with_pauses(served, planned[index:index + 1]):
                 sent_seconds += len(block) / served.sample_rate
                 data = await asyncio.to_thread(encoder.encode, block)
@@ -199,6 +201,7 @@ def note(svc: Services, st: Any, served: Served) -> None:
     v = served.decision.version
     st.version, st.variant = v.version, served.decision.variant
     st.rtf = served.rtf
+    st.compute_ms = served.compute_seconds * 1000  # a stream adds each later chunk's (_stream_body)
     if served.fallback:
         st.error = served.fallback
     if served.bad:

@@ -189,7 +189,8 @@ class Synthesis:
         served = Served(outputs, decision)
         if decision.variant == CANARY:
             if served.bad:
-                self._canary_failed(decision, ctx, started, f"canary produced {served.bad} audio", bad=served.bad)
+                self._canary_failed(decision, ctx, started, f"canary produced {served.bad} audio", bad=served.bad,
+                                    compute_ms=served.compute_seconds * 1000)
                 return await self._fallback(snap, route, decision, chunks, speed,
                                             f"canary version {decision.version.version} produced {served.bad} audio")
             # Compute time, not wall time: the queue wait every variant shares (a flood by another tenant) is
@@ -213,17 +214,20 @@ class Synthesis:
             raise ServingError(500, "synthesis_failed", f"synthesis failed: {exc}") from exc
         return Served(outputs, production, fallback=f"{why}; served by production")
 
-    def _canary_failed(self, decision: Decision, ctx: RequestContext, started: float, error: str, bad: str | None) -> None:
+    def _canary_failed(self, decision: Decision, ctx: RequestContext, started: float, error: str, bad: str | None,
+                       compute_ms: float | None = None) -> None:
+        """The canary attempt's own audit row and breaker sample; ``compute_ms`` when it produced (bad) audio."""
         v = decision.version
         latency_ms = (time.perf_counter() - started) * 1000
-        self.breaker.record(v.voice_id, v.version, latency_ms, error=bad is None, bad_audio=bad is not None)
+        self.breaker.record(v.voice_id, v.version, latency_ms if compute_ms is None else compute_ms,
+                            error=bad is None, bad_audio=bad is not None)
         status = 200 if bad else 500  # bad audio was produced (a 200 had there been no fallback), errors are 500
         if bad:
             self.metrics.observe_bad_audio(v.voice_id, v.version, CANARY, bad)
-        self.metrics.observe_request(v.voice_id, v.version, CANARY, status, latency_ms / 1000)
+        self.metrics.observe_request(v.voice_id, v.version, CANARY, status, latency_ms / 1000, compute_ms=compute_ms)
         self.audit.record(request_id=ctx.request_id, tenant=ctx.tenant, voice_id=v.voice_id, version=v.version,
-                          variant=CANARY, characters=ctx.characters, latency_ms=latency_ms, status=status,
-                          error=f"{error}; fell back to production")
+                          variant=CANARY, characters=ctx.characters, latency_ms=latency_ms, compute_ms=compute_ms,
+                          status=status, error=f"{error}; fell back to production")
 
     async def stream(self, snap: Snapshot, route: VoiceRoute, decision: Decision, chunks: Sequence[PlannedChunk],
                      speed: float, ctx: RequestContext) -> tuple[Served, AsyncIterator[Served]]:

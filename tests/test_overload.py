@@ -84,7 +84,7 @@ def test_one_tenants_flood_never_trips_another_tenants_healthy_canary(stack: Ser
         t.start()
     time.sleep(2.0)  # the flood is on
     canary = {"Authorization": f"Bearer {stack.keys['acme']}", "X-Voice-Variant": "canary"}
-    acme, latencies = Counter(), []
+    acme, latencies, judged_since = Counter(), [], time.time()
     with httpx.Client(base_url=stack.url, headers=canary, timeout=90) as client:
         while time.monotonic() < until:
             started = time.perf_counter()
@@ -103,3 +103,22 @@ def test_one_tenants_flood_never_trips_another_tenants_healthy_canary(stack: Ser
     assert breaker["window"]["requests"] >= 6  # the canary really was judged
     assert acme[200] == sum(acme.values()) and acme[200] >= 10, acme  # acme was never refused
     assert set(codes) <= {200, 429, 503}, codes
+    _canary_promotion_judges_compute_time(stack, judged_since, acme[200], latencies)
+
+
+def _canary_promotion_judges_compute_time(stack: ServerStack, since: float, answered: int,
+                                          latencies: list[float]) -> None:
+    """canary_promotion's view of the same window, from the audit table: the p95 rule judges the compute time
+    the server recorded (compute_ms), not the wall time the flood inflated for every variant."""
+    from voice_lib.release.rollout import AuditSource, WindowStats, analyze
+
+    source, deadline = AuditSource(stack.settings.resolved_audit_url), time.monotonic() + 30
+    while (stats := source.window(stack.a, "canary", since, time.time() + 1)).requests < answered:
+        assert time.monotonic() < deadline, f"the audit rows of acme's canary did not arrive: {stats}"
+        time.sleep(0.5)
+    wall_p95_ms = sorted(latencies)[int(0.95 * len(latencies)) - 1] * 1000
+    cfg = stack.settings.release.model_copy(update={"min_requests": 10})  # a 25 s window, not a two-hour one
+    check = {c.name: c for c in analyze(stats, WindowStats(0, 0, None), cfg)}["p95_latency_ms"]
+    print(f"canary_promotion: compute p95 {stats.p95_latency_ms:.0f} ms, wall p95 {wall_p95_ms:.0f} ms: {check.detail}")
+    assert stats.p95_latency_ms is not None and stats.p95_latency_ms < wall_p95_ms
+    assert check.status == "pass" and check.value == stats.p95_latency_ms

@@ -56,6 +56,36 @@ def test_analysis_compares_speed_per_second_of_audio_not_per_request():
     assert alone["rtf"].status == "fail"
 
 
+def test_the_p95_rule_judges_compute_time_and_never_wall_time(tmp_path):
+    """Regression (issue 17): canary analysis judged the audit table's wall time, which includes the queue wait
+    another tenant's flood causes; it judges the compute time the server records (as its breaker does), and
+    where older servers recorded none it says so instead of judging the wall time."""
+    import sqlalchemy as sa
+
+    from serving.audit import AuditLog
+    from voice_lib.release.rollout import AuditSource
+
+    cfg = ReleaseSettings(min_requests=50, max_p95_ms=800)
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    audit = AuditLog(url)
+    now = time.time()
+    for i in range(100):  # a healthy canary during a flood: 40-80 ms of synthesis after 2-4 s in the queue
+        audit.record(request_id=f"c{i}", voice_id="alice", version="2", variant="canary", status=200,
+                     latency_ms=2000.0 + 20 * i, compute_ms=40.0 + 0.4 * i, rtf=0.03)
+    assert audit.close(timeout=30)
+    stats = AuditSource(url).window("alice", "canary", now - 60, now + 60)
+    check = {c.name: c for c in analyze(stats, WindowStats(0, 0, None), cfg)}["p95_latency_ms"]
+    assert check.status == "pass" and check.value == pytest.approx(77.6) and "queue wait excluded" in check.detail
+    with AuditSource(url).engine.begin() as conn:  # the same rows as a server older than compute_ms wrote them
+        conn.execute(sa.text("UPDATE audit_log SET compute_ms = NULL"))
+    old = {c.name: c for c in analyze(AuditSource(url).window("alice", "canary", now - 60, now + 60),
+                                      WindowStats(0, 0, None), cfg)}["p95_latency_ms"]
+    assert old.status == "skipped" and "no compute time" in old.detail
+    # A canary that is itself slow still fails.
+    slow = analyze(WindowStats(200, 0, 1200.0, 0.03), WindowStats(0, 0, None), cfg)
+    assert {c.name: c.status for c in slow}["p95_latency_ms"] == "fail"
+
+
 def test_the_limits_the_release_page_shows_are_the_ones_analyze_applies():
     cfg = ReleaseSettings(min_requests=40, max_error_rate=0.02, max_p95_ms=650, max_rtf=0.4, max_rtf_ratio=1.3,
                           max_bad_audio_rate=0.05)

@@ -199,8 +199,8 @@ def test_audit_close_loses_nothing(tmp_path):
 
 def _round_trip(audit: AuditLog) -> None:
     now = datetime.now(timezone.utc)
-    for i in range(1, 101):  # successful canary requests, latencies 1..100 ms
-        audit.record(**_row(i, variant="canary", latency_ms=float(i)))
+    for i in range(1, 101):  # successful canary requests computed in 1..100 ms, each after 3 s in the queue
+        audit.record(**_row(i, variant="canary", latency_ms=3000.0 + i, compute_ms=float(i)))
     for i in range(5):
         audit.record(**_row(i, variant="canary", status=500, latency_ms=5000.0, error="model crashed " * 50))
     for i in range(10):  # rate-limited: requests, but neither errors nor syntheses
@@ -216,7 +216,9 @@ def _round_trip(audit: AuditLog) -> None:
     source, since, until = AuditSource(audit.url), (now - timedelta(minutes=5)).timestamp(), time.time() + 60
     stats = source.window("alice", "canary", since, until)
     assert stats.requests == 115 and stats.errors == 5 and stats.error_rate == pytest.approx(5 / 115)
-    assert stats.p95_latency_ms == 95.0  # nearest rank over the 100 successful ones: 429s and 500s are not timed
+    # Compute time, nearest rank over the 100 successful ones (429s and 500s are not timed); the queue wait in
+    # latency_ms (another tenant's flood) is no property of the canary and is not judged.
+    assert stats.p95_latency_ms == 95.0 and stats.p95_missing is None
     assert source.window("bob", "canary", since, until) == WindowStats(0, 0, None, None)
     assert audit.purge_older_than(180) == 20
     assert audit.count() == 116 and audit.purge_older_than(180) == 0
@@ -424,7 +426,7 @@ def test_metrics_render_every_name():
     for name in METRIC_NAMES:
         assert f"# TYPE {name} " in body.decode(), name
 
-    metrics.observe_request("alice", "3", "canary", 200, 0.12, rtf=0.05, first_chunk_seconds=0.03)
+    metrics.observe_request("alice", "3", "canary", 200, 0.12, rtf=0.05, first_chunk_seconds=0.03, compute_ms=40.0)
     metrics.observe_bad_audio("alice", "3", "canary", "silent")
     metrics.batch_size.observe(4)
     metrics.frontend_cache_hit_ratio.set(0.5)
@@ -544,30 +546,35 @@ def test_a_registry_that_went_away_fails_a_server_request_in_seconds():
 
 
 def _upgrade_round_trip(url: str) -> None:
-    """An audit table written by a server from before the rtf column gets it on start, old rows kept, and
-    canary_promotion's audit source reads the median RTF from it."""
+    """An audit table written by a server from before the rtf and compute_ms columns gets them on start, old
+    rows kept, and canary_promotion's audit source reads the median RTF and the p95 compute time from it; before
+    the upgrade it says the compute time is missing rather than judging wall time."""
     from sqlalchemy import MetaData, Table, insert, inspect
 
     from serving.audit import audit_log
     from voice_lib.core.db import make_engine
 
     engine = make_engine(url)
-    old = Table("audit_log", MetaData(), *[c._copy() for c in audit_log.columns if c.name != "rtf"])
+    old = Table("audit_log", MetaData(), *[c._copy() for c in audit_log.columns if c.name not in ("rtf", "compute_ms")])
     old.create(engine)
     with engine.begin() as conn:
         conn.execute(insert(old), [_row(0, variant="canary", latency_ms=100.0, ts=datetime.now(timezone.utc))])
     since, until = time.time() - 60, time.time() + 60
-    assert AuditSource(url).window("alice", "canary", since, until).rtf is None  # not upgraded yet: no RTF
+    before = AuditSource(url).window("alice", "canary", since, until)
+    assert before.rtf is None and before.p95_latency_ms is None  # not upgraded yet: no RTF, no compute time
+    assert "no compute_ms column" in before.p95_missing
     audit = AuditLog(url)
     for i, rtf in enumerate([0.02, 0.03, 0.04, 0.9, None]):  # one outlier; a failed request has no audio
-        audit.record(**_row(i, variant="canary", latency_ms=50.0, rtf=rtf, status=200 if rtf is not None else 500))
+        audit.record(**_row(i, variant="canary", latency_ms=50.0, rtf=rtf, compute_ms=10.0 * (i + 1) if rtf else None,
+                            status=200 if rtf is not None else 500))
     audit.record(**_row(9, variant="canary", status=404))  # a row recorded without an rtf
     assert audit.close(timeout=10)
     stats = AuditSource(url).window("alice", "canary", since, until)
     assert stats.requests == 7 and stats.errors == 1  # the old row is still there
     assert stats.rtf == pytest.approx(0.03)  # nearest-rank median of 0.02, 0.03, 0.04, 0.9: not moved by the outlier
+    assert stats.p95_latency_ms == 40.0  # the old row (no compute time) is left out, not taken as zero
     assert AuditLog(url).close()  # a second start finds nothing to add
-    assert "rtf" in {c["name"] for c in inspect(engine).get_columns("audit_log")}
+    assert {"rtf", "compute_ms"} <= {c["name"] for c in inspect(engine).get_columns("audit_log")}
     engine.dispose()
 
 

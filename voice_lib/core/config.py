@@ -174,7 +174,9 @@ class ReleaseSettings(BaseModel):
     manual_approval: bool = False
     approval_timeout_hours: float = Field(72.0, gt=0)  # unanswered this long: the timeout action below
     approval_timeout_action: Literal["pause", "rollback"] = "pause"
-    max_p95_ms: float = 800.0  # canary p95 end-to-end latency: what callers wait
+    # Canary p95 synthesis compute time per request, queue wait excluded (as the server's breaker judges it):
+    # a queue that makes every variant wait (one tenant's flood) is no property of the canary.
+    max_p95_ms: float = 800.0
     max_error_rate: float = 0.005
     max_rtf: float = 0.5
     # Canary over production real-time factor (synthesis compute s per audio s) over the same window:
