@@ -2,7 +2,8 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+LOCKS  := requirements.lock requirements-dev.lock
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCKS) | sha1sum | cut -c1-12)
 
 .PHONY: setup sysdeps venv test test-fast demo bench up down status lint clean audit
 
@@ -13,15 +14,17 @@ sysdeps:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Exactly the hashed lock files (scripts/lock.py writes them from pyproject.toml; deploy/Dockerfile installs
+# the same requirements.lock): every package pinned, every file checked against its sha256, nothing resolved
+# (--no-deps: the locks are the whole closure, resemblyzer included without its stale `webrtcvad` requirement).
+# torch is the CPU build 2.13.0+cpu, from pip's find-links on this machine kind (elsewhere: make
+# PIP_EXTRA='--extra-index-url https://download.pytorch.org/whl/cpu'). Then voiceops itself, editable, built
+# with the locked setuptools.
+$(STAMP): pyproject.toml $(LOCKS)
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 (or run make PYTHON=/path/to/python3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch is pinned to the CPU build (2.13.0); a looser pin pulls a multi-GB CUDA build.
-	$(BIN)/pip install -q -e '.[airflow,training,serving,dev]'
-	# resemblyzer's metadata asks for the old `webrtcvad`, which needs pkg_resources at import;
-	# webrtcvad-wheels (a dependency above) provides the same module.
-	$(BIN)/pip install -q --no-deps 'resemblyzer==0.1.4'
+	$(BIN)/pip install -q --no-deps --require-hashes $(PIP_EXTRA) -r requirements.lock -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
 test: setup lint
@@ -53,12 +56,11 @@ clean:
 bench: setup
 	$(BIN)/voiceops bench all
 
-# Known vulnerabilities of every installed package, from PyPI's advisory data (needs the network, so it is
-# not part of `make test`). It passes only when nothing new appears: each --ignore-vuln is justified in
-# docs/security.md (tests/test_security.py checks), and --strict fails on a package that could not be
-# audited. The list comes from `pip freeze` with local version labels dropped (torch 2.13.0+cpu is audited
-# as torch 2.13.0, the same source; PyPI does not list +cpu builds) and without the editable voiceops itself.
+# Known vulnerabilities of every package in the lock files, from PyPI's advisory data (needs the network, so
+# it is not part of `make test`): scripts/audit.py runs pip-audit on the locked pins (local labels dropped:
+# torch 2.13.0+cpu is audited as torch 2.13.0, the same source) and fails on a known vulnerability that is not
+# ignored. Each --ignore-vuln is justified in docs/security.md (tests/test_security.py checks). A package the
+# advisory database gives no answer for is reported as NOT AUDITED, never as clean, and when nothing could be
+# audited it says the database is unreachable; AUDIT_STRICT=1 also fails on those.
 audit: setup
-	$(BIN)/pip freeze --exclude-editable > $(VENV)/audit-requirements.txt
-	sed -i -E 's/\+[A-Za-z0-9.]+$$//' $(VENV)/audit-requirements.txt
-	$(BIN)/pip-audit --progress-spinner off --strict --no-deps --disable-pip -r $(VENV)/audit-requirements.txt
+	$(BIN)/python scripts/audit.py --pip-audit $(BIN)/pip-audit $(if $(AUDIT_STRICT),--strict)

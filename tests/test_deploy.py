@@ -195,8 +195,10 @@ def test_services_roles_and_dependencies():
     for name in AIRFLOW_SERVICES:
         env = services[name]["environment"]
         assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
-        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://airflow:")
-        assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql://airflow:")
+        # psycopg 3, the only PostgreSQL driver the image has (requirements.lock), sync and async
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg://airflow:")
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"].startswith("postgresql+psycopg_async://airflow:")
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql+psycopg://airflow:")
         assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://")
         if name != "airflow-init":
             assert services[name]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
@@ -214,7 +216,7 @@ def test_services_roles_and_dependencies():
     assert {"--serve-artifacts", "--artifacts-destination=s3://mlflow/artifacts"} <= set(mlflow["command"])
     allowed = next(a for a in mlflow["command"] if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
     assert {"mlflow", "mlflow:5000", "localhost"} <= set(allowed)
-    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://mlflow:")
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg://mlflow:")
     assert mlflow["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert mlflow["environment"]["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"]
 
@@ -377,12 +379,16 @@ def test_voiceops_variables_are_settings_fields():
 def test_dockerfile_matches_the_makefile_install():
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.M)
-    assert "download.pytorch.org/whl/cpu" in dockerfile and "torch==2.13.0" in dockerfile
-    assert '".[airflow,training,serving]"' in dockerfile
-    assert re.search(r"pip install --no-deps \"resemblyzer==0\.1\.4\"", dockerfile)
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    airflow_pin = re.search(r'"apache-airflow==([^"]+)"', pyproject)[1]
-    assert f"ARG AIRFLOW_VERSION={airflow_pin}" in dockerfile
+    # The image installs the runtime lock as `make` does, hashes required, then voiceops without dependencies.
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
+    assert re.search(r"^RUN pip install --no-deps --require-hashes .*-r requirements\.lock$", dockerfile, re.M)
+    assert re.search(r"^RUN pip install --no-deps --no-build-isolation \.$", dockerfile, re.M)
+    assert re.search(r"^ARG LOCK_FILE=requirements\.lock$", dockerfile, re.M)
+    assert not re.search(r"pip install (?!--no-deps)", dockerfile)  # nothing resolved, nothing unhashed
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(BIN)/pip install -q --no-deps --require-hashes $(PIP_EXTRA) -r requirements.lock -r requirements-dev.lock" in makefile
+    assert "$(BIN)/pip install -q --no-deps --no-build-isolation -e ." in makefile
+    assert not re.search(r"pip install (?!-q --no-deps)", makefile)
     # The runtime Debian packages of scripts/install-system-deps.sh (TTS engines, G2P, audio tools) are in the image.
     sysdeps = re.search(r"^PACKAGES=\((.*)\)", (ROOT / "scripts" / "install-system-deps.sh").read_text(), re.M)[1].split()
     for package in ("espeak-ng", "flite", "festival", "festvox-kallpc16k", "festvox-kdlpc16k", "festvox-us-slt-hts",
@@ -391,6 +397,85 @@ def test_dockerfile_matches_the_makefile_install():
         assert re.search(rf"\s{re.escape(package)}(\s|\\)", dockerfile), package
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert {".git", ".venv", ".env", ".voiceops"} <= set(ignore)
+
+
+# --- the lock files ----------------------------------------------------------------------------------
+
+LOCKS = (ROOT / "requirements.lock", ROOT / "requirements-dev.lock")
+_LOCK_ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)((?: \\\n(?:    --hash=\S+|    #.*))+)", re.M)
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@lru_cache(maxsize=1)
+def locked() -> dict[str, tuple[str, str]]:
+    """name -> (version, which lock file), with every line of both files accounted for."""
+    found: dict[str, tuple[str, str]] = {}
+    for path in LOCKS:
+        text = path.read_text()
+        covered = 0
+        for m in _LOCK_ENTRY.finditer(text):
+            hashes = re.findall(r"--hash=sha256:([0-9a-f]+)", m[3])
+            assert hashes and all(len(h) == 64 for h in hashes), f"{path.name}: {m[1]} has no sha256 hash"
+            assert _normal(m[1]) not in found, f"{m[1]} is locked twice"
+            found[_normal(m[1])] = (m[2], path.name)
+            covered += len(m[0]) + 1
+        lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+        pins = [line for line in lines if not line.startswith(" ")]
+        assert all("==" in p and p.endswith(" \\") for p in pins), [p for p in pins if not p.endswith(" \\")]
+        assert len(pins) == sum(1 for m in _LOCK_ENTRY.finditer(text)), f"{path.name}: a pin without hashes"
+    return found
+
+
+def _requirements(extra: str | None) -> list:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] if extra is None else project["optional-dependencies"][extra]
+    return [r for r in map(Requirement, reqs) if r.marker is None or r.marker.evaluate()]
+
+
+@pytest.mark.parametrize("extra", [None, "airflow", "training", "serving", "dev"])
+def test_the_lock_covers_every_dependency_of_pyproject_with_hashes(extra):
+    """Every requirement of pyproject.toml is locked at a version it admits, every file with its sha256; the
+    image's half (requirements.lock) holds everything the runtime extras need (deploy/Dockerfile installs it
+    alone)."""
+    lock = locked()
+    for req in _requirements(extra):
+        name = _normal(req.name)
+        assert name in lock, f"{req} ({extra or 'dependencies'}) is not in the lock files: run scripts/lock.py"
+        version, where = lock[name]
+        assert req.specifier.contains(version, prereleases=True), f"{req}: locked {version}"
+        if extra != "dev":
+            assert where == "requirements.lock", f"{req} is needed at run time but only in {where}"
+    assert lock["torch"] == ("2.13.0+cpu", "requirements.lock")  # the CPU build, the same file everywhere
+
+
+def test_the_installed_environment_is_the_lock_and_the_lock_is_closed():
+    """`make` installs exactly the locks (--no-deps: nothing is resolved), so each locked package is installed
+    at its locked version, and each one's own requirements are locked too: the lock is a whole closure."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    lock = locked()
+    for name, (version, _) in lock.items():
+        assert metadata.version(name) == version, f"{name}: installed {metadata.version(name)}, locked {version}"
+    runtime = {n for n, (_, where) in lock.items() if where == "requirements.lock"}
+    for name in lock:
+        if name == "resemblyzer":
+            continue  # installed without its dependencies on purpose (scripts/lock.py: NO_DEPS)
+        for text in metadata.requires(name) or []:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            assert _normal(req.name) in lock, f"{name} requires {req}, which is not locked"
+            if name in runtime:
+                assert _normal(req.name) in runtime, f"{name} (runtime) requires {req}, locked only for dev"
 
 
 @pytest.mark.parametrize("script", ["postgres/init-databases.sh", "airflow/init.sh"])
