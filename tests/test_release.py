@@ -140,13 +140,16 @@ def test_synth_user_id_picks_the_variant_the_server_routes_that_user_to(release_
     assert {routed_alias(settings, voice, u) for u in users} == {"production"}
 
 
-def _traffic(settings, voice: str, variant: str, n: int, latency_ms: float, status: int = 200, rtf: float = 0.03) -> None:
+def _traffic(settings, voice: str, variant: str, n: int, compute_ms: float, status: int = 200, rtf: float = 0.03) -> None:
+    """``n`` audit rows as the server writes them: ``compute_ms`` of synthesis, and 50 ms more of wall time."""
     from serving.audit import AuditLog
 
     audit = AuditLog(settings.resolved_audit_url)
     for i in range(n):
+        timed = compute_ms + i % 7 if status < 500 else None
         audit.record(request_id=uuid.uuid4().hex, tenant="t", voice_id=voice, version="x", variant=variant,
-                     characters=40, latency_ms=latency_ms + i % 7, rtf=rtf + (i % 5) / 1000, status=status)
+                     characters=40, latency_ms=compute_ms + i % 7 + 50, compute_ms=timed,
+                     rtf=rtf + (i % 5) / 1000, status=status)
     assert audit.close(timeout=10)
 
 

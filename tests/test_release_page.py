@@ -367,7 +367,8 @@ class AuditTraffic:
             for voice in self.voices:
                 for variant in ("canary", "production"):
                     self.audit.record(request_id=uuid.uuid4().hex, tenant="t", voice_id=voice, version="x",
-                                      variant=variant, characters=40, latency_ms=120, rtf=0.03, status=200)
+                                      variant=variant, characters=40, latency_ms=120, compute_ms=100,
+                                      rtf=0.03, status=200)
 
     def __enter__(self) -> "AuditTraffic":
         self.thread.start()
