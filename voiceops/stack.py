@@ -292,6 +292,26 @@ def airflow_password(settings: Settings, create: bool = False) -> str:
     return password
 
 
+@dataclass
+class AirflowLogin:
+    """How a person logs in to the local Airflow UI: the user, and where the password is."""
+
+    url: str
+    username: str
+    password: str | None  # None: not generated yet (``up`` writes it)
+    source: str  # the setting or file the password comes from
+
+
+def airflow_login(settings: Settings) -> AirflowLogin:
+    url = service_url(settings, "airflow")
+    if settings.airflow_password is not None:
+        return AirflowLogin(url, settings.airflow_username, settings.airflow_password.get_secret_value(),
+                            "VOICEOPS_AIRFLOW_PASSWORD")
+    path = core_airflow.password_file(settings)
+    password = path.read_text().strip() if path.exists() else None
+    return AirflowLogin(url, settings.airflow_username, password, str(path))
+
+
 def _prepare_airflow(settings: Settings) -> None:
     # The Simple auth manager only generates random passwords for users missing from its passwords
     # file, so pre-writing {user: password} gives us a fixed, known admin login.
