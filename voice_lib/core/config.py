@@ -40,6 +40,10 @@ class QCSettings(BaseModel):
     # Two accepted clips with the same transcript whose durations differ by at most this fraction are one
     # recording uploaded twice (re-encoded or trimmed); byte-identical audio is a duplicate at any tolerance.
     duplicate_duration_tolerance: float = Field(default=0.03, ge=0.0, le=0.5)
+    # A clip cut from a long recording with one transcript: when Whisper heard fewer than this share of the words
+    # of its worst 8-word stretch as written, its text may not match its audio there, and it waits for the
+    # transcript review instead of going into training (voice_lib/data/transcript_alignment.py).
+    min_alignment_score: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
 class ASRSettings(BaseModel):

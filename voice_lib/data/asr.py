@@ -40,6 +40,14 @@ class Word:
     probability: float
 
 
+@dataclass(frozen=True)
+class SegmentScore:
+    start: float
+    end: float
+    avg_logprob: float
+    tokens: int
+
+
 @dataclass
 class Transcription:
     text: str
@@ -47,11 +55,18 @@ class Transcription:
     # Mean token log-probability over the segments, weighted by their length (0 = certain; below about -1
     # Whisper is guessing). NaN when nothing was recognised.
     avg_logprob: float = float("nan")
+    segments: list[SegmentScore] = field(default_factory=list)
 
     @property
     def confidence(self) -> float:
         """exp(avg_logprob): the geometric-mean token probability, 0-1 (0 when nothing was recognised)."""
         return math.exp(self.avg_logprob) if math.isfinite(self.avg_logprob) else 0.0
+
+    def avg_logprob_between(self, start: float, end: float) -> float:
+        """avg_logprob of the segments overlapping [start, end) seconds (a clip cut from this audio); NaN if none."""
+        hit = [s for s in self.segments if s.start < end and s.end > start]
+        weight = sum(s.tokens for s in hit)
+        return sum(s.avg_logprob * s.tokens for s in hit) / weight if weight else float("nan")
 
 
 def _asr_settings(settings: Settings | ASRSettings | None) -> ASRSettings:
@@ -103,14 +118,15 @@ def transcribe(audio: np.ndarray, sample_rate: int, settings: Settings | ASRSett
     # Clips are independent sentences: no conditioning on earlier windows (it repeats hallucinations).
     segments, _ = model.transcribe(np.clip(wav, -1.0, 1.0), language="en", beam_size=asr.beam_size,
                                    word_timestamps=True, condition_on_previous_text=False)
-    texts, words, logprob_sum, weight = [], [], 0.0, 0
+    texts, words, scores = [], [], []
     for seg in segments:
         texts.append(seg.text.strip())
-        n = max(len(seg.tokens), 1)
-        logprob_sum, weight = logprob_sum + seg.avg_logprob * n, weight + n
+        scores.append(SegmentScore(float(seg.start), float(seg.end), float(seg.avg_logprob), max(len(seg.tokens), 1)))
         words += [Word(w.word.strip(), float(w.start), float(w.end), float(w.probability)) for w in seg.words or []]
     text = " ".join(t for t in texts if t)
-    return Transcription(text, words, logprob_sum / weight if weight else float("nan"))
+    weight = sum(s.tokens for s in scores)
+    avg = sum(s.avg_logprob * s.tokens for s in scores) / weight if weight else float("nan")
+    return Transcription(text, words, avg, scores)
 
 
 def transcribe_english(audio: np.ndarray, sample_rate: int, settings: Settings | ASRSettings | None = None) -> str:

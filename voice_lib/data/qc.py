@@ -21,7 +21,12 @@ from voice_lib.data import audio as audio_mod
 from voice_lib.data.transcripts import Transcript
 
 ClipStatus = Literal["accepted", "rejected"]
+ReviewReason = Literal["auto_transcribed", "low_alignment"]
+ReviewOutcome = Literal["approved", "edited", "dropped", "timed_out"]
 EDGE_PAD_SECONDS = 0.15  # silence kept around speech so onsets and releases are not cut
+# Clips cut from a long transcribed recording join sentences up to this length: Whisper tiny.en, which checks
+# each clip, drops words more often in longer ones (measured on flite slt: 1 of 7 clips of 12-15 s).
+ALIGNED_CLIP_SECONDS = 10.0
 
 
 @dataclass
@@ -38,17 +43,27 @@ class ClipResult:
     loudness_lufs: float
     denoised: bool
     text: str | None
-    text_source: Literal["provided", "auto_transcribed", "none"]
+    text_source: Literal["provided", "auto_transcribed", "reviewed", "none"]
     language: str
     phones_per_second: float | None
     pcm_sha256: str
     speaker_similarity: float | None = None
     status: ClipStatus = "accepted"
     reasons: list[str] = field(default_factory=list)
+    asr_text: str | None = None  # what Whisper heard in the clip (English only)
+    asr_logprob: float | None = None  # Whisper's average token log-probability there (0 = certain)
+    alignment_score: float | None = None  # a clip cut from a long transcribed file: share of its words heard
+    review: ReviewReason | None = None  # why a person should check its text before training uses it
+    reviewed: ReviewOutcome | None = None  # what the transcript review decided (voice_lib/pipelines/review.py)
 
     def reject(self, reason: str) -> None:
         self.status = "rejected"
         self.reasons.append(reason)
+
+    @property
+    def held_for_review(self) -> bool:
+        """Its text may not match its audio: training waits for a person's word on it."""
+        return self.review == "low_alignment" and self.reviewed is None
 
 
 @dataclass
@@ -67,6 +82,16 @@ class QCReport:
     @property
     def accepted(self) -> list[ClipResult]:
         return [c for c in self.clips if c.status == "accepted"]
+
+    @property
+    def trainable(self) -> list[ClipResult]:
+        """The clips training uses: accepted, and not waiting for the transcript review."""
+        return [c for c in self.accepted if not c.held_for_review]
+
+    @property
+    def to_review(self) -> list[ClipResult]:
+        """Accepted clips whose text a person should check: auto-labelled, or aligned with low confidence."""
+        return [c for c in self.accepted if c.review is not None and c.reviewed is None]
 
     def to_json(self) -> dict:
         return {
@@ -100,9 +125,10 @@ def detect_language(text: str) -> str:
     return "zh" if re.search(r"[\u4e00-\u9fff]", text) else "en"
 
 
-def _group_at_pauses(segments, sample_rate: int, settings: Settings) -> list[tuple[int, int]]:
-    """Group VAD speech segments into spans of up to max seconds, joining only across pauses."""
-    max_len = int(settings.qc.max_clip_seconds * sample_rate)
+def _group_at_pauses(segments, sample_rate: int, settings: Settings, seconds: float | None = None) -> list[tuple[int, int]]:
+    """Group VAD speech segments into spans of up to ``seconds`` (default: the clip maximum), joining only across
+    pauses."""
+    max_len = int((seconds or settings.qc.max_clip_seconds) * sample_rate)
     pad = int(EDGE_PAD_SECONDS * sample_rate)
     groups: list[list[int]] = []
     for seg in segments:
@@ -113,47 +139,136 @@ def _group_at_pauses(segments, sample_rate: int, settings: Settings) -> list[tup
     return [(a, b) for a, b in groups]
 
 
-def _cut_at_words(start: int, end: int, words, sample_rate: int, max_len: int) -> list[tuple[int, int, str]]:
-    """Cut one span (a VAD region longer than a clip may be) into clips at word boundaries.
+@dataclass
+class _Span:
+    """One clip-to-be of a file: samples [start, end), its text, and what Whisper made of it."""
 
-    ``words`` are Whisper's, timed from ``start``. Each cut falls in the middle of a gap between two words: the
-    widest gap in the second half of what fits (a sentence end, usually), so no word is split and each clip's
-    text is exactly the words inside it."""
+    start: int
+    end: int
+    text: str | None
+    asr_text: str | None = None
+    asr_logprob: float | None = None
+    alignment_score: float | None = None
+
+
+def _finite(x: float) -> float | None:
+    return round(x, 3) if np.isfinite(x) else None  # NaN is no JSON
+
+
+def _word_cuts(start: int, end: int, words, sample_rate: int, max_len: int, min_len: int) -> list[tuple[int, int, int, int]]:
+    """Cut one span (a VAD region or a whole file longer than a clip may be) into clips at word boundaries:
+    (clip start, clip end, first word, last word + 1).
+
+    ``words`` are timed from ``start``. Each cut falls in the middle of a gap between two words: the widest gap in
+    the second half of what fits (a sentence end, usually), leaving at least ``min_len`` for the rest, so no word
+    is split and each clip's text is exactly the words inside it."""
     def at(seconds: float) -> int:
         return start + int(seconds * sample_rate)
 
-    clips: list[tuple[int, int, str]] = []
+    def cut_after(k: int) -> int:
+        return at((words[k].end + words[k + 1].start) / 2)
+
+    cuts: list[tuple[int, int, int, int]] = []
     clip_start, first = start, 0
-    while first < len(words) - 1 and at(words[-1].end) - clip_start > max_len:
-        fits = [k for k in range(first, len(words) - 1) if at(words[k].end) - clip_start <= max_len] or [first]
-        late = [k for k in fits if at(words[k].end) - clip_start >= max_len // 2] or fits
+    while first < len(words) - 1 and end - clip_start > max_len:
+        fits = [k for k in range(first, len(words) - 1) if cut_after(k) - clip_start <= max_len] or [first]
+        roomy = [k for k in fits if end - cut_after(k) >= min_len] or fits
+        late = [k for k in roomy if cut_after(k) - clip_start >= max_len // 2] or roomy
         k = max(late, key=lambda i: words[i + 1].start - words[i].end)
-        cut = at((words[k].end + words[k + 1].start) / 2)
-        clips.append((clip_start, cut, " ".join(w.text for w in words[first : k + 1])))
-        clip_start, first = cut, k + 1
-    clips.append((clip_start, end, " ".join(w.text for w in words[first:])))
-    return clips
+        cuts.append((clip_start, cut_after(k), first, k + 1))
+        clip_start, first = cut_after(k), k + 1
+    cuts.append((clip_start, end, first, len(words)))
+    return cuts
 
 
-def _slice_untranscribed(wav: np.ndarray, segments, sample_rate: int, settings: Settings,
-                         english: bool) -> list[tuple[int, int, str | None]]:
-    """(start, end, text) of clips of an untranscribed file: grouped at pauses; for English, labelled by Whisper,
-    and a span still too long for one clip is cut between words. Other languages get equal parts and no text."""
+def _clip_limits(sample_rate: int, settings: Settings) -> tuple[int, int]:
+    """(max, min) samples of speech in one clip, before the edge padding is added."""
+    pad = int(EDGE_PAD_SECONDS * sample_rate)
+    return int(settings.qc.max_clip_seconds * sample_rate) - 2 * pad, int(settings.qc.min_clip_seconds * sample_rate)
+
+
+def _slice_untranscribed(wav: np.ndarray, segments, sample_rate: int, settings: Settings, english: bool) -> list[_Span]:
+    """Clips of an untranscribed file: grouped at pauses; for English, labelled by Whisper, and a span still too
+    long for one clip is cut between words. Other languages get equal parts and no text."""
     from voice_lib.data.asr import transcribe
 
-    max_len = int(settings.qc.max_clip_seconds * sample_rate) - 2 * int(EDGE_PAD_SECONDS * sample_rate)
-    out: list[tuple[int, int, str | None]] = []
+    max_len, min_len = _clip_limits(sample_rate, settings)
+    out: list[_Span] = []
     for start, end in _group_at_pauses(segments, sample_rate, settings):
         heard = transcribe(wav[start:end], sample_rate, settings) if english else None
         if heard is not None and end - start > max_len and len(heard.words) > 1:
-            out += _cut_at_words(start, end, heard.words, sample_rate, max_len)
+            for a, b, first, last in _word_cuts(start, end, heard.words, sample_rate, max_len, min_len):
+                text = " ".join(w.text for w in heard.words[first:last])
+                logprob = heard.avg_logprob_between((a - start) / sample_rate, (b - start) / sample_rate)
+                out.append(_Span(a, b, text, text, _finite(logprob)))
         elif end - start > max_len:  # no words to cut between: equal parts, each labelled on its own
             bounds = np.linspace(start, end, int(np.ceil((end - start) / max_len)) + 1).astype(int)
-            out += [(int(a), int(b), transcribe(wav[a:b], sample_rate, settings).text if english else None)
-                    for a, b in zip(bounds[:-1], bounds[1:])]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                part = transcribe(wav[a:b], sample_rate, settings) if english else None
+                out.append(_Span(int(a), int(b), part and part.text, part and part.text, part and _finite(part.avg_logprob)))
         else:
-            out.append((start, end, heard.text if heard is not None else None))
+            out.append(_Span(start, end, heard and heard.text, heard and heard.text, heard and _finite(heard.avg_logprob)))
     return out
+
+
+def _align_long_transcript(wav: np.ndarray, segments, transcript: Transcript, rel: str, sample_rate: int,
+                           settings: Settings) -> list[_Span]:
+    """Clips of a file longer than one clip with one transcript. Whisper hears it in the same pause-bounded groups
+    an untranscribed file is cut into (each within one 30 s Whisper window: across a window's edge it may drop
+    words); the user's words are placed by the word timestamps (voice_lib.data.transcript_alignment), each
+    group is a clip with the user's words inside it, and a group too long for one clip is cut between words."""
+    from voice_lib.data.asr import Word, transcribe
+    from voice_lib.data.transcript_alignment import AlignedWord, align_words, alignment_score, check_alignment
+
+    sr = sample_rate
+    groups, heard_words = [], []
+    for a, b in _group_at_pauses(segments, sr, settings, min(ALIGNED_CLIP_SECONDS, settings.qc.max_clip_seconds)):
+        heard = transcribe(wav[a:b], sr, settings)
+        groups.append((a, b, heard))
+        heard_words += [Word(w.text, a / sr + w.start, a / sr + w.end, w.probability) for w in heard.words]
+    words = align_words(transcript.text, heard_words)  # seconds from the start of the file
+    check_alignment(words, rel, transcript.source)
+    edges = [(groups[i][1] + groups[i + 1][0]) / 2 / sr for i in range(len(groups) - 1)]
+    owner = [int(np.searchsorted(edges, (w.start + w.end) / 2)) for w in words]
+    max_len, min_len = _clip_limits(sr, settings)
+    spans = []
+    for g, (a, b, heard) in enumerate(groups):
+        mine = [AlignedWord(w.text, w.start - a / sr, w.end - a / sr, w.matched) for w, o in zip(words, owner) if o == g]
+        if not mine:  # speech the transcript has no words for (a cough, an aside): not part of the reading
+            continue
+        for ca, cb, first, last in _word_cuts(a, b, mine, sr, max_len, min_len):
+            t0, t1 = (ca - a) / sr, (cb - a) / sr
+            asr = " ".join(w.text for w in heard.words if t0 <= (w.start + w.end) / 2 < t1)
+            spans.append(_Span(ca, cb, " ".join(w.text for w in mine[first:last]), asr,
+                               _finite(heard.avg_logprob_between(t0, t1)), round(alignment_score(mine[first:last]), 3)))
+    return spans
+
+
+def _hear_aligned_clip(span: _Span, clip: np.ndarray, sample_rate: int, settings: Settings) -> None:
+    """Whisper hears the finished clip on its own: its words, log-probability and alignment score are of the clip
+    as training gets it, so a cut in the wrong place, or a stretch Whisper did not hear, shows as low confidence."""
+    from voice_lib.data.asr import transcribe
+    from voice_lib.data.transcript_alignment import AlignmentError, align_words, alignment_score
+
+    heard = transcribe(clip, sample_rate, settings)
+    try:
+        score = alignment_score(align_words(span.text or "", heard.words))
+    except AlignmentError:  # Whisper heard nothing in it
+        score = 0.0
+    span.asr_text, span.asr_logprob, span.alignment_score = heard.text, _finite(heard.avg_logprob), round(score, 3)
+
+
+def _spans_of(wav: np.ndarray, segments, transcript: Transcript | None, rel: str, sample_rate: int,
+              settings: Settings, language: str) -> list[_Span]:
+    """How one file becomes clips. Raises AlignmentError when a long file's transcript does not match it."""
+    english = language in ("en", "auto")
+    if transcript is None:
+        return _slice_untranscribed(wav, segments, sample_rate, settings, english)
+    start, end = segments[0].start, segments[-1].end
+    transcript_english = transcript.language in (None, "en", "auto") and detect_language(transcript.text) == "en"
+    if end - start > _clip_limits(sample_rate, settings)[0] and english and transcript_english:
+        return _align_long_transcript(wav, segments, transcript, rel, sample_rate, settings)
+    return [_Span(start, end, transcript.text)]  # the transcript covers the whole file: trim only
 
 
 def _measure_clip(
@@ -213,20 +328,24 @@ def analyze_file(
     segments = detect_speech(wav, sr)
     if not segments:
         return FileFailure(rel, f"{rel}: no speech detected (silence or noise only); remove it or check the recording.")
+    from voice_lib.data.transcript_alignment import AlignmentError
+
     pad = int(EDGE_PAD_SECONDS * sr)
-    if transcript is not None:
-        spans = [(segments[0].start, segments[-1].end, transcript.text)]  # the transcript covers the whole file: trim only
-    else:
-        spans = _slice_untranscribed(wav, segments, sr, settings, english=language in ("en", "auto"))
+    try:
+        spans = _spans_of(wav, segments, transcript, rel, sr, settings, language)
+    except AlignmentError as exc:
+        return FileFailure(rel, str(exc))
     results: list[ClipResult] = []
-    for k, (start, end, text) in enumerate(spans):
-        a, b = max(0, start - pad), min(len(wav), end + pad)
+    for k, span in enumerate(spans):
+        a, b, text = max(0, span.start - pad), min(len(wav), span.end + pad), span.text
         clip = wav[a:b]
         cid = clip_id_for(rel, k)
         clipped_fraction = float(np.mean(np.abs(clip) >= audio_mod.CLIP_LEVEL))
         clipped_fraction = max(clipped_fraction, decoded.clipped_fraction if len(spans) == 1 else 0.0)
         clean, snr, speech_s, denoised = _measure_clip(clip, sr, settings)
         clean, lufs = audio_mod.normalize_loudness(clean, sr, settings.qc.target_lufs)
+        if span.alignment_score is not None:
+            _hear_aligned_clip(span, clean, sr, settings)
         source = "provided" if transcript else ("auto_transcribed" if text else "none")
         text = text or None  # Whisper heard nothing: no transcript (the clip is rejected below, saying why)
         clip_lang = (transcript.language if transcript and transcript.language not in (None, "auto") else None)
@@ -239,12 +358,20 @@ def analyze_file(
             clipped=clipped_fraction > settings.qc.clipping_fraction, clipped_fraction=round(clipped_fraction, 5),
             loudness_lufs=round(lufs, 2), denoised=denoised, text=text, text_source=source,
             language=clip_lang, phones_per_second=None, pcm_sha256=audio_mod.pcm_sha256(clean),
+            asr_text=span.asr_text, asr_logprob=span.asr_logprob, alignment_score=span.alignment_score,
+            review=_review_reason(source, span.alignment_score, settings),
         )
         _check_clip(result, settings)
         audio_mod.write_wav(out_dir / "clips" / f"{cid}.wav", clean, sr)
         np.save(out_dir / "embeddings" / f"{cid}.npy", speaker_embedding(clean, sr))
         results.append(result)
     return results
+
+
+def _review_reason(text_source: str, alignment: float | None, settings: Settings) -> ReviewReason | None:
+    if text_source == "auto_transcribed":
+        return "auto_transcribed"
+    return "low_alignment" if alignment is not None and alignment < settings.qc.min_alignment_score else None
 
 
 def _check_clip(clip: ClipResult, settings: Settings) -> None:

@@ -24,7 +24,7 @@ from voice_lib.core.config import Settings, validate_voice_id
 from voice_lib.core.storage import Store, artifact_store
 
 log = logging.getLogger(__name__)
-QC_VERSION = 3  # 3: recordings below the model rate refused, transcript control characters removed
+QC_VERSION = 4  # 4: long transcribed recordings aligned and sliced; ASR text, log-probability and review per clip
 
 
 class QCRejected(RuntimeError):
@@ -242,7 +242,7 @@ def features_shard(dataset: dict, qc: dict, shard_index: int, shards: int, setti
     store = artifact_store(settings)
     config = FeatureConfig(sample_rate=settings.sample_rate)
     report = QCReport.from_json(json.loads(store.read_bytes(f"{qc['qc_prefix']}/report.json")))
-    clips = [c for c in report.accepted][shard_index::shards]
+    clips = report.trainable[shard_index::shards]
     feat_key = f"{qc['qc_prefix']}/features-{config.digest}"
     computed = 0
     for i, clip in enumerate(clips, 1):
@@ -270,7 +270,7 @@ def features_manifest(dataset: dict, qc: dict, settings: Settings) -> dict:
     feat_key = f"{qc['qc_prefix']}/features-{config.digest}"
     report = QCReport.from_json(json.loads(store.read_bytes(f"{qc['qc_prefix']}/report.json")))
     entries, embeddings = [], []
-    for clip in report.accepted:
+    for clip in report.trainable:
         npz = store.read_bytes(f"{feat_key}/{clip.clip_id}.npz")
         feats = ClipFeatures.from_npz_bytes(npz)
         wav = store.read_bytes(f"{qc['qc_prefix']}/clips/{clip.clip_id}.wav")
