@@ -1,6 +1,8 @@
-"""voice_onboarding: recordings → QC → features → LoRA fine-tuning → evaluation → registration.
+"""voice_onboarding: recordings → QC → transcript review → features → LoRA fine-tuning → evaluation → registration.
 
-Thin wiring over ``voice_lib.pipelines.onboarding``; heavy imports happen inside the tasks, not at parse time.
+Thin wiring over ``voice_lib.pipelines.onboarding`` and ``.review``; heavy imports happen inside the tasks, not at
+parse time. The transcript review is a Human-in-the-loop task: answer it in the UI's *Required Actions* or with
+``PATCH /api/v2/dags/voice_onboarding/dagRuns/{run_id}/taskInstances/review_transcripts/-1/hitlDetails``.
 """
 
 from __future__ import annotations
@@ -8,8 +10,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from airflow.providers.standard.operators.hitl import HITLEntryOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, task
+from airflow.sdk.definitions.param import ParamsDict
 
 from voice_lib.core.config import get_settings  # light (pydantic): read at parse time for the queue
 
@@ -61,6 +65,62 @@ def qc_report(dataset: dict, shard_results: list, params=None) -> dict:
         return run(dataset, _settings(params), params["language"])
     except QCRejected as exc:
         raise AirflowFailException(str(exc)) from exc  # bad data: retrying cannot help
+
+
+@task.short_circuit(ignore_downstream_trigger_rules=False)  # skips only the review; apply_review still runs
+def needs_review(qc: dict, params=None) -> bool:
+    return params["review_transcripts"] == "always" or (params["review_transcripts"] == "auto" and bool(qc["to_review"]))
+
+
+class TranscriptReviewOperator(HITLEntryOperator):
+    """The Human-in-the-loop form of voice_lib.pipelines.review, built when the task runs (the clips are known only
+    then). Timeout behaviour comes from the run's Params: approve as is, or fail saying why."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(subject="Review the transcripts of {{ params.voice_id }}", options=[self.OK], defaults=[self.OK],
+                         **kwargs)
+
+    def execute(self, context):
+        from voice_lib.pipelines.review import answer_endpoints, form_body, form_fields, review_items
+
+        params, ti = context["params"], context["ti"]
+        qc = ti.xcom_pull(task_ids="qc_report")
+        items = review_items(qc, _settings(params), everything=params["review_transcripts"] == "always")
+        self.params = ParamsDict({key: Param(**spec) for key, spec in form_fields(items).items()})
+        self.body = form_body(items, qc)
+        self.defaults = [self.OK] if params["review_on_timeout"] == "approve" else None
+        self.response_timeout = timedelta(hours=float(params["review_timeout_hours"]))
+        where = answer_endpoints(get_settings().airflow_url, ti.dag_id, ti.run_id, ti.task_id)
+        self.log.info("transcript review waiting for %d clip(s): answer in the Airflow UI at %s (Required Actions) "
+                      "or PATCH %s; on timeout (%s h): %s", len(items), where["ui"], where["api"],
+                      params["review_timeout_hours"], params["review_on_timeout"])
+        return super().execute(context)
+
+    def process_trigger_event_error(self, event: dict) -> None:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        if event.get("error_type") == "timeout":
+            raise AirflowFailException(
+                "the transcript review got no answer in time and review_on_timeout is 'fail': nothing was trained on "
+                "unreviewed texts. Answer the review sooner (review_timeout_hours) or set review_on_timeout=approve, "
+                "then clear this task to ask again.")
+        super().process_trigger_event_error(event)
+
+
+@task(trigger_rule="none_failed")
+def apply_review(qc: dict, params=None, ti=None) -> dict:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from voice_lib.pipelines.review import ReviewError, review_items
+    from voice_lib.pipelines.review import apply_review as run
+
+    answer = ti.xcom_pull(task_ids="review_transcripts")  # None: the review was skipped
+    settings = _settings(params)
+    try:
+        asked = [i.clip_id for i in review_items(qc, settings, everything=params["review_transcripts"] == "always")]
+        return run(qc, answer, settings, asked)
+    except ReviewError as exc:
+        raise AirflowFailException(str(exc)) from exc  # the answer is what it is: a retry changes nothing
 
 
 @task(max_active_tis_per_dagrun=4)
@@ -147,6 +207,14 @@ def auto_release_enabled(registered: dict) -> bool:
         "train_steps": Param(None, type=["null", "integer"], minimum=1, maximum=20000,
                              description="Fine-tuning steps (early stopping may end sooner); empty: the backend's "
                                          "default (two-stage 400, end-to-end 600)."),
+        "review_transcripts": Param("auto", type="string", enum=["auto", "always", "never"],
+                                    description="auto: a person reviews the texts of auto-labelled and low-confidence "
+                                                "aligned clips (Required Actions) when there are any; always: every "
+                                                "clip; never: skip (held low-confidence clips stay out of training)."),
+        "review_timeout_hours": Param(24, type="number", minimum=0.001, maximum=24 * 30,
+                                      description="How long the transcript review waits for an answer."),
+        "review_on_timeout": Param("approve", type="string", enum=["approve", "fail"],
+                                   description="No answer in time: approve the texts as they are, or fail the run."),
         "backend": Param("default", type="string", enum=["default", "two_stage", "end_to_end"],
                          description="Acoustic backend: two_stage (a reference synthesizer + a LoRA-adapted converter) "
                                      "or end_to_end; default = VOICEOPS_MODEL__BACKEND. See docs/model.md."),
@@ -158,8 +226,11 @@ def voice_onboarding():
     shards = shard_ids(dataset)
     shard_results = qc_shard.partial(dataset=dataset).expand(shard_index=shards)
     qc = qc_report(dataset, shard_results)
-    feats = features_shard.partial(dataset=dataset, qc=qc).expand(shard_index=shards)
-    manifest = features_manifest(dataset, qc, feats)
+    review = TranscriptReviewOperator(task_id="review_transcripts")
+    reviewed = apply_review(qc)
+    needs_review(qc) >> review >> reviewed
+    feats = features_shard.partial(dataset=dataset, qc=reviewed).expand(shard_index=shards)
+    manifest = features_manifest(dataset, reviewed, feats)
     trained = train(manifest)
     registered = register(trained, evaluate(trained))
     auto_release_enabled(registered) >> TriggerDagRunOperator(

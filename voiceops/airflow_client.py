@@ -14,7 +14,8 @@ from rich.console import Console
 from voice_lib.core.config import Settings
 
 # Lines of `airflow dags test` output worth showing a person: task transitions and our progress logs.
-_INTERESTING = re.compile(r"(\[DAG TEST\] end task|\[voice_lib\.|Task failed|AirflowFailException|rejected by QC|^- )")
+_INTERESTING = re.compile(r"(\[DAG TEST\] end task|\[voice_lib\.|Task failed|AirflowFailException|rejected by QC|^- |"
+                          r"transcript review waiting)")
 
 
 def dags_test(settings: Settings, dag_id: str, conf: dict, console: Console) -> str:
@@ -38,7 +39,10 @@ def dags_test(settings: Settings, dag_id: str, conf: dict, console: Console) -> 
             if _INTERESTING.search(line):
                 # Drop Airflow's timestamp/level prefix and source location; keep the message.
                 message = re.sub(r"^\S+Z \[\w+\s*\] ", "", line.rstrip())
-                console.print(re.sub(r"\s+loc=\S+$", "", message)[:300], markup=False, highlight=False)
+                console.print(re.sub(r"\s+loc=\S+$", "", message)[:600], markup=False, highlight=False)
+                if "transcript review waiting" in line:  # in-process runs have no UI of their own
+                    console.print("  (the answer goes through an Airflow API server on this home's database: start it "
+                                  "with `voiceops up` if it is not running)")
             match = re.search(r"DagRun Finished: .*state=(\w+)", line) or re.search(r"dag_run_state=(\w+)", line)
             if match:
                 state = match.group(1)
@@ -74,7 +78,20 @@ def trigger_and_follow(settings: Settings, dag_id: str, conf: dict, console: Con
                 if ti.get("state") and seen.get(key) != ti["state"]:
                     seen[key] = ti["state"]
                     console.print(f"  {key}: {ti['state']}")
+                    if ti["state"] == "awaiting_input":
+                        _print_where_to_answer(console, base, dag_id, run_id, ti["task_id"])
             if run["state"] in ("success", "failed"):
                 return run["state"]
             time.sleep(3)
     return "timeout"
+
+
+def _print_where_to_answer(console: Console, base: str, dag_id: str, run_id: str, task_id: str) -> None:
+    """A Human-in-the-loop task (the transcript review) waits for a person: say where to answer it."""
+    from voice_lib.pipelines.review import answer_endpoints
+
+    where = answer_endpoints(base, dag_id, run_id, task_id)
+    console.print(f"  {task_id} waits for you: answer in the Airflow UI, Required Actions: {where['ui']}", highlight=False)
+    console.print(f"  or through the REST API: PATCH {where['api']} with "
+                  '{"chosen_options": ["OK"], "params_input": {"<clip id>": "<text>", "drop": ["<clip id>"]}}',
+                  highlight=False, markup=False)

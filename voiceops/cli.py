@@ -387,6 +387,9 @@ def onboard(
     owner: str = typer.Option("", help="The tenant the voice is onboarded for; empty: the operators."),
     allow_other_owner: bool = typer.Option(False, "--allow-other-owner",
                                            help="Replace the candidate of a voice another owner onboarded, on purpose."),
+    train_steps: Optional[int] = typer.Option(None, min=1, help="Fine-tuning steps (default: the backend's)."),
+    review: str = typer.Option("auto", help="Transcript review (Airflow Required Actions): auto (when clips were "
+                                            "auto-labelled or aligned with low confidence), always or never."),
 ) -> None:
     """Run the voice_onboarding DAG: in-process (`airflow dags test`) by default, or on a running Airflow.
 
@@ -403,8 +406,11 @@ def onboard(
         if not path.exists():
             raise _usage_error(f"{data}: no such file or folder.")
         data = str(path.resolve())
+    if review not in ("auto", "always", "never"):
+        raise _usage_error(f"--review {review!r}: use auto, always or never.")
     conf = {"voice_id": voice_id, "data_uri": data, "language": language, "min_speech_seconds": min_speech_seconds,
-            "shards": shards, "owner": owner, "allow_other_owner": allow_other_owner}
+            "shards": shards, "owner": owner, "allow_other_owner": allow_other_owner, "review_transcripts": review,
+            **({"train_steps": train_steps} if train_steps else {})}
     settings = get_settings()
     if airflow_url:
         state = airflow_client.trigger_and_follow(settings.model_copy(update={"airflow_url": airflow_url}), "voice_onboarding", conf, console)

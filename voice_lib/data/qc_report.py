@@ -60,7 +60,8 @@ def render_qc_report(report: QCReport, clip_dir: Path, out_dir: Path, worst: int
         return (c.status == "rejected") * 10 + (1 - (c.speaker_similarity or 0)) * 3 + max(0.0, 30 - c.snr_db) / 30
 
     worst_clips = sorted(report.clips, key=badness, reverse=True)[:worst]
-    for c in worst_clips:
+    # The transcript review links to each of its clips' audio here (voice_lib/pipelines/review.py).
+    for c in worst_clips + [c for c in report.to_review if c not in worst_clips]:
         src = clip_dir / f"{c.clip_id}.wav"
         if src.exists():
             shutil.copyfile(src, out_dir / "audio" / src.name)
@@ -74,6 +75,13 @@ def render_qc_report(report: QCReport, clip_dir: Path, out_dir: Path, worst: int
         f"<td>{'' if c.phones_per_second is None else c.phones_per_second}</td><td>{esc(c.text or '')}"
         f"{' <em>(ASR)</em>' if c.text_source == 'auto_transcribed' else ''}</td><td>{c.status}</td><td>{esc('; '.join(c.reasons))}</td></tr>"
         for c in report.clips
+    )
+    review = "".join(
+        f"<figure id='{esc(c.clip_id)}'><figcaption><code>{esc(c.clip_id)}</code> {esc(c.text or '')} "
+        f"({'Whisper label' if c.review == 'auto_transcribed' else 'aligned with low confidence: held'}"
+        f"{'' if c.asr_logprob is None else f', log-prob {c.asr_logprob:.2f}'})</figcaption>"
+        f"<audio controls preload='none' src='audio/{esc(c.clip_id)}.wav'></audio></figure>"
+        for c in report.to_review
     )
     players = "".join(
         f"<figure><figcaption>{esc(c.file)} [{c.start:.1f}-{c.end:.1f} s] - {c.status}"
@@ -91,6 +99,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px}} tr.rejected{{background:#fde8e8}}
 {"<h2>Why it was rejected</h2><ul>" + "".join(f"<li>{esc(r)}</li>" for r in report.reasons) + "</ul>" if report.reasons else ""}
 {"<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(w)}</li>" for w in report.warnings) + "</ul>" if report.warnings else ""}
 <img src="qc_overview.png" alt="durations, SNR and speaker similarity" style="max-width:100%">
+{"<h2>Clips to review</h2><p>Their texts wait for the transcript review (Airflow: Required Actions).</p>" + review if review else ""}
 <h2>Worst clips</h2>{players}
 <h2>All clips</h2><table><tr><th>file</th><th>span s</th><th>dur s</th><th>SNR dB</th><th>clipped</th><th>speaker sim</th><th>phones/s</th><th>text</th><th>status</th><th>reasons</th></tr>{rows}</table>
 </body></html>"""

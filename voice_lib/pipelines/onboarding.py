@@ -222,6 +222,8 @@ def qc_report(dataset: dict, settings: Settings, language: str = "en", log_to_ml
     summary = {k: existing.get(k) for k in ("passed", "speech_seconds", "reasons", "warnings", "report_html", "mlflow_run_id", "mlflow_run_url")}
     summary["qc_prefix"] = qc_key
     summary["accepted"] = [c["clip_id"] for c in existing["clips"] if c["status"] == "accepted"]
+    summary["to_review"] = [c["clip_id"] for c in existing["clips"]
+                            if c["status"] == "accepted" and c.get("review") and not c.get("reviewed")]
     if not existing["passed"]:
         raise QCRejected(existing["reasons"], existing["report_html"])
     return summary
@@ -237,17 +239,18 @@ def features_shard(dataset: dict, qc: dict, shard_index: int, shards: int, setti
         cache_key,
         extract_clip_features,
     )
-    from voice_lib.data.qc import QCReport
+
+    from voice_lib.pipelines.review import load_report
 
     store = artifact_store(settings)
     config = FeatureConfig(sample_rate=settings.sample_rate)
-    report = QCReport.from_json(json.loads(store.read_bytes(f"{qc['qc_prefix']}/report.json")))
+    report = load_report(qc, settings)  # the reviewed copy once the transcript review answered
     clips = report.trainable[shard_index::shards]
     feat_key = f"{qc['qc_prefix']}/features-{config.digest}"
     computed = 0
     for i, clip in enumerate(clips, 1):
         key = cache_key(clip.pcm_sha256, clip.text or "", clip.language, config)
-        target = f"{feat_key}/{clip.clip_id}.npz"
+        target = _features_key(feat_key, clip, key)
         if store.exists(target) and ClipFeatures.from_npz_bytes(store.read_bytes(target)).cache_key == key:
             continue
         decoded = decode_audio(store.read_bytes(f"{qc['qc_prefix']}/clips/{clip.clip_id}.wav"), settings.sample_rate, clip.clip_id)
@@ -259,19 +262,25 @@ def features_shard(dataset: dict, qc: dict, shard_index: int, shards: int, setti
     return {"shard": shard_index, "clips": len(clips), "computed": computed, "cached": len(clips) - computed}
 
 
+def _features_key(feat_key: str, clip, cache_key: str) -> str:
+    # A text edited in the review gets its own file: the manifest of the unreviewed text keeps pointing at its own.
+    return f"{feat_key}/{clip.clip_id}{'-' + cache_key[:12] if clip.reviewed == 'edited' else ''}.npz"
+
+
 def features_manifest(dataset: dict, qc: dict, settings: Settings) -> dict:
     """The dataset manifest: every clip with its text, phonemes and content hashes, plus the voice embedding."""
-    from voice_lib.data.features import ClipFeatures, FeatureConfig
-    from voice_lib.data.qc import QCReport
+    from voice_lib.data.features import ClipFeatures, FeatureConfig, cache_key
     from voice_lib.data.speech import centroid
+    from voice_lib.pipelines.review import load_report
 
     store = artifact_store(settings)
     config = FeatureConfig(sample_rate=settings.sample_rate)
     feat_key = f"{qc['qc_prefix']}/features-{config.digest}"
-    report = QCReport.from_json(json.loads(store.read_bytes(f"{qc['qc_prefix']}/report.json")))
+    report = load_report(qc, settings)
     entries, embeddings = [], []
     for clip in report.trainable:
-        npz = store.read_bytes(f"{feat_key}/{clip.clip_id}.npz")
+        features = _features_key(feat_key, clip, cache_key(clip.pcm_sha256, clip.text or "", clip.language, config))
+        npz = store.read_bytes(features)
         feats = ClipFeatures.from_npz_bytes(npz)
         wav = store.read_bytes(f"{qc['qc_prefix']}/clips/{clip.clip_id}.wav")
         embeddings.append(np.load(io.BytesIO(store.read_bytes(f"{qc['qc_prefix']}/embeddings/{clip.clip_id}.npy"))))
@@ -279,10 +288,11 @@ def features_manifest(dataset: dict, qc: dict, settings: Settings) -> dict:
             "clip_id": clip.clip_id, "source_file": clip.file, "text": clip.text, "text_source": clip.text_source,
             "language": clip.language, "phonemes": feats.phonemes, "frames": feats.frames, "duration": clip.duration,
             "wav": f"{qc['qc_prefix']}/clips/{clip.clip_id}.wav", "wav_sha256": hashlib.sha256(wav).hexdigest(),
-            "features": f"{feat_key}/{clip.clip_id}.npz", "features_sha256": hashlib.sha256(npz).hexdigest(),
+            "features": features, "features_sha256": hashlib.sha256(npz).hexdigest(),
         })
     manifest_sha = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
-    manifest_key = f"{feat_key}/manifest.json"
+    # One manifest per review answer: the unreviewed one and each reviewed one are different datasets.
+    manifest_key = f"{feat_key}/manifest{'-' + qc['review_digest'] if qc.get('review_digest') else ''}.json"
     previous = _read_json(store, manifest_key)
     if previous and previous.get("manifest_sha256") == manifest_sha:
         log.info("features: manifest unchanged (%d clips), nothing to write", len(entries))
@@ -293,7 +303,8 @@ def features_manifest(dataset: dict, qc: dict, settings: Settings) -> dict:
     store.write_bytes(f"{feat_key}/speaker_embedding.npy", buf.getvalue())
     manifest = {
         "voice_id": dataset["voice_id"], "data_sha256": dataset["data_sha256"], "feature_config": asdict(config),
-        "speaker_embedding": f"{feat_key}/speaker_embedding.npy", "speech_seconds": report.speech_seconds,
+        "speaker_embedding": f"{feat_key}/speaker_embedding.npy", "speech_seconds": round(sum(c.speech_seconds for c in report.trainable), 2),
+        "review": qc.get("review"),  # who reviewed the transcripts, what was edited and dropped
         "clips": entries,
     }
     manifest["manifest_sha256"] = manifest_sha

@@ -1,0 +1,135 @@
+"""The transcript review, end to end on a real Airflow (standalone, as `voiceops up` runs it) and a real MLflow.
+
+A voice whose recordings came without transcripts is onboarded with `voiceops onboard --airflow-url`: QC labels
+every clip with Whisper, and the run stops at `review_transcripts`, a Human-in-the-loop task, while the CLI says
+where to answer. The reviewer answers through the REST API with one edit and one drop; the manifest training
+used has the edited text and not the dropped clip. Gates are relaxed as in test_dag's end-to-end test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+from conftest import free_port
+
+from voice_lib.core.config import Settings
+from voice_lib.core.storage import artifact_store
+from voice_lib.data.asr import normalize_words
+from voiceops import stack
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+VOICE = "review-slt"
+DAG = "voice_onboarding"
+EDITED = "The words a person corrected by hand."
+
+
+@pytest.fixture
+def airflow_settings(tmp_path, mlflow_server) -> Settings:
+    port = free_port()
+    relaxed = Settings().eval.model_copy(update={
+        "min_speaker_similarity": 0.0, "min_similarity_gain_over_base": -1.0, "max_wer_gap_over_real": 1.0,
+        "min_pesq": 1.0, "min_stoi": 0.0, "max_bad_output_rate": 1.0, "max_rtf": 5.0,
+        "min_p808_mos": 1.0, "max_p808_gap_below_real": 4.0, "max_p808_drop_below_production": 4.0})
+    settings = Settings(home=tmp_path / "home", airflow_port=port, airflow_url=f"http://127.0.0.1:{port}",
+                        mlflow_tracking_uri=mlflow_server, eval=relaxed)
+    try:
+        stack.up(settings, services=("airflow",), timeout=300)
+        yield settings
+    finally:
+        stack.down(settings)
+
+
+def _untranscribed(clean_voice: Path, dest: Path) -> Path:
+    """The clean voice's recordings without their metadata.csv."""
+    dest.mkdir(parents=True)
+    for wav in sorted(clean_voice.glob("*.wav")):
+        shutil.copyfile(wav, dest / wav.name)
+    return dest
+
+
+def _api(settings: Settings) -> httpx.Client:
+    return httpx.Client(base_url=settings.airflow_url, timeout=30,
+                        headers={"Authorization": f"Bearer {stack.airflow_api_token(settings)}"})
+
+
+def _wait(what: str, check, timeout: float, every: float = 3.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+
+
+def test_review_answered_through_the_rest_api_decides_what_training_uses(airflow_settings: Settings, clean_voice: Path,
+                                                                         tmp_path: Path) -> None:
+    settings = airflow_settings
+    data = _untranscribed(clean_voice, tmp_path / "recordings")
+    with _api(settings) as api:
+        _wait("the dag processor to parse voice_onboarding", lambda: api.get(f"/api/v2/dags/{DAG}").status_code == 200, 180)
+    env = {**os.environ, **stack.settings_env(settings)}
+    cli = subprocess.Popen([sys.executable, "-m", "voiceops.cli", "onboard", str(data), "--voice-id", VOICE,
+                            "--airflow-url", settings.airflow_url, "--shards", "1", "--min-speech-seconds", "50",
+                            "--train-steps", "30"],
+                           env={**env, "COLUMNS": "400"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    try:
+        assert cli.stdout is not None
+        for line in cli.stdout:  # the CLI follows the run until it says where to answer the review
+            output.append(line)
+            if "through the REST API: PATCH" in line:
+                break
+        printed = "".join(output)
+        assert "review_transcripts: awaiting_input" in printed, printed[-3000:]
+        run_id = next(line.split(" run ", 1)[1].rsplit(": http", 1)[0] for line in output if line.startswith("triggered "))
+        endpoint = f"/api/v2/dags/{DAG}/dagRuns/{quote(run_id, safe='')}/taskInstances/review_transcripts/-1/hitlDetails"
+        assert "Required Actions: " + settings.airflow_url in printed and endpoint in printed
+
+        with _api(settings) as api:
+            detail = api.get(endpoint).json()
+            # The form: a text per auto-labelled clip, prefilled with Whisper's label, and the clips to drop.
+            fields = {k: v for k, v in detail["params"].items() if k != "drop"}
+            assert len(fields) >= 15 and detail["params"]["drop"]["value"] == []
+            assert all(f["value"] and "Whisper avg log-prob" in f["description"] and "get-artifact" in f["description"]
+                       for f in fields.values()), fields
+            assert "Whisper heard" in detail["body"] and "[listen](" in detail["body"]
+            listen = next(iter(fields.values()))["description"].split("Listen: ", 1)[1].split(" ", 1)[0]
+            assert httpx.get(listen, timeout=30).content[:4] == b"RIFF"  # the link plays the clip's audio
+            edited, dropped = sorted(fields)[:2]
+            answer = api.patch(endpoint, json={"chosen_options": ["OK"],
+                                               "params_input": {edited: EDITED, "drop": [dropped]}})
+            assert answer.status_code == 200, answer.text
+        rest, _ = cli.communicate(timeout=1800)
+        output.append(rest)
+        assert cli.returncode == 0, "".join(output)[-5000:]
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+
+    # What training used: the manifest named by the train task's result.
+    with _api(settings) as api:
+        run = f"/api/v2/dags/{DAG}/dagRuns/{quote(run_id, safe='')}"
+        assert api.get(run).json()["state"] == "success"
+        trained = api.get(f"{run}/taskInstances/train/xcomEntries/return_value").json()
+    trained = trained["value"] if isinstance(trained["value"], dict) else json.loads(trained["value"])
+    manifest = json.loads(artifact_store(settings).read_bytes(trained["manifest_key"]))
+    clips = {c["clip_id"]: c for c in manifest["clips"]}
+    assert dropped not in clips
+    assert clips[edited]["text"] == EDITED and clips[edited]["text_source"] == "reviewed"
+    assert normalize_words(fields[edited]["value"]) != normalize_words(EDITED)  # the edit changed the text
+    # Its features were computed from the edited text, in a file of their own (the unreviewed ones stay valid).
+    assert clips[edited]["features"].endswith(".npz") and f"/{edited}-" in clips[edited]["features"]
+    others = set(fields) - {edited, dropped}
+    assert {c: clips[c]["text"] for c in others} == {c: fields[c]["value"] for c in others}  # approved as heard
+    assert manifest["review"]["edited"] == [edited] and manifest["review"]["dropped"] == [dropped]
+    assert manifest["review"]["by"] == settings.airflow_username
