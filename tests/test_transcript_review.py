@@ -3,7 +3,8 @@
 A voice whose recordings came without transcripts is onboarded with `voiceops onboard --airflow-url`: QC labels
 every clip with Whisper, and the run stops at `review_transcripts`, a Human-in-the-loop task, while the CLI says
 where to answer. The reviewer answers through the REST API with one edit and one drop; the manifest training
-used has the edited text and not the dropped clip. Gates are relaxed as in test_dag's end-to-end test.
+used has the edited text and not the dropped clip. Gates are relaxed as in test_dag's end-to-end test. Left
+unanswered, the review approves the texts as they are, or fails saying why, as the run's Params say.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ DAG = "voice_onboarding"
 EDITED = "The words a person corrected by hand."
 
 
-@pytest.fixture
-def airflow_settings(tmp_path, mlflow_server) -> Settings:
+@pytest.fixture(scope="module")
+def airflow_settings(tmp_path_factory, mlflow_server) -> Settings:
+    tmp_path = tmp_path_factory.mktemp("review-airflow")
     port = free_port()
     relaxed = Settings().eval.model_copy(update={
         "min_speaker_similarity": 0.0, "min_similarity_gain_over_base": -1.0, "max_wer_gap_over_real": 1.0,
@@ -133,3 +135,39 @@ def test_review_answered_through_the_rest_api_decides_what_training_uses(airflow
     assert {c: clips[c]["text"] for c in others} == {c: fields[c]["value"] for c in others}  # approved as heard
     assert manifest["review"]["edited"] == [edited] and manifest["review"]["dropped"] == [dropped]
     assert manifest["review"]["by"] == settings.airflow_username
+
+
+@pytest.mark.parametrize("on_timeout", ["fail", "approve"])
+def test_an_unanswered_review_fails_or_approves_as_the_params_say(airflow_settings: Settings, short_voice: Path,
+                                                                  tmp_path: Path, on_timeout: str) -> None:
+    settings = airflow_settings
+    voice = f"review-timeout-{on_timeout}"
+    conf = {"voice_id": voice, "data_uri": str(_untranscribed(short_voice, tmp_path / "recordings")), "shards": 1,
+            "min_speech_seconds": 10, "train_steps": 30, "review_timeout_hours": 0.001, "review_on_timeout": on_timeout}
+    with _api(settings) as api:
+        _wait("the dag processor to parse voice_onboarding", lambda: api.get(f"/api/v2/dags/{DAG}").status_code == 200, 180)
+        created = api.post(f"/api/v2/dags/{DAG}/dagRuns", json={"logical_date": None, "conf": conf})
+        assert created.status_code == 200, created.text
+        run = f"/api/v2/dags/{DAG}/dagRuns/{quote(created.json()['dag_run_id'], safe='')}"
+
+        def state(task_id: str) -> str | None:
+            return api.get(f"{run}/taskInstances/{task_id}").json().get("state")
+
+        if on_timeout == "fail":
+            assert _wait("the review to time out", lambda: state("review_transcripts") in ("failed", "success")
+                         and state("review_transcripts"), 600) == "failed"
+            log = api.get(f"{run}/taskInstances/review_transcripts/logs/1", params={"full_content": True},
+                          headers={"Accept": "application/x-ndjson"}).text
+            assert "no answer in time and review_on_timeout is 'fail'" in log, log[-3000:]
+            assert _wait("the run to fail", lambda: api.get(run).json()["state"] in ("failed", "success")
+                         and api.get(run).json()["state"], 120) == "failed"
+            assert state("apply_review") == "upstream_failed" and state("train") == "upstream_failed"
+            return
+        assert _wait("apply_review after the timeout", lambda: state("apply_review") in ("success", "failed")
+                     and state("apply_review"), 600) == "success"
+        reviewed = api.get(f"{run}/taskInstances/apply_review/xcomEntries/return_value").json()["value"]
+    reviewed = reviewed if isinstance(reviewed, dict) else json.loads(reviewed)
+    assert reviewed["review"]["by"] is None and reviewed["review"]["edited"] == reviewed["review"]["dropped"] == []
+    report = json.loads(artifact_store(settings).read_bytes(reviewed["report_key"]))
+    asked = [c for c in report["clips"] if c["review"] == "auto_transcribed"]
+    assert asked and all(c["reviewed"] == "timed_out" and c["status"] == "accepted" for c in asked)
