@@ -81,7 +81,8 @@ class TranscriptReviewOperator(HITLEntryOperator):
                          **kwargs)
 
     def execute(self, context):
-        from voice_lib.pipelines.review import answer_endpoints, form_body, form_fields, review_items
+        from voice_lib.core.airflow import hitl_endpoints
+        from voice_lib.pipelines.review import form_body, form_fields, review_items
 
         params, ti = context["params"], context["ti"]
         qc = ti.xcom_pull(task_ids="qc_report")
@@ -90,7 +91,7 @@ class TranscriptReviewOperator(HITLEntryOperator):
         self.body = form_body(items, qc)
         self.defaults = [self.OK] if params["review_on_timeout"] == "approve" else None
         self.response_timeout = timedelta(hours=float(params["review_timeout_hours"]))
-        where = answer_endpoints(get_settings().airflow_url, ti.dag_id, ti.run_id, ti.task_id)
+        where = hitl_endpoints(get_settings().airflow_url, ti.dag_id, ti.run_id, ti.task_id)
         self.log.info("transcript review waiting for %d clip(s): answer in the Airflow UI at %s (Required Actions) "
                       "or PATCH %s; on timeout (%s h): %s", len(items), where["ui"], where["api"],
                       params["review_timeout_hours"], params["review_on_timeout"])

@@ -88,9 +88,9 @@ def trigger_and_follow(settings: Settings, dag_id: str, conf: dict, console: Con
 
 def _print_where_to_answer(console: Console, base: str, dag_id: str, run_id: str, task_id: str) -> None:
     """A Human-in-the-loop task (the transcript review) waits for a person: say where to answer it."""
-    from voice_lib.pipelines.review import answer_endpoints
+    from voice_lib.core.airflow import hitl_endpoints
 
-    where = answer_endpoints(base, dag_id, run_id, task_id)
+    where = hitl_endpoints(base, dag_id, run_id, task_id)
     console.print(f"  {task_id} waits for you: answer in the Airflow UI, Required Actions: {where['ui']}", highlight=False)
     console.print(f"  or through the REST API: PATCH {where['api']} with "
                   '{"chosen_options": ["OK"], "params_input": {"<clip id>": "<text>", "drop": ["<clip id>"]}}',

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -62,3 +63,12 @@ def dag_run(settings: Settings, dag_id: str, run_id: str) -> dict[str, Any] | No
     run = resp.json()
     return {"dag_id": dag_id, "run_id": run_id, "state": run.get("state"), "start_date": run.get("start_date"),
             "end_date": run.get("end_date"), "url": f"{base}/dags/{dag_id}/runs/{run_id}"}
+
+
+def hitl_endpoints(airflow_url: str, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict[str, str]:
+    """Where a Human-in-the-loop task is answered: the UI's Required Actions of the task, the UI's list of every
+    waiting one, and the REST endpoint (GET the form, PATCH ``{"chosen_options": [...], "params_input": {...}}``)."""
+    base, run = airflow_url.rstrip("/"), quote(run_id, safe="")
+    return {"ui": f"{base}/dags/{dag_id}/runs/{run}/tasks/{task_id}/required_actions?map_index={map_index}",
+            "ui_all": f"{base}/required_actions",
+            "api": f"{base}/api/v2/dags/{dag_id}/dagRuns/{run}/taskInstances/{task_id}/{map_index}/hitlDetails"}

@@ -163,12 +163,3 @@ def _check_enough_speech(report, settings: Settings) -> None:
     if speech < settings.qc.min_speech_seconds:
         raise ReviewError(f"after the transcript review only {speech:.1f} s of speech is left for training; at least "
                           f"{settings.qc.min_speech_seconds:g} s are needed. Add recordings, or drop fewer clips.")
-
-
-def answer_endpoints(airflow_url: str, dag_id: str, run_id: str, task_id: str = "review_transcripts") -> dict[str, str]:
-    """Where a person or a program answers the review: the UI's Required Actions, and the REST endpoint."""
-    base = airflow_url.rstrip("/")
-    run = quote(run_id, safe="")
-    return {"ui": f"{base}/dags/{dag_id}/runs/{run}/tasks/{task_id}/required_actions",
-            "ui_all": f"{base}/required_actions",
-            "api": f"{base}/api/v2/dags/{dag_id}/dagRuns/{run}/taskInstances/{task_id}/-1/hitlDetails"}
