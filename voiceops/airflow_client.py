@@ -58,12 +58,27 @@ def _token(settings: Settings) -> str:
     return airflow_api_token(settings)
 
 
+def _call(client: httpx.Client, method: str, path: str, attempts: int = 4, **kwargs) -> httpx.Response:
+    """One REST call, tried again on a transient failure: Airflow on SQLite (the embedded stack) answers 500
+    "Database error" while another component holds the database lock, and a busy api-server may drop a request."""
+    for attempt in range(1, attempts):
+        try:
+            resp = client.request(method, path, **kwargs)
+            if resp.status_code < 500:
+                return resp
+        except httpx.TransportError:
+            pass
+        time.sleep(2.0 * attempt)
+    return client.request(method, path, **kwargs)  # the last try: its answer, or its error, is the caller's
+
+
 def trigger_and_follow(settings: Settings, dag_id: str, conf: dict, console: Console, timeout: float = 3 * 3600) -> str:
     """Trigger a run through /api/v2 and poll it, printing task state changes, until it ends."""
     base = settings.airflow_url.rstrip("/")
     headers = {"Authorization": f"Bearer {_token(settings)}"}
     with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
-        resp = client.post(f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf})
+        # A 500 from a locked database rolled back: sending the trigger again does not make a second run.
+        resp = _call(client, "POST", f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf})
         if resp.status_code >= 400:
             raise RuntimeError(f"Airflow refused to trigger {dag_id} ({resp.status_code}): {resp.text[:500]}")
         run_id = resp.json()["dag_run_id"]
@@ -71,8 +86,8 @@ def trigger_and_follow(settings: Settings, dag_id: str, conf: dict, console: Con
         seen: dict[str, str] = {}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            run = client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").json()
-            tis = client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances").json().get("task_instances", [])
+            run = _call(client, "GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").json()
+            tis = _call(client, "GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances").json().get("task_instances", [])
             for ti in tis:
                 key = f"{ti['task_id']}[{ti.get('map_index', -1)}]" if ti.get("map_index", -1) >= 0 else ti["task_id"]
                 if ti.get("state") and seen.get(key) != ti["state"]:
