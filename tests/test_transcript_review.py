@@ -26,6 +26,7 @@ from voice_lib.core.config import Settings
 from voice_lib.core.storage import artifact_store
 from voice_lib.data.asr import normalize_words
 from voiceops import stack
+from voiceops.airflow_client import request_with_retries  # Airflow on SQLite: a 500 while the database is locked
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 VOICE = "review-slt"
@@ -108,8 +109,8 @@ def test_review_answered_through_the_rest_api_decides_what_training_uses(airflow
             listen = next(iter(fields.values()))["description"].split("Listen: ", 1)[1].split(" ", 1)[0]
             assert httpx.get(listen, timeout=30).content[:4] == b"RIFF"  # the link plays the clip's audio
             edited, dropped = sorted(fields)[:2]
-            answer = api.patch(endpoint, json={"chosen_options": ["OK"],
-                                               "params_input": {edited: EDITED, "drop": [dropped]}})
+            answer = request_with_retries(api, "PATCH", endpoint, json={"chosen_options": ["OK"],
+                                                                        "params_input": {edited: EDITED, "drop": [dropped]}})
             assert answer.status_code == 200, answer.text
         rest, _ = cli.communicate(timeout=1800)
         output.append(rest)
@@ -146,7 +147,7 @@ def test_an_unanswered_review_fails_or_approves_as_the_params_say(airflow_settin
             "min_speech_seconds": 10, "train_steps": 30, "review_timeout_hours": 0.001, "review_on_timeout": on_timeout}
     with _api(settings) as api:
         _wait("the dag processor to parse voice_onboarding", lambda: api.get(f"/api/v2/dags/{DAG}").status_code == 200, 180)
-        created = api.post(f"/api/v2/dags/{DAG}/dagRuns", json={"logical_date": None, "conf": conf})
+        created = request_with_retries(api, "POST", f"/api/v2/dags/{DAG}/dagRuns", json={"logical_date": None, "conf": conf})
         assert created.status_code == 200, created.text
         run = f"/api/v2/dags/{DAG}/dagRuns/{quote(created.json()['dag_run_id'], safe='')}"
 

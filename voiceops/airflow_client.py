@@ -58,7 +58,7 @@ def _token(settings: Settings) -> str:
     return airflow_api_token(settings)
 
 
-def _call(client: httpx.Client, method: str, path: str, attempts: int = 4, **kwargs) -> httpx.Response:
+def request_with_retries(client: httpx.Client, method: str, path: str, attempts: int = 4, **kwargs) -> httpx.Response:
     """One REST call, tried again on a transient failure: Airflow on SQLite (the embedded stack) answers 500
     "Database error" while another component holds the database lock, and a busy api-server may drop a request."""
     for attempt in range(1, attempts):
@@ -78,7 +78,7 @@ def trigger_and_follow(settings: Settings, dag_id: str, conf: dict, console: Con
     headers = {"Authorization": f"Bearer {_token(settings)}"}
     with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
         # A 500 from a locked database rolled back: sending the trigger again does not make a second run.
-        resp = _call(client, "POST", f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf})
+        resp = request_with_retries(client, "POST", f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf})
         if resp.status_code >= 400:
             raise RuntimeError(f"Airflow refused to trigger {dag_id} ({resp.status_code}): {resp.text[:500]}")
         run_id = resp.json()["dag_run_id"]
@@ -86,8 +86,8 @@ def trigger_and_follow(settings: Settings, dag_id: str, conf: dict, console: Con
         seen: dict[str, str] = {}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            run = _call(client, "GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").json()
-            tis = _call(client, "GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances").json().get("task_instances", [])
+            run = request_with_retries(client, "GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").json()
+            tis = request_with_retries(client, "GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances").json().get("task_instances", [])
             for ti in tis:
                 key = f"{ti['task_id']}[{ti.get('map_index', -1)}]" if ti.get("map_index", -1) >= 0 else ti["task_id"]
                 if ti.get("state") and seen.get(key) != ti["state"]:
