@@ -94,11 +94,10 @@ def test_multi_lora_matches_peft_and_mixed_batches_match_single_requests(tmp_pat
     # Vocoding the rows on a thread pool (what the server does) changes nothing but where they run.
     from concurrent.futures import ThreadPoolExecutor
 
-    import voice_lib.infer.core as core
-
     threads: set[str] = set()
-    vocode = core.vocode
-    monkeypatch.setattr(core, "vocode", lambda *a: (threads.add(threading.current_thread().name), vocode(*a))[1])
+    render = EndToEndBackend.render
+    monkeypatch.setattr(EndToEndBackend, "render",
+                        lambda *a: (threads.add(threading.current_thread().name), render(*a))[1])
     with ThreadPoolExecutor(2, thread_name_prefix="vocoder") as pool:
         parallel = dict(run_batch([job("a1"), job("nan"), job("a2"), job("a1", long_text)], vocoder=pool))
     assert sorted(parallel) == [0, 1, 2, 3] and isinstance(parallel[1], SynthesisError)

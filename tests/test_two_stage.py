@@ -114,6 +114,17 @@ def test_pretrain_resume_adapt_and_synthesise(parallel_corpus, tmp_path):
     assert len(plain.audio) == len(out.audio) and not np.array_equal(plain.audio, out.audio)  # same timing, the LoRA acts
     fast = adapted.synthesize("A large size in stockings is hard to sell.", speed=2.0)
     assert abs(len(fast.audio) / len(out.audio) - 0.5) < 0.05
+    # The source filter: the reference rendering itself, re-pitched and filtered (what "auto" may choose).
+    from dataclasses import replace
+
+    voice = TwoStageVoice.load(tmp_path / "adapter")
+    filtered = Synthesizer(adapted.backend, adapted.bank, adapted.slot, speaker,
+                           replace(voice, synthesis="source_filter").to_dict())
+    heard = filtered.synthesize("A large size in stockings is hard to sell.")
+    assert np.isfinite(heard.audio).all() and abs(len(heard.audio) - len(out.audio)) <= 160 * 2
+    assert not np.allclose(heard.audio[: len(out.audio)], out.audio[: len(heard.audio)], atol=1e-3)
+    fast_filtered = filtered.synthesize("A large size in stockings is hard to sell.", speed=2.0)
+    assert abs(len(fast_filtered.audio) / len(heard.audio) - 0.5) < 0.05
     five_ms = target[0][np.repeat(np.arange(len(target[0])), 2)]  # the recording's features as evaluation has them
     recon = adapted.reconstruct(np.zeros(0), five_ms, text=texts[0])
     assert abs(len(recon.audio) - len(target[0]) * 160) <= 160 * 2  # the recording's timing is kept
@@ -141,7 +152,7 @@ def tiny_converter(out: Path) -> Path:
     return out
 
 
-def register_two_stage(stack, converter_dir: Path, voice_id: str, seed: int) -> str:
+def register_two_stage(stack, converter_dir: Path, voice_id: str, seed: int, synthesis: str = "world") -> str:
     """A random LoRA of the tiny converter with its two_stage.json, registered as two-stage training registers."""
     from peft import LoraConfig, get_peft_model
 
@@ -163,7 +174,7 @@ def register_two_stage(stack, converter_dir: Path, voice_id: str, seed: int) -> 
     folder = stack.work / f"{voice_id}-{seed}"
     lora.save_pretrained(str(folder))
     source = PitchStats(**config["source_pitch"][SOURCES[0]])
-    TwoStageVoice(SOURCES[0], source, PitchStats(source.mean + 0.3, source.std)).save(folder)
+    TwoStageVoice(SOURCES[0], source, PitchStats(source.mean + 0.3, source.std), synthesis=synthesis).save(folder)
     np.save(folder / "speaker_embedding.npy", np.random.default_rng(seed).standard_normal(256).astype(np.float32))
     sha = sha256_file(converter_dir / CONVERTER_WEIGHTS)
     (folder / "voice.json").write_text(json.dumps({"backend": "two_stage", "base_sha256": sha, "base_version": "shipped"}))
@@ -186,23 +197,27 @@ def test_server_serves_a_two_stage_voice_as_evaluation_hears_it(mlflow_server, t
     converter = tiny_converter(tmp_path / "converter")
     stack = ServerStack(mlflow_server, tmp_path / "home", {"VOICEOPS_MODEL__CONVERTER_DIR": str(converter)})
     voice = "two-stage-" + stack.a.rsplit("-", 1)[1]
+    filtered = "filtered-" + stack.a.rsplit("-", 1)[1]
     try:
         stack.publish_default_voices()
         register_two_stage(stack, converter, voice, seed=5)
+        register_two_stage(stack, converter, filtered, seed=6, synthesis="source_filter")
         stack.registry.promote(f"voice-{voice}", 1)
+        stack.registry.promote(f"voice-{filtered}", 1)
         stack.start()
-        stack.wait("the two-stage voice", lambda: voice in stack.status().get("voices", {}), timeout=120)
+        stack.wait("the two-stage voices", lambda: {voice, filtered} <= set(stack.status().get("voices", {})), timeout=120)
         settings = stack.settings.model_copy(update={"model": stack.settings.model.model_copy(update={"converter_dir": converter})})
-        synth, meta = load_registered_voice(settings, voice, "production")
-        assert meta["backend"] == "two_stage" and meta["resolved_base_dir"] == str(converter)
         text = "The birch canoe slid on the smooth planks."
-        evaluated = synth.synthesize(text, "en")
-        r = httpx.post(f"{stack.url}/v1/tts", json={"text": text, "voice_id": voice, "format": "pcm16", "language": "en"},
-                       headers=stack.auth("ops"), timeout=60)
-        assert r.status_code == 200, r.text
-        served, expected = np.frombuffer(r.content, "<i2"), np.frombuffer(pcm16(evaluated.audio), "<i2")
-        assert len(expected) > evaluated.sample_rate and np.abs(expected).max() > 100
-        assert len(served) == len(expected) and np.array_equal(served, expected), np.abs(served - expected.astype(int)).max()
+        for name in (voice, filtered):  # both renderings: WORLD and the source filter
+            synth, meta = load_registered_voice(settings, name, "production")
+            assert meta["backend"] == "two_stage" and meta["resolved_base_dir"] == str(converter)
+            evaluated = synth.synthesize(text, "en")
+            r = httpx.post(f"{stack.url}/v1/tts", json={"text": text, "voice_id": name, "format": "pcm16", "language": "en"},
+                           headers=stack.auth("ops"), timeout=60)
+            assert r.status_code == 200, r.text
+            served, expected = np.frombuffer(r.content, "<i2"), np.frombuffer(pcm16(evaluated.audio), "<i2")
+            assert len(expected) > evaluated.sample_rate and np.abs(expected).max() > 100
+            assert len(served) == len(expected) and np.array_equal(served, expected), (name, np.abs(served - expected.astype(int)).max())
         e2e = stack.tts("ops", voice_id=stack.b)  # the end-to-end voices still speak beside it
         assert e2e.status_code == 200 and len(e2e.content) > 1000
     finally:

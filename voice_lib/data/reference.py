@@ -85,6 +85,7 @@ def map_f0(frames: np.ndarray, source: PitchStats, target: PitchStats) -> np.nda
 
 
 VOICE_FILE = "two_stage.json"
+SYNTHESIS_MODES = ("world", "source_filter")
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,17 @@ class TwoStageVoice:
     # utterance mean (regression over imperfect alignments over-smooths it, which listeners and DNSMOS hear as
     # muffled). None: no post-filter (voices adapted before it existed).
     envelope_scale: tuple[float, ...] | None = None
+    # How the converted frames become audio (voice_lib.infer.source_filter): "world" resynthesises them;
+    # "source_filter" re-pitches the reference rendering itself and filters it by the converter's envelope
+    # change (its first ``envelope_order`` dims, averaged over ``envelope_smoothing`` frames). Chosen per voice by
+    # measurement at adaptation; voices adapted before the choice existed are "world".
+    synthesis: str = "world"
+    envelope_order: int = 30
+    envelope_smoothing: int = 5
+
+    def __post_init__(self) -> None:
+        if self.synthesis not in SYNTHESIS_MODES:
+            raise ValueError(f"synthesis {self.synthesis!r} is not one of {SYNTHESIS_MODES}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,7 +118,9 @@ class TwoStageVoice:
     def from_dict(cls, data: dict) -> TwoStageVoice:
         scale = data.get("envelope_scale")
         return cls(data["source_voice"], PitchStats(**data["source_pitch"]), PitchStats(**data["target_pitch"]),
-                   tuple(float(v) for v in scale) if scale is not None else None)
+                   tuple(float(v) for v in scale) if scale is not None else None,
+                   str(data.get("synthesis", "world")), int(data.get("envelope_order", 30)),
+                   int(data.get("envelope_smoothing", 5)))
 
     def save(self, folder: Path) -> Path:
         path = folder / VOICE_FILE

@@ -74,6 +74,10 @@ class AcousticBackend(Protocol):
         """One batched pass: per row a denormalised WORLD feature matrix, or the row's error."""
         ...
 
+    def render(self, row: AcousticRow, features: np.ndarray) -> np.ndarray:
+        """One row's audio from what ``predict`` gave it (the vocoder step; runs on the vocoder threads)."""
+        ...
+
     def predict_with_timing(self, row: AcousticRow, bank: LoraBank, reference: np.ndarray) -> np.ndarray:
         """Features on a reference recording's timing (its WORLD features): evaluation's reconstruction."""
         ...
@@ -128,7 +132,7 @@ def synthesize_rows(backend: AcousticBackend, bank: LoraBank, rows: Sequence[Aco
 
     def finish(row: int) -> RowAudio:
         t0 = time.perf_counter()
-        audio = vocode(predicted[row], backend.feature_config)
+        audio = backend.render(rows[row], predicted[row])
         return RowAudio(audio, shared + time.perf_counter() - t0)
 
     good = [row for row, found in enumerate(predicted) if not isinstance(found, Exception)]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from voice_lib.data.features import FeatureConfig
-from voice_lib.infer.core import END_TO_END, AcousticRow, SynthesisError, guarded_durations
+from voice_lib.infer.core import END_TO_END, AcousticRow, SynthesisError, guarded_durations, vocode
 from voice_lib.infer.multilora import LoraBank, activate, install
 from voice_lib.model.checkpoints import load_base
 from voice_lib.model.network import VoiceModel
@@ -82,6 +82,9 @@ class EndToEndBackend:
             _, _, log_dur = net.encode(ids, phone_mask, speaker)
             durations, _ = guarded_durations(log_dur, phone_mask, speed, net.cfg.max_positions)
         return [durations[i, : int(lengths[i])].numpy() for i in range(len(rows))]
+
+    def render(self, row: AcousticRow, features: np.ndarray) -> np.ndarray:
+        return vocode(features, self.feature_config)
 
     def predict_with_timing(self, row: AcousticRow, bank: LoraBank, reference: np.ndarray) -> np.ndarray:
         net = self.model

@@ -29,9 +29,10 @@ from voice_lib.data.reference import (
     map_f0,
     render_source,
 )
-from voice_lib.infer.core import AcousticRow, SynthesisError
+from voice_lib.infer.core import AcousticRow, SynthesisError, vocode
 from voice_lib.infer.multilora import LoraBank, activate, install
-from voice_lib.model.converter import Converter
+from voice_lib.infer.source_filter import envelope_change, envelope_filter, psola
+from voice_lib.model.converter import ENVELOPE, LF0, VUV, Converter
 
 TWO_STAGE = "two_stage"
 
@@ -52,10 +53,15 @@ def change_rate(frames: np.ndarray, speed: float) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class SourceFrames:
-    """A row's model inputs: the reference rendering's frames (F0 already the voice's) and the voice's post-filter."""
+    """A row's model inputs: the reference rendering's frames (F0 already the voice's), the voice's post-filter
+    and, for a voice rendered through the source filter, the rendering itself and its own log-F0 contour."""
 
     frames: np.ndarray
     envelope_scale: np.ndarray | None = None
+    audio: np.ndarray | None = None  # set when the voice's synthesis is "source_filter"
+    source_lf0: np.ndarray | None = None
+    envelope_order: int = 30
+    envelope_smoothing: int = 5
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,9 +80,13 @@ class TwoStageBackend:
         if not frontend:
             raise SynthesisError("a two-stage voice needs its two_stage.json (reference voice and pitch statistics)")
         voice = TwoStageVoice.from_dict(dict(frontend))
-        frames = analyze_frames(render_source(text, voice.source_voice, self.feature_config.sample_rate), self.feature_config)
+        audio = render_source(text, voice.source_voice, self.feature_config.sample_rate)
+        frames = analyze_frames(audio, self.feature_config)
         scale = None if voice.envelope_scale is None else np.asarray(voice.envelope_scale, dtype=np.float32)
-        return SourceFrames(map_f0(frames, voice.source_pitch, voice.target_pitch), scale)
+        mapped = map_f0(frames, voice.source_pitch, voice.target_pitch)
+        if voice.synthesis != "source_filter":
+            return SourceFrames(mapped, scale)
+        return SourceFrames(mapped, scale, audio, frames[:, 0].copy(), voice.envelope_order, voice.envelope_smoothing)
 
     def _convert(self, sources: Sequence[np.ndarray], rows: Sequence[AcousticRow], bank: LoraBank) -> list[np.ndarray]:
         lengths = torch.tensor([len(s) for s in sources])
@@ -89,9 +99,30 @@ class TwoStageBackend:
         return [out[i, : int(lengths[i])].numpy() for i in range(len(sources))]
 
     def predict(self, rows: Sequence[AcousticRow], bank: LoraBank) -> list[np.ndarray | SynthesisError]:
+        """Converted frames per row; a source-filter row's stay on the rendering's timeline (``render`` re-times)."""
         converted = self._convert([r.inputs.frames for r in rows], rows, bank)
-        return [change_rate(apply_envelope_scale(frames, row.inputs.envelope_scale), row.speed)
-                for frames, row in zip(converted, rows)]
+        out = []
+        for frames, row in zip(converted, rows):
+            frames = apply_envelope_scale(frames, row.inputs.envelope_scale)
+            out.append(frames if row.inputs.audio is not None else change_rate(frames, row.speed))
+        return out
+
+    def render(self, row: AcousticRow, features: np.ndarray) -> np.ndarray:
+        """WORLD resynthesis of the converted frames, or the source filter (voice_lib/infer/source_filter.py)."""
+        inputs: SourceFrames = row.inputs
+        if inputs.audio is None:
+            return vocode(features, self.feature_config)
+        if not np.isfinite(features).all():
+            raise SynthesisError("the model produced non-finite acoustic features")
+        cfg = self.feature_config
+        f0 = np.where(inputs.frames[:, VUV] > 0.5, np.exp(inputs.source_lf0), 0.0)
+        target_f0 = np.where(inputs.frames[:, VUV] > 0.5, np.exp(np.clip(inputs.frames[:, LF0], np.log(cfg.f0_floor),
+                                                                        np.log(cfg.f0_ceil))), 0.0)
+        audio = psola(inputs.audio, cfg.sample_rate, f0, target_f0, cfg.frame_period_ms, row.speed)
+        source, converted = change_rate(inputs.frames, row.speed), change_rate(features, row.speed)
+        change = envelope_change(source[:, ENVELOPE], converted[:, ENVELOPE], inputs.envelope_order, inputs.envelope_smoothing)
+        # The coded envelope is a linear transform of the log spectrum, so the gain depends on the change alone.
+        return envelope_filter(audio, cfg.sample_rate, np.zeros_like(change), change, cfg.frame_period_ms)
 
     def predict_with_timing(self, row: AcousticRow, bank: LoraBank, reference: np.ndarray) -> np.ndarray:
         """The source warped onto a recording's timing by DTW (the alignment training uses), then converted.

@@ -75,10 +75,11 @@ def finetune_voice(voice_id: str, manifest_key: str, settings: Settings, rank: i
     steps = steps or DEFAULT_STEPS[backend]
     base_dir = base_dir or base_model_dir(settings, backend)
     if backend == "two_stage":
+        from voice_lib.eval.rendering import choose_synthesis
         from voice_lib.train.finetune_two_stage import finetune_two_stage_voice
 
         return finetune_two_stage_voice(voice_id, manifest_key, settings, base_dir, rank=rank, steps=steps,
-                                        log_to_mlflow=log_to_mlflow)
+                                        log_to_mlflow=log_to_mlflow, choose_rendering=choose_synthesis)
     from voice_lib.train import finetune
 
     return finetune.finetune_voice(voice_id, manifest_key, settings, base_dir, rank=rank, steps=steps,

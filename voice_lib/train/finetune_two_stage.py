@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from voice_lib.core.handoffs import TrainedVoice
 from voice_lib.core.hashing import sha256_file
 from voice_lib.core.storage import artifact_store
 from voice_lib.core.tracking import MlflowMetrics, start_run
+from voice_lib.data.reference import TwoStageVoice
 from voice_lib.model.checkpoints import (
     CONVERTER_WEIGHTS,
     load_converter,
@@ -93,9 +95,17 @@ def choose_source(texts: list[str], target_frames: list[np.ndarray], speaker: np
     return min(clear, key=lambda n: measured[n]["pitch_distance"]), measured
 
 
+# Chooses among renderings by measurement: (candidates, base_dir, adapter_dir, speaker, clips, settings) ->
+# (the chosen voice, what was measured). voice_lib.eval.rendering.choose_synthesis; the training layer cannot
+# synthesise, so the pipeline hands it in.
+RenderingChooser = Callable[[list[TwoStageVoice], Path, Path, np.ndarray, list[dict], Settings], tuple[TwoStageVoice, dict]]
+
+
 def finetune_two_stage_voice(voice_id: str, manifest_key: str, settings: Settings, base_dir: Path, rank: int = 8,
-                             steps: int = 400, log_to_mlflow: bool = True) -> TrainedVoice:
-    """LoRA-adapt the pretrained converter to one voice. Resumes from its checkpoint when retried."""
+                             steps: int = 400, log_to_mlflow: bool = True,
+                             choose_rendering: RenderingChooser | None = None) -> TrainedVoice:
+    """LoRA-adapt the pretrained converter to one voice. Resumes from its checkpoint when retried. With
+    ``model.synthesis`` "auto", ``choose_rendering`` picks how the voice is rendered (without it: "world")."""
     from voice_lib.data.datasets import load_manifest, split_holdout
 
     validate_voice_id(voice_id)
@@ -105,7 +115,7 @@ def finetune_two_stage_voice(voice_id: str, manifest_key: str, settings: Setting
     _, base_config = load_converter(base_dir)
     cfg = adaptation_config(settings, steps)
     key = hashlib.sha256(json.dumps([manifest["manifest_sha256"], base_sha, rank, cfg.to_dict(), __version__,
-                                     "two_stage", settings.model.source_voices]).encode()).hexdigest()[:16]
+                                     "two_stage", settings.model.source_voices, settings.model.synthesis]).encode()).hexdigest()[:16]
     prefix = f"voices/{voice_id}/models/{key}"
     if store.exists(f"{prefix}/voice.json"):
         log.info("fine-tune: %s already trained (%s)", voice_id, key)
@@ -120,7 +130,7 @@ def finetune_two_stage_voice(voice_id: str, manifest_key: str, settings: Setting
     work = settings.cache_dir / "work" / voice_id / f"model-{key}"
     shutil.rmtree(work, ignore_errors=True)
     result, facts = _adapt(voice_id, manifest, settings, base_dir, base_config, speaker, train, val, cfg, rank, lineage, work,
-                           log_to_mlflow)
+                           log_to_mlflow, choose_rendering)
     np.save(work / "speaker_embedding.npy", speaker)
     (work / "voice.json").write_text(json.dumps({"voice_id": voice_id, **facts, "held_out": [c.clip_id for c in held_out]}, indent=2))
     write_model_card(work, f"voice-{voice_id}", facts, description=(
@@ -156,14 +166,14 @@ def adaptation_config(settings: Settings, steps: int):
 
 
 def _adapt(voice_id: str, manifest: dict, settings: Settings, base_dir: Path, base_config: dict, speaker: np.ndarray,
-           train: list, val: list, cfg, rank: int, lineage: dict, work: Path, log_to_mlflow: bool) -> tuple:
+           train: list, val: list, cfg, rank: int, lineage: dict, work: Path, log_to_mlflow: bool,
+           choose_rendering: RenderingChooser | None) -> tuple:
     """Pairs, source choice, LoRA training; the adapter and two_stage.json saved into ``work``."""
     from peft import LoraConfig, get_peft_model
 
     from voice_lib.data.corpus import get_voice
     from voice_lib.data.reference import (
         PitchStats,
-        TwoStageVoice,
         analyze_frames,
         pitch_stats,
         render_source,
@@ -202,13 +212,37 @@ def _adapt(voice_id: str, manifest: dict, settings: Settings, base_dir: Path, ba
     source_pitch = PitchStats(**base_config["source_pitch"][source_voice]) if source_voice in base_config.get("source_pitch", {}) \
         else pitch_stats([p.source for p in pairs.values()])
     scale = envelope_variance_scale(model, list(pairs.values()))
-    TwoStageVoice(source_voice, source_pitch, pitch_stats([frames[c][1] for c in train]),
-                  tuple(round(float(v), 4) for v in scale)).save(work)
+    voice = TwoStageVoice(source_voice, source_pitch, pitch_stats([frames[c][1] for c in train]),
+                          tuple(round(float(v), 4) for v in scale))
+    candidates, synthesis_measured = synthesis_candidates(voice, settings.model.synthesis), {}
+    voice = candidates[-1]
+    if len(candidates) > 1 and choose_rendering is not None:
+        by_id = {c["clip_id"]: c for c in manifest["clips"]}  # validation clips first; never the held-out ones
+        voice, synthesis_measured = choose_rendering(candidates, base_dir, work, speaker, [by_id[c] for c in val + train], settings)
+    voice.save(work)
     facts = {**lineage, "source_voice": source_voice, "source_candidates": json.dumps(measured),
+             "synthesis": voice.synthesis, "synthesis_candidates": json.dumps(synthesis_measured),
              "steps_trained": result.step, "best_val_loss": round(result.best_val_loss, 4),
              "stopped_early": result.stopped_early, "resumed_from_step": result.resumed_from,
              "train_seconds": round(result.seconds, 1), "adapter_parameters": trainable_parameters(model), "run_id": run_id}
     return result, facts
+
+
+# The source filter's post-filter is the variance scale to this power: measured on flite-rms, 1.5 gave P.808
+# 3.14 -> 3.23 and WER 0.09 -> 0.08 at similarity -0.007 over 1.0 (docs/model.md).
+SOURCE_FILTER_SCALE_POWER = 1.5
+
+
+def synthesis_candidates(voice: TwoStageVoice, mode: str) -> list[TwoStageVoice]:
+    """The renderings ``model.synthesis`` allows: both for "auto" (the last, "world", when nothing measures
+    them), else the one named."""
+    from dataclasses import replace
+
+    scale = None if voice.envelope_scale is None else \
+        tuple(round(float(v) ** SOURCE_FILTER_SCALE_POWER, 4) for v in voice.envelope_scale)
+    options = {"source_filter": replace(voice, synthesis="source_filter", envelope_scale=scale),
+               "world": replace(voice, synthesis="world")}
+    return list(options.values()) if mode == "auto" else [options[mode]]
 
 
 def envelope_variance_scale(model, pairs: list, max_scale: float = 2.0) -> np.ndarray:
