@@ -8,13 +8,6 @@ from rich.console import Console
 
 from voice_lib.core.config import Settings
 
-# One gate is still relaxed for the demo, and only that one: the two-stage clones (the default backend) pass the
-# default WER and similarity gates on the held-out voices, but their DNSMOS P.808 is 0.4-0.5 below the
-# recordings' where the gate allows 0.3 (benchmarks/results/voice_quality.json, docs/model.md). Every other gate,
-# including the absolute P.808 floor, is the default. Real releases keep all defaults.
-DEMO_GATES = {"max_p808_gap_below_real": 0.6}
-
-
 def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, train_steps: int | None, release: bool,
              console: Console) -> int:
     from voice_lib.core.handoffs import EvaluationSummary
@@ -27,9 +20,7 @@ def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, tr
     from voiceops import airflow_client, stack
 
     total = 5 if release else 4
-    console.print(f"[yellow]demo gate profile: the defaults except {DEMO_GATES} (the clones' DNSMOS is 0.4-0.5 below "
-                  "the recordings' where the default allows 0.3; see docs/model.md)[/yellow]")
-    settings = settings.model_copy(update={"eval": settings.eval.model_copy(update=DEMO_GATES)})
+    console.print("release gates: the defaults (VOICEOPS_EVAL__*; docs/model.md)")
     data = settings.resolved_upload_dir / voice_id  # where onboarding may read (VOICEOPS_INGEST__UPLOAD_DIR)
     console.rule(f"1/{total} recordings")
     make_voice_dataset(data, speaker, seconds, layout="metadata")

@@ -6,8 +6,10 @@ log-F0 contour is moved to the voice's pitch statistics (``voice_lib.data.refere
 the row's model inputs. Prediction (``predict``): the converter (voice_lib/model/converter.py), its LoRA
 target layers wrapped for multi-adapter inference like the end-to-end model's, maps a padded batch of
 mixed voices in one pass to each voice's envelope and aperiodicity; timing and voicing stay the
-source's, so no duration guard is needed, and a row's output is the same alone or in a batch. The
-vocoder and its guards are the core's (voice_lib/infer/core.py).
+source's, so no duration guard is needed, and a row's output is the same alone or in a batch. Rendering
+(``render``, on the vocoder threads) follows the voice's ``synthesis``: the core's guarded WORLD vocoder
+(voice_lib/infer/core.py), or the source filter (voice_lib/infer/source_filter.py), which re-pitches the
+reference rendering itself and filters it by the converter's envelope change.
 """
 
 from __future__ import annotations
@@ -126,7 +128,9 @@ class TwoStageBackend:
 
     def predict_with_timing(self, row: AcousticRow, bank: LoraBank, reference: np.ndarray) -> np.ndarray:
         """The source warped onto a recording's timing by DTW (the alignment training uses), then converted.
-        ``reference`` is the recording's feature matrix at any multiple of 10 ms's rate (5 ms: every other row)."""
+        ``reference`` is the recording's feature matrix at any multiple of 10 ms's rate (5 ms: every other row).
+        The caller vocodes these frames with WORLD whatever the voice's rendering: a source-filter voice's PESQ
+        and STOI are those of its converted frames on the recording's timing, not of the filtered waveform."""
         from voice_lib.data.alignment import (
             alignment_features,
             dtw_path,
