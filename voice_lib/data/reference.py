@@ -106,6 +106,9 @@ class TwoStageVoice:
     synthesis: str = "world"
     envelope_order: int = 30
     envelope_smoothing: int = 5
+    # The source filter's post-filter is ``envelope_scale`` to this power (WORLD renderings, and the timed WORLD
+    # reconstruction evaluation scores PESQ/STOI on, use the scale as measured).
+    envelope_scale_power: float = 1.0
 
     def __post_init__(self) -> None:
         if self.synthesis not in SYNTHESIS_MODES:
@@ -120,7 +123,7 @@ class TwoStageVoice:
         return cls(data["source_voice"], PitchStats(**data["source_pitch"]), PitchStats(**data["target_pitch"]),
                    tuple(float(v) for v in scale) if scale is not None else None,
                    str(data.get("synthesis", "world")), int(data.get("envelope_order", 30)),
-                   int(data.get("envelope_smoothing", 5)))
+                   int(data.get("envelope_smoothing", 5)), float(data.get("envelope_scale_power", 1.0)))
 
     def save(self, folder: Path) -> Path:
         path = folder / VOICE_FILE

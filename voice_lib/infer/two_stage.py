@@ -59,7 +59,8 @@ class SourceFrames:
     and, for a voice rendered through the source filter, the rendering itself and its own log-F0 contour."""
 
     frames: np.ndarray
-    envelope_scale: np.ndarray | None = None
+    envelope_scale: np.ndarray | None = None  # the post-filter of this rendering
+    timed_scale: np.ndarray | None = None  # the post-filter of the timed WORLD reconstruction (the scale as measured)
     audio: np.ndarray | None = None  # set when the voice's synthesis is "source_filter"
     source_lf0: np.ndarray | None = None
     envelope_order: int = 30
@@ -87,8 +88,9 @@ class TwoStageBackend:
         scale = None if voice.envelope_scale is None else np.asarray(voice.envelope_scale, dtype=np.float32)
         mapped = map_f0(frames, voice.source_pitch, voice.target_pitch)
         if voice.synthesis != "source_filter":
-            return SourceFrames(mapped, scale)
-        return SourceFrames(mapped, scale, audio, frames[:, 0].copy(), voice.envelope_order, voice.envelope_smoothing)
+            return SourceFrames(mapped, scale, scale)
+        filtered = None if scale is None else scale ** np.float32(voice.envelope_scale_power)
+        return SourceFrames(mapped, filtered, scale, audio, frames[:, 0].copy(), voice.envelope_order, voice.envelope_smoothing)
 
     def _convert(self, sources: Sequence[np.ndarray], rows: Sequence[AcousticRow], bank: LoraBank) -> list[np.ndarray]:
         lengths = torch.tensor([len(s) for s in sources])
@@ -141,7 +143,7 @@ class TwoStageBackend:
         target = np.asarray(reference, dtype=np.float32)[::step]
         source = row.inputs.frames
         warped = warp_to_target(dtw_path(alignment_features(source), alignment_features(target)), len(target), source)
-        return apply_envelope_scale(self._convert([warped], [row], bank)[0], row.inputs.envelope_scale)
+        return apply_envelope_scale(self._convert([warped], [row], bank)[0], row.inputs.timed_scale)
 
 
 def load_two_stage(folder: Path, sha256: str | None = None) -> TwoStageBackend:

@@ -238,9 +238,7 @@ def synthesis_candidates(voice: TwoStageVoice, mode: str) -> list[TwoStageVoice]
     them), else the one named."""
     from dataclasses import replace
 
-    scale = None if voice.envelope_scale is None else \
-        tuple(round(float(v) ** SOURCE_FILTER_SCALE_POWER, 4) for v in voice.envelope_scale)
-    options = {"source_filter": replace(voice, synthesis="source_filter", envelope_scale=scale),
+    options = {"source_filter": replace(voice, synthesis="source_filter", envelope_scale_power=SOURCE_FILTER_SCALE_POWER),
                "world": replace(voice, synthesis="world")}
     return list(options.values()) if mode == "auto" else [options[mode]]
 
