@@ -29,7 +29,7 @@ import numpy as np
 from common import Bench
 
 from voice_lib.core.config import Settings
-from voice_lib.data.corpus import PRETRAIN_HOLDOUT, load_sentences, make_voice_dataset
+from voice_lib.data.corpus import PRETRAIN_HOLDOUT, get_voice, load_sentences, make_voice_dataset
 
 
 
@@ -62,8 +62,9 @@ def test_clips(voice: str, sentences: list[str], settings: Settings) -> list:
     for i, text in enumerate(sentences):
         audio, _ = normalize_loudness(trim_silence(synthesize(text, voice, settings.sample_rate), settings.sample_rate),
                                       settings.sample_rate, settings.qc.target_lufs)
-        feats = extract_clip_features(audio, text, "en", pcm_sha256(audio), FeatureConfig(sample_rate=settings.sample_rate))
-        clips.append(HeldOutClip(f"test-{i:02d}", text, "en", audio, feats.phoneme_ids, feature_matrix(feats)))
+        language = get_voice(voice).language
+        feats = extract_clip_features(audio, text, language, pcm_sha256(audio), FeatureConfig(sample_rate=settings.sample_rate))
+        clips.append(HeldOutClip(f"test-{i:02d}", text, language, audio, feats.phoneme_ids, feature_matrix(feats)))
     return clips
 
 
@@ -147,7 +148,8 @@ def main() -> None:
     for voice in args.voices.split(","):
         manifest, t_prepare = prepare(voice, args.seconds, settings, work)
         read = {line.split("|", 1)[1] for line in (work / voice / "metadata.csv").read_text().splitlines() if "|" in line}
-        sentences = [s for s in load_sentences("en")[::-1] if s not in read][: args.test_sentences]
+        # Mandarin voices (e.g. espeak-cmn-m3) get Mandarin sentences; tiny.en cannot score their WER (n/a).
+        sentences = [s for s in load_sentences(get_voice(voice).language)[::-1] if s not in read][: args.test_sentences]
         for backend in args.backends.split(","):
             results.append(onboard(voice, backend, manifest, t_prepare, sentences, settings, work))
             args.out.parent.mkdir(parents=True, exist_ok=True)
