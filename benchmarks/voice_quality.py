@@ -141,7 +141,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     bench = Bench("voice-quality")  # a private MLflow: onboarding registers each clone, as it would for a user
     work = bench.home
-    settings = Settings(home=work / "home", mlflow_tracking_uri=bench.start_mlflow())
+    # The generated recordings live in the benchmark's own folder: an ingest root for this run.
+    settings = Settings(home=work / "home", mlflow_tracking_uri=bench.start_mlflow()).with_ingest_root(work)
     # Fixed everyday sentences from the end of the bundled list; make_voice_dataset draws the 75 s from
     # a seeded shuffle of all of them, so any it happens to share are dropped from the test set.
     results = []
