@@ -73,3 +73,14 @@ def test_voice_files_say_how_they_are_rendered(tmp_path):
     assert TwoStageVoice.load(tmp_path) == voice
     with pytest.raises(ValueError, match="synthesis 'neural' is not one of"):
         TwoStageVoice.from_dict({**old, "synthesis": "neural"})
+
+
+def test_the_rendering_chosen_is_the_one_with_the_larger_worst_gate_margin():
+    from voice_lib.core.config import Settings
+    from voice_lib.eval.rendering import gate_margin
+
+    settings = Settings()  # default gates: WER <= real + 0.10, similarity >= 0.80, P.808 >= real - 0.3
+    passes = {"wer": 0.10, "similarity": 0.83, "p808": 3.2}
+    sharper_but_unnatural = {"wer": 0.08, "similarity": 0.86, "p808": 3.0}
+    assert gate_margin(passes, 0.05, 3.4, settings) == pytest.approx(min(0.5, 0.6, 1 / 3))
+    assert gate_margin(sharper_but_unnatural, 0.05, 3.4, settings) < 0 < gate_margin(passes, 0.05, 3.4, settings)
