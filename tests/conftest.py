@@ -74,6 +74,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until(what: str, check, timeout: float = 240.0, every: float = 2.0):
+    """``check()``'s first truthy value, polled every ``every`` s; TimeoutError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 def wait_http(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

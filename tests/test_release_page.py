@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, skip_unless_required
+from conftest import free_port, skip_unless_required, wait_until
 
 from voice_lib.core.config import ReleaseSettings, Settings
 from voice_lib.release.rollout import check_limits
@@ -380,14 +380,22 @@ class AuditTraffic:
         self.audit.close(timeout=10)
 
 
-def _wait(what: str, check, timeout: float = 240.0, every: float = 2.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+_wait = wait_until
+
+
+def _login(browser, base: str, settings, height: int):
+    """A browser page logged in to Airflow as the admin user, on the Dags view."""
+    from voiceops import stack
+
+    page = browser.new_page(viewport={"width": 1400, "height": height})
+    page.set_default_timeout(30_000)
+    page.goto(f"{base}/")
+    page.wait_for_url("**/auth/login**")
+    page.fill("input[name=username]", settings.airflow_username)
+    page.fill("input[name=password]", stack.airflow_password(settings))
+    page.click("button[type=submit]")
+    page.get_by_role("link", name="Dags").first.wait_for()
+    return page
 
 
 def _task_states(base: str, auth: dict, run_id: str) -> dict[str, str | None]:
@@ -435,14 +443,7 @@ def test_canary_approval_in_required_actions_and_by_voiceops_promote(tmp_path, m
                 assert _task_states(base, auth, run_id)["finish"] is None
 
             # --- a person answers in Airflow's Required Actions ---------------------------------------------
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.set_default_timeout(30_000)
-            page.goto(f"{base}/")
-            page.wait_for_url("**/auth/login**")
-            page.fill("input[name=username]", settings.airflow_username)
-            page.fill("input[name=password]", stack.airflow_password(settings))
-            page.click("button[type=submit]")
-            page.get_by_role("link", name="Dags").first.wait_for()
+            page = _login(browser, base, settings, 900)
             page.goto(f"{base}/required_actions")
             page.get_by_role("link", name=f"Release voice-{in_ui} version 2").click()
             page.get_by_text("is the canary at 50 %").wait_for()  # the request says where the rollout stands
@@ -595,14 +596,7 @@ def test_release_page_answers_should_i_promote_this(tmp_path, mlflow_server, bro
             assert httpx.get(f"{base}/voiceops/{bad}", headers=viewer, timeout=60).status_code in (404, 422), bad
 
         # --- a person: the page shows the rejection and plays the candidate ---------------------------------------
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(30_000)
-        page.goto(f"{base}/")
-        page.wait_for_url("**/auth/login**")
-        page.fill("input[name=username]", settings.airflow_username)
-        page.fill("input[name=password]", stack.airflow_password(settings))
-        page.click("button[type=submit]")
-        page.get_by_role("link", name="Dags").first.wait_for()
+        page = _login(browser, base, settings, 1000)
         page.goto(f"{base}/voiceops/")
         card = page.locator(f"[data-voice='{rejected}']")
         card.wait_for()

@@ -14,13 +14,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_until
 
 from voice_lib.core.config import Settings
 from voice_lib.core.storage import artifact_store
@@ -64,14 +63,8 @@ def _api(settings: Settings) -> httpx.Client:
                         headers={"Authorization": f"Bearer {stack.airflow_api_token(settings)}"})
 
 
-def _wait(what: str, check, timeout: float, every: float = 3.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+def _wait(what: str, check, timeout: float):
+    return wait_until(what, check, timeout, every=3.0)
 
 
 def test_review_answered_through_the_rest_api_decides_what_training_uses(airflow_settings: Settings, clean_voice: Path,
