@@ -37,14 +37,15 @@ def prepare(voice: str, seconds: float, settings: Settings, work: Path) -> tuple
     """Ingest → QC → features of a voice's dataset; the manifest and the seconds it took."""
     from voice_lib.pipelines import onboarding
 
+    language = get_voice(voice).language
     data = make_voice_dataset(work / voice, voice, seconds, layout="metadata")
     started = time.perf_counter()
     dataset = onboarding.ingest(voice, str(data), settings.with_ingest_root(work))  # the benchmark's own folder
     for i in range(len(dataset["shards"])):
-        onboarding.qc_shard(dataset, i, settings)
-    qc = onboarding.qc_report(dataset, settings, log_to_mlflow=False)
+        onboarding.qc_shard(dataset, i, settings, language)
+    qc = onboarding.qc_report(dataset, settings, language, log_to_mlflow=False)
     for i in range(len(dataset["shards"])):
-        onboarding.features_shard(dataset, qc, i, len(dataset["shards"]), settings)
+        onboarding.features_shard(dataset, qc, i, len(dataset["shards"]), settings, language)
     manifest = onboarding.features_manifest(dataset, qc, settings)
     return {**manifest, "speech_seconds": qc["speech_seconds"]}, time.perf_counter() - started
 
@@ -141,8 +142,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     bench = Bench("voice-quality")  # a private MLflow: onboarding registers each clone, as it would for a user
     work = bench.home
-    # The generated recordings live in the benchmark's own folder: an ingest root for this run.
-    settings = Settings(home=work / "home", mlflow_tracking_uri=bench.start_mlflow()).with_ingest_root(work)
+    settings = Settings(home=work / "home", mlflow_tracking_uri=bench.start_mlflow())
     # Fixed everyday sentences from the end of the bundled list; make_voice_dataset draws the 75 s from
     # a seeded shuffle of all of them, so any it happens to share are dropped from the test set.
     results = []
