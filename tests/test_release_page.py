@@ -472,7 +472,9 @@ def test_canary_approval_in_required_actions_and_by_voiceops_promote(tmp_path, m
         assert (aliases["production"], aliases["previous"]) == ("2", "1") and "canary" not in aliases
         note = json.loads(registry.version(f"voice-{voice}", "2").tags["last_manual_action"])
         assert (note["action"], note["actor"], note["reason"]) == ("approve", "admin", reason)  # who answered in Airflow
-        outcomes = [r["outcome"] for r in reversed(ReleaseHistory(settings.resolved_audit_url).rows(voice))]
+        # A check before a step's window has enough traffic records "waiting"; how many depends on the machine's load.
+        outcomes = [r["outcome"] for r in reversed(ReleaseHistory(settings.resolved_audit_url).rows(voice))
+                    if r["outcome"] != "waiting"]
         assert outcomes == ["advanced", "awaiting_approval", "manual", "advanced", "promoted"], outcomes
 
 
@@ -616,7 +618,12 @@ def test_release_page_answers_should_i_promote_this(tmp_path, mlflow_server, bro
             "a => a.play().then(() => ({readyState: a.readyState, duration: a.duration, paused: a.paused}))")
         seconds = listen["columns"][2]["samples"][0]["seconds"]
         assert played["readyState"] >= 2 and not played["paused"] and played["duration"] == pytest.approx(seconds, abs=0.05)
-        page.screenshot(path=str(tmp_path / "release-page-review.png"), full_page=True)
-        print(f"\nscreenshot: {tmp_path / 'release-page-review.png'}")
+        from playwright.sync_api import Error as PlaywrightError
+
+        try:  # a picture for people reading the run; Chromium can refuse one on a saturated machine
+            page.screenshot(path=str(tmp_path / "release-page-review.png"))
+            print(f"\nscreenshot: {tmp_path / 'release-page-review.png'}")
+        except PlaywrightError as exc:
+            print(f"\nno screenshot: {exc}")
     finally:
         stack.down(settings)
