@@ -304,7 +304,9 @@ def test_weight_change_and_alias_move_apply_within_a_poll_without_failed_request
     assert len(seen) > 20 and all(s[2] == 200 for s in seen), Counter(s[2] for s in seen)
     final = [s for s in seen if s[0] > moved]
     assert final and all((s[3], s[4]) == (PRODUCTION, "2") for s in final)
-    assert took < 5 and took_alias < 5  # poll_seconds=1 plus a reload
+    # poll_seconds=1 plus a reload: about 1-2 s on a quiet machine; 5.6 s was seen with a demo running beside the
+    # suite on 2 cores. The bound says "within a few polls", not a speed (benchmarks/rollback_time.py measures that).
+    assert took < 10 and took_alias < 10
     print(f"weight change live after {took:.1f} s, alias move after {took_alias:.1f} s, {len(seen)} requests, 0 failed")
 
 
