@@ -99,14 +99,19 @@ def read_frontend(folder: Path | None) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({exc}); re-run the voice's onboarding to write it again") from exc
 
 
-def vocode(features: np.ndarray, config: FeatureConfig) -> np.ndarray:
-    """WORLD synthesis of a denormalised feature matrix, refusing non-finite features and wild F0."""
+def guarded_features(features: np.ndarray, config: FeatureConfig) -> tuple[np.ndarray, ...]:
+    """(lf0, vuv, envelope, aperiodicity) of a denormalised feature matrix, refusing non-finite features and
+    clipping F0 into the analysis range (the guards every rendering applies before making audio)."""
     if not np.isfinite(features).all():
         raise SynthesisError("the model produced non-finite acoustic features")
     lf0, vuv, env, bap = split_features(features)
     # WORLD is only defined for F0 inside its analysis range; keep a wild prediction from reaching it.
-    lf0 = np.clip(lf0, math.log(config.f0_floor), math.log(config.f0_ceil))
-    return world_synthesis(lf0, vuv, env, bap, config)
+    return np.clip(lf0, math.log(config.f0_floor), math.log(config.f0_ceil)), vuv, env, bap
+
+
+def vocode(features: np.ndarray, config: FeatureConfig) -> np.ndarray:
+    """WORLD synthesis of a denormalised feature matrix, behind the core's guards."""
+    return world_synthesis(*guarded_features(features, config), config)
 
 
 @dataclass

@@ -31,10 +31,10 @@ from voice_lib.data.reference import (
     map_f0,
     render_source,
 )
-from voice_lib.infer.core import AcousticRow, SynthesisError, vocode
+from voice_lib.infer.core import AcousticRow, SynthesisError, guarded_features, vocode
 from voice_lib.infer.multilora import LoraBank, activate, install
 from voice_lib.infer.source_filter import envelope_change, envelope_filter, psola
-from voice_lib.model.converter import ENVELOPE, LF0, VUV, Converter
+from voice_lib.model.converter import ENVELOPE, Converter
 
 TWO_STAGE = "two_stage"
 
@@ -116,12 +116,10 @@ class TwoStageBackend:
         inputs: SourceFrames = row.inputs
         if inputs.audio is None:
             return vocode(features, self.feature_config)
-        if not np.isfinite(features).all():
-            raise SynthesisError("the model produced non-finite acoustic features")
         cfg = self.feature_config
-        f0 = np.where(inputs.frames[:, VUV] > 0.5, np.exp(inputs.source_lf0), 0.0)
-        target_f0 = np.where(inputs.frames[:, VUV] > 0.5, np.exp(np.clip(inputs.frames[:, LF0], np.log(cfg.f0_floor),
-                                                                        np.log(cfg.f0_ceil))), 0.0)
+        lf0, vuv, _, _ = guarded_features(features, cfg)  # the converter keeps the source's (mapped) F0 and voicing
+        f0 = np.where(vuv > 0.5, np.exp(inputs.source_lf0), 0.0)
+        target_f0 = np.where(vuv > 0.5, np.exp(lf0), 0.0)
         audio = psola(inputs.audio, cfg.sample_rate, f0, target_f0, cfg.frame_period_ms, row.speed)
         source, converted = change_rate(inputs.frames, row.speed), change_rate(features, row.speed)
         change = envelope_change(source[:, ENVELOPE], converted[:, ENVELOPE], inputs.envelope_order, inputs.envelope_smoothing)
