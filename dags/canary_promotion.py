@@ -86,6 +86,8 @@ class ReleaseApproval(ApprovalOperator):
     def execute(self, context):
         from airflow.sdk.exceptions import AirflowSkipException
 
+        from voice_lib.core.airflow import unused_hitl_answer
+        from voice_lib.core.config import get_settings
         from voice_lib.release.approvals import approval_body, approval_subject
 
         held = self._held(context)
@@ -95,6 +97,8 @@ class ReleaseApproval(ApprovalOperator):
         self.subject = approval_subject(held["voice_id"], held["version"])
         self.body = approval_body(held, hours, action)
         self.response_timeout = timedelta(hours=hours)
+        if (earlier := unused_hitl_answer(get_settings(), context["ti"], self.params, self.log)) is not None:
+            return self.execute_complete(context, earlier)
         return super().execute(context)
 
     def execute_complete(self, context, event: dict) -> dict:
@@ -174,8 +178,9 @@ def canary_promotion():
         return decision
 
     held = rollout(start())
-    # retries=0: a retry would ask again; a run that failed here resumes at the held step when re-triggered.
-    approve = ReleaseApproval(task_id="approve", retries=0, subject="Release approval", params={
+    # retries=1: a try that failed after its answer arrived resumes with that answer (unused_hitl_answer); an
+    # unanswered one asks again. A run that failed here resumes at the held step when re-triggered.
+    approve = ReleaseApproval(task_id="approve", retries=1, subject="Release approval", params={
         "reason": Param("", type="string", description="Why; recorded on the version with your name.")})
     done = finish(held)
     held >> approve >> done

@@ -81,7 +81,7 @@ class TranscriptReviewOperator(HITLEntryOperator):
                          **kwargs)
 
     def execute(self, context):
-        from voice_lib.core.airflow import hitl_endpoints
+        from voice_lib.core.airflow import hitl_endpoints, unused_hitl_answer
         from voice_lib.pipelines.review import form_body, form_fields, review_items
 
         params, ti = context["params"], context["ti"]
@@ -92,6 +92,9 @@ class TranscriptReviewOperator(HITLEntryOperator):
         self.defaults = [self.OK] if params["review_on_timeout"] == "approve" else None
         self.response_timeout = timedelta(hours=float(params["review_timeout_hours"]))
         where = hitl_endpoints(get_settings().airflow_url, ti.dag_id, ti.run_id, ti.task_id)
+        if (earlier := unused_hitl_answer(get_settings(), ti, self.params, self.log)) is not None:
+            self.params = ParamsDict()  # as on a resume (a fresh operator has no form); apply_review checks the answer
+            return self.execute_complete(context, earlier)
         self.log.info("transcript review waiting for %d clip(s): answer in the Airflow UI at %s (Required Actions) "
                       "or PATCH %s; on timeout (%s h): %s", len(items), where["ui"], where["api"],
                       params["review_timeout_hours"], params["review_on_timeout"])

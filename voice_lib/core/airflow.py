@@ -5,6 +5,9 @@ The credentials are the stack's: ``settings.airflow_password``, else the passwor
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -72,3 +75,49 @@ def hitl_endpoints(airflow_url: str, dag_id: str, run_id: str, task_id: str, map
     return {"ui": f"{base}/dags/{dag_id}/runs/{run}/tasks/{task_id}/required_actions?map_index={map_index}",
             "ui_all": f"{base}/required_actions",
             "api": f"{base}/api/v2/dags/{dag_id}/dagRuns/{run}/taskInstances/{task_id}/{map_index}/hitlDetails"}
+
+
+
+def hitl_answer(settings: Settings, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict[str, Any] | None:
+    """The answer recorded for a Human-in-the-loop task instance (chosen_options, params_input, responded_at,
+    responded_by_user), or None while it has no form or no answer yet."""
+    where = hitl_endpoints(settings.airflow_url, dag_id, run_id, task_id, map_index)["api"]
+    try:
+        resp = httpx.get(where, headers={"Authorization": f"Bearer {api_token(settings)}"}, timeout=TIMEOUT_SECONDS)
+    except httpx.HTTPError as exc:
+        raise AirflowError(f"Cannot reach Airflow at {settings.airflow_url}: {exc}") from exc
+    if resp.status_code == 404:
+        return None
+    if resp.status_code != 200:
+        raise AirflowError(f"Airflow answered HTTP {resp.status_code} for {where}: {resp.text[:200]}")
+    detail = resp.json()
+    if not (detail.get("response_received") and detail.get("chosen_options")):
+        return None
+    return {key: detail.get(key) for key in ("chosen_options", "params_input", "responded_at", "responded_by_user")}
+
+
+def unused_hitl_answer(settings: Settings, ti: Any, form: Iterable[str], log: logging.Logger) -> dict[str, Any] | None:
+    """For a retry of a Human-in-the-loop task (``ti``: the Task SDK's task instance): the answer an earlier try
+    received but did not use, as the resume event ``execute_complete`` takes; None means ask again.
+
+    A retry keeps the task instance, and with it the form and its answer until this try asks again, so an answer is
+    never lost to a failed try. Airflow 3.3 fails a try whose answer arrives within about a second of the task
+    parking (the worker's exit is then read as the task killed externally). A cleared task is a new task instance
+    with no answer: clearing stays the way to be asked again. Also None when the answer names fields this try's
+    ``form`` lacks, or Airflow cannot say (logged)."""
+    if ti.try_number <= 1:
+        return None
+    try:
+        answer = hitl_answer(settings, ti.dag_id, ti.run_id, ti.task_id, ti.map_index)
+    except AirflowError as exc:
+        log.warning("could not look for an earlier try's answer, asking again: %s", exc)
+        return None
+    if answer is None:
+        return None
+    answer["params_input"] = answer["params_input"] or {}
+    if not set(answer["params_input"]) <= set(form):
+        log.warning("the earlier answer was for other fields (%s), asking again", sorted(answer["params_input"]))
+        return None
+    log.info("an earlier try was answered by %s at %s and did not use it: resuming with that answer",
+             (answer["responded_by_user"] or {}).get("name", "the timeout default"), answer["responded_at"])
+    return {**answer, "responded_at": datetime.fromisoformat(answer["responded_at"])}
