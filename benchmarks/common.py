@@ -1,7 +1,8 @@
 """Shared helpers of the serving benchmarks (serving.py, scaling.py, rollback_time.py).
 
 Everything runs on loopback: a private MLflow server (voiceops.stack.up in a temporary home), voices
-made from LoRA adapters of the shipped base (voice_lib/assets/base, the real model size) registered
+made from LoRA adapters of the shipped base (voice_lib/assets/base, the real model size; ``Bench(backend=
+"two_stage")``: of the shipped converter, with a real two_stage.json each, ``make_two_stage_adapter``) registered
 through voice_lib.release.registry.Registry, model servers started as `python -m voiceops.cli serve` in their own
 process groups, and a closed-loop load generator with bounded request counts and time limits.
 
@@ -12,7 +13,6 @@ SIGTERM; it only ever signals the process groups it created itself.
 from __future__ import annotations
 
 import atexit
-import copy
 import json
 import math
 import os
@@ -42,8 +42,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The repository root first: benchmarks/serving.py must not shadow the serving package.
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if p != str(ROOT)]
 
-LORA_RANK = 8
-LORA_B_SCALE = 0.02  # std of the random lora_B entries: a modest perturbation, like a trained adapter
+from bench_voices import (  # noqa: E402,F401 - re-exported: the benchmarks take their voices from here
+    LORA_B_SCALE,
+    LORA_RANK,
+    BaseInfo,
+    make_adapter,
+    make_two_stage_adapter,
+    shipped_base,
+    shipped_converter,
+)
 
 # --- text ---------------------------------------------------------------------------------------------
 
@@ -110,6 +117,20 @@ def write_results(name: str, payload: dict[str, Any], quick: bool, out: Path | N
     payload = {**payload, "loadavg_at_end": loadavg(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its waited-for children (the reference synthesizer runs as a subprocess)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds of process ``pid`` and its waited-for children so far (/proc/<pid>/stat utime..cstime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -238,89 +259,18 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float, interval: f
         time.sleep(interval)
 
 
-# --- voices --------------------------------------------------------------------------------------
-
-@dataclass
-class BaseInfo:
-    path: Path
-    sha256: str
-    lineage: dict[str, str]
-
-
-def shipped_base() -> BaseInfo:
-    from voice_lib.core.hashing import sha256_file
-    from voice_lib.model.checkpoints import SHIPPED_BASE
-
-    sha = sha256_file(SHIPPED_BASE / "model.safetensors")
-    lineage = {"base_model": "voice-base", "base_version": "shipped", "base_sha256": sha, "data_sha256": "b" * 64,
-               "code_version": "benchmark", "lora_rank": str(LORA_RANK)}
-    return BaseInfo(SHIPPED_BASE, sha, lineage)
-
-
-_BASE_MODEL_CACHE: dict[str, Any] = {}
-
-
-def make_adapter(base_info: BaseInfo, out: Path, seed: int, scale: float = LORA_B_SCALE) -> Path:
-    """A peft LoRA (rank 8) of the shipped base with random lora_B (scale NaN: a broken adapter), saved the way
-    training saves it (save_pretrained + speaker_embedding.npy + voice.json), as tests/test_serving.py does.
-
-    Deterministic in ``seed``. A healthy adapter (finite scale) is checked with one synthesis through the
-    serving engine: if its audio would be flagged bad (silent or clipped, as a random adapter occasionally is),
-    the next draw is taken, so a "healthy" voice never trips a canary breaker on bad audio."""
-    import numpy as np
-    import torch
-
-    from serving.engine import SynthesisJob, run_batch
-    from voice_lib.infer.end_to_end import EndToEndBackend
-    from voice_lib.infer.multilora import LoraBank
-    from voice_lib.data.features import FeatureConfig
-    from voice_lib.model.checkpoints import load_base, lora_model
-
-    if "base" not in _BASE_MODEL_CACHE:
-        from voice_lib.data.text import phonemes_to_ids, phonemize
-
-        _BASE_MODEL_CACHE["base"] = load_base(base_info.path)
-        cfg = json.loads((base_info.path / "config.json").read_text())["feature_config"]
-        _BASE_MODEL_CACHE["fc"] = FeatureConfig(**cfg)
-        _BASE_MODEL_CACHE["ids"] = phonemes_to_ids(phonemize("Hello, this is a short warm up sentence.", "en"))
-    for attempt in range(10):
-        draw = seed + 1_000_003 * attempt
-        torch.manual_seed(draw)  # peft initialises lora_A from the global generator
-        peft_model = lora_model(copy.deepcopy(_BASE_MODEL_CACHE["base"]), rank=LORA_RANK)
-        g = torch.Generator().manual_seed(draw)
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.data = torch.full(p.shape, float("nan")) if math.isnan(scale) else torch.randn(p.shape, generator=g) * scale
-        speaker = np.random.default_rng(draw).standard_normal(256).astype(np.float32)
-        if math.isnan(scale):
-            break
-        bundle = EndToEndBackend("check", peft_model.get_base_model().eval(), {}, _BASE_MODEL_CACHE["fc"], "check")
-        job = SynthesisJob(_BASE_MODEL_CACHE["ids"], 1.0, bundle, LoraBank([], {}), 0, torch.from_numpy(speaker))
-        result = dict(run_batch([job]))[0]
-        if not isinstance(result, Exception) and result.bad is None:
-            break
-    else:
-        raise RuntimeError(f"no usable adapter drawn for seed {seed}")
-    peft_model.save_pretrained(str(out))
-    np.save(out / "speaker_embedding.npy", speaker)
-    (out / "voice.json").write_text(json.dumps({"seed": seed, "draw": draw, "lora_b_scale": scale,
-                                                "base_sha256": base_info.sha256,
-                                                "base_version": base_info.lineage["base_version"]}))
-    return out
-
-
 # --- the bench: MLflow, servers, cleanup ---------------------------------------------------------------
 
 class Bench:
     """Temporary home + private MLflow + the servers a benchmark starts; ``close()`` stops everything."""
 
-    def __init__(self, name: str, keep: bool = False) -> None:
-        self.name, self.keep = name, keep
+    def __init__(self, name: str, keep: bool = False, backend: str = "end_to_end") -> None:
+        self.name, self.keep, self.backend = name, keep, backend
         self.home = Path(tempfile.mkdtemp(prefix=f"voiceops-bench-{name}-"))
         self.procs: list[Proc] = []
         self.settings = None
         self._closed = False
-        self.base = shipped_base()
+        self.base = shipped_converter() if backend == "two_stage" else shipped_base()
         self.tenants_file = self.home / "tenants.json"
         self.key = ""
         self._prev_handlers: dict[int, Any] = {}
@@ -368,9 +318,8 @@ class Bench:
                           promote: bool = True) -> list[str]:
         """[(voice_id, seed, scale)] -> versions; adapters are made here, registrations run in parallel.
         With ``promote`` each new version becomes its voice's production version (what the server serves)."""
-        folders = []
-        for voice_id, seed, scale in items:
-            folders.append(make_adapter(self.base, self.home / "adapters" / f"{voice_id}-{seed}", seed, scale))
+        make = make_two_stage_adapter if self.backend == "two_stage" else make_adapter
+        folders = [make(self.base, self.home / "adapters" / f"{voice_id}-{seed}", seed, scale) for voice_id, seed, scale in items]
         local = threading.local()
 
         def one(args: tuple[tuple[str, int, float], Path]) -> str:

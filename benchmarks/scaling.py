@@ -1,26 +1,37 @@
-"""Scaling benchmark (issue "Proof"): memory and p95 latency with 1, 10 and 50 voices, VoiceOps vs baselines.
+"""Scaling benchmark (issue "Serving at the machine's limit"): throughput, p95 and memory with 1, 10 and 50 voices,
+VoiceOps vs baselines, and the machine's bound.
 
-For each voice count N, three fresh server processes are started on loopback and measured side by side:
+Voices are of the default backend, two-stage (``--backend end_to_end`` for the other): each a rank-8 LoRA of the
+shipped converter with a real two_stage.json (common.make_two_stage_adapter: flite-awb or flite-kal16 as reference
+voice, rendered by the source filter). For each voice count N, three fresh server processes are started on loopback
+and measured side by side:
 
 - ``voiceops``: `voiceops serve` (shared base + multi-LoRA batches, defaults: batch_max_size 8, max wait 10 ms)
-  serving every voice registered in a private MLflow (N voices, each a rank-8 LoRA of the shipped base);
+  serving every voice registered in a private MLflow;
 - ``copies``: benchmarks/baseline_server.py --mode copies - one merged full model per voice;
 - ``swap``: benchmarks/baseline_server.py --mode swap - one global PeftModel, set_adapter per request under a
   lock (the GPT-SoVITS api.py pattern, adapters resident).
 
-Baselines share the VoiceOps frontend, model code, vocoder and WAV encoding; they read the same adapter folders.
-Each server is warmed over all its voices, then loaded in turns (never two at once; order rotates every round)
-with distinct 20-word sentences spread round-robin over all N voices at concurrency 4. Resident memory is the
-server pid's VmRSS after the load. Ratios are VoiceOps / baseline from the same run.
+Baselines share the VoiceOps frontend (text, reference synthesizer, analysis), model code, rendering and WAV
+encoding; they read the same version folders. Each server is warmed over all its voices, then loaded in turns
+(never two at once; order rotates every round) with distinct 20-word sentences spread round-robin over all N voices
+at concurrency 4. Resident memory is the server pid's VmRSS after the load; the CPU a server used is its own plus
+its children's (the reference synthesizer) over the load. Ratios are VoiceOps / baseline from the same run.
+
+The bound: before any server starts, the CPU seconds one request costs at batch 1 in one thread (this process and
+its children; the server's frontend, one model pass, rendering, WAV encoding; median of 10 sentences);
+bound = cores / cost requests per second, and every server's throughput is reported as a fraction of it.
 
 Writes benchmarks/results/scaling.json (scaling.quick.json with --quick).
 
-    .venv/bin/python benchmarks/scaling.py [--quick] [--baselines copies,swap]
+    .venv/bin/python benchmarks/scaling.py [--quick] [--baselines copies,swap] [--backend two_stage|end_to_end]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,17 +39,20 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np
 from common import (
     LORA_B_SCALE,
     LORA_RANK,
     Bench,
     Server,
+    cpu_seconds,
     fmt,
     free_port,
     load_note,
     machine_facts,
     merge_summaries,
     peak_rss_bytes,
+    process_cpu_seconds,
     ratio,
     run_load,
     sentence_20,
@@ -54,8 +68,103 @@ HERE = Path(__file__).resolve().parent
 def start_baseline(bench: Bench, mode: str, voices_dir: Path, n: int) -> Server:
     port = free_port()
     proc = bench.start_process(f"{mode}-n{n}", [sys.executable, str(HERE / "baseline_server.py"), "--mode", mode,
-                                                "--voices-dir", str(voices_dir), "--port", str(port)])
+                                                "--backend", bench.backend, "--voices-dir", str(voices_dir),
+                                                "--port", str(port)])
     return Server(mode, f"http://127.0.0.1:{port}", proc, "unused", {"mode": mode})
+
+
+def request_cpu_cost(bench: Bench, folder: Path, texts: list[str]) -> dict[str, Any]:
+    """CPU seconds (this process + its children: the reference synthesizer) one request costs at batch 1 in one
+    thread: the server's frontend (plan_chunks, then the backend's model inputs), one model pass, the rendering
+    and WAV encoding, per text; medians. ``cores / cost`` is the machine's bound on requests per second."""
+    import torch
+
+    from serving.engine import SynthesisJob, run_batch
+    from serving.synthesis import encode_audio, plan_chunks
+    from voice_lib.infer.backends import load_backend
+    from voice_lib.infer.core import END_TO_END, read_frontend
+    from voice_lib.infer.multilora import AdapterWeights, LoraBank
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        backend = load_backend(bench.backend, bench.base.path, bench.base.sha256)
+        bank = LoraBank([("v", AdapterWeights.load(folder))], backend.shapes)
+        speaker = torch.from_numpy(np.load(folder / "speaker_embedding.npy").astype(np.float32)).reshape(-1)
+        frontend = read_frontend(folder)
+        costs, walls, audio = [], [], []
+        for text in [texts[0], *texts]:  # the first one again, unmeasured: lazy imports and caches
+            c0, w0 = cpu_seconds(), time.perf_counter()
+            planned = plan_chunks(text, "auto")
+            inputs = [c.ids if backend.name == END_TO_END else backend.model_inputs(c.spoken_text, "en", frontend)
+                      for c in planned]
+            outs = [dict(run_batch([SynthesisJob(x, 1.0, backend, bank, 1, speaker)]))[0] for x in inputs]
+            samples = np.concatenate([o.audio for o in outs])
+            encode_audio(samples, outs[0].sample_rate, "wav")
+            costs.append(cpu_seconds() - c0)
+            walls.append(time.perf_counter() - w0)
+            audio.append(len(samples) / outs[0].sample_rate)
+    finally:
+        torch.set_num_threads(threads)
+    cores = len(os.sched_getaffinity(0))
+    cost = statistics.median(costs[1:])
+    return {"cpu_seconds_per_request": cost, "wall_seconds_per_request": statistics.median(walls[1:]),
+            "audio_seconds_per_request": statistics.median(audio[1:]), "cpu_seconds_per_audio_second":
+            cost / statistics.median(audio[1:]), "requests": len(texts), "cores": cores,
+            "bound_requests_per_s": cores / cost, "samples_cpu_seconds": [round(c, 4) for c in costs[1:]]}
+
+
+def measure_servers(servers: list[Server], voices: list[str], params: dict[str, Any], offset: int) -> dict[str, Any]:
+    """Warm every server over all voices, then load them in turns (order rotating each round); per-server summary
+    with resident memory and the CPU the server process (and its reference-synthesizer children) used."""
+    n = len(voices)
+    for s in servers:
+        body = lambda i, n=n, vs=voices: {"text": sentence_20(90_000 + i), "voice_id": vs[i % n], "user_id": f"w{i}"}
+        res = run_load(s.url, s.auth, body, 4, max(12, n), 300)
+        if any(r.status != 200 for r in res):
+            bad = next(r for r in res if r.status != 200)
+            raise RuntimeError(f"{s.name} warm-up failed: {bad.status} {bad.error}")
+    parts: dict[str, list] = {s.name: [] for s in servers}
+    cpu = {s.name: 0.0 for s in servers}
+    for rnd in range(params["rounds"]):
+        order = servers[rnd % len(servers):] + servers[: rnd % len(servers)]
+        for s in order:
+            body = lambda i, o=offset, n=n, vs=voices: {"text": sentence_20(o + i), "voice_id": vs[i % n],
+                                                         "user_id": f"u{o + i}"}
+            before = process_cpu_seconds(s.proc.pid)
+            parts[s.name].append(run_load(s.url, s.auth, body, params["concurrency"], params["requests_per_round"],
+                                          params["max_seconds_per_load"]))
+            cpu[s.name] += process_cpu_seconds(s.proc.pid) - before
+        offset += params["requests_per_round"]
+    run: dict[str, Any] = {}
+    for s in servers:
+        summary = merge_summaries(parts[s.name])
+        summary["rss_bytes"] = s.rss()
+        summary["peak_rss_bytes"] = peak_rss_bytes(s.proc.pid)
+        summary["server_cpu_seconds"] = cpu[s.name]
+        summary["cpu_seconds_per_request"] = cpu[s.name] / max(1, summary["ok"])
+        summary["cores_busy"] = cpu[s.name] / summary["window_s"] if summary["window_s"] else None
+        if s.name == "voiceops":
+            st = s.status()
+            summary["adapters_loaded"] = st["adapters_loaded"]
+            summary["mean_batch_size"] = st["batcher"]["items"] / max(1, st["batcher"]["batches"])
+        else:
+            summary["load_seconds"] = s.status_plain()["load_seconds"]
+        run[s.name] = summary
+        print(f"  N={n} {s.name:8s}: RSS {summary['rss_bytes'] / MB:7.1f} MB, p95 {fmt(summary['p95_ms'])} ms, "
+              f"{fmt(summary['requests_per_s'], 2)} req/s, {fmt(summary['cores_busy'], 2)} cores busy, "
+              f"{summary['ok']}/{summary['requests']} ok", flush=True)
+    return run
+
+
+def ratios(run: dict[str, Any], baselines: list[str], bound: float) -> None:
+    for name in run:
+        run[name]["fraction_of_bound"] = ratio(run[name]["requests_per_s"], bound)
+    for b in baselines:
+        run[f"voiceops/{b}"] = {"rss": ratio(run["voiceops"]["rss_bytes"], run[b]["rss_bytes"]),
+                                "p95": ratio(run["voiceops"]["p95_ms"], run[b]["p95_ms"]),
+                                "p50": ratio(run["voiceops"]["p50_ms"], run[b]["p50_ms"]),
+                                "requests_per_s": ratio(run["voiceops"]["requests_per_s"], run[b]["requests_per_s"])}
 
 
 def main() -> None:
@@ -63,6 +172,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short run (< 2 min): 1 and 10 voices, fewer requests")
     parser.add_argument("--voices", default=None, help="comma-separated voice counts (default 1,10,50; quick 1,10)")
     parser.add_argument("--baselines", default="copies,swap", help="baseline styles to run: copies, swap or both")
+    parser.add_argument("--backend", choices=("two_stage", "end_to_end"), default="two_stage",
+                        help="the voices' backend (default two_stage, the platform's default)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
@@ -71,15 +182,16 @@ def main() -> None:
     counts = [int(x) for x in (args.voices or ("1,10" if quick else "1,10,50")).split(",")]
     baselines = [b for b in args.baselines.split(",") if b]
     params: dict[str, Any] = {
-        "quick": quick, "voice_counts": counts, "baselines": baselines, "concurrency": 4,
+        "quick": quick, "backend": args.backend, "voice_counts": counts, "baselines": baselines, "concurrency": 4,
         "requests_per_round": 16 if quick else 40, "rounds": 1 if quick else 2, "max_seconds_per_load": 120,
         "warmup_requests": "max(12, N) at concurrency 4, one per voice at least",
         "voiceops_serving": {"batch_max_size": 8, "batch_max_wait_ms": 10, "poll_seconds": 10},
         "lora_rank": LORA_RANK, "lora_b_scale": LORA_B_SCALE, "text": "distinct 20-word sentences (common.sentence_20)",
-        "torch_threads": "torch default in every server", "client": "closed loop, httpx threads, same machine",
+        "bound_requests": 10, "torch_threads": "torch default in every server",
+        "client": "closed loop, httpx threads, same machine",
     }
     print(load_note(facts), flush=True)
-    bench = Bench("scaling", keep=args.keep)
+    bench = Bench("scaling", keep=args.keep, backend=args.backend)
     out: dict[str, Any] = {"benchmark": "scaling", "machine": facts, "params": params, "runs": {}}
     try:
         t0 = time.monotonic()
@@ -92,6 +204,13 @@ def main() -> None:
             if new:
                 bench.make_and_register([(v, 100 + len(registered) + i, LORA_B_SCALE) for i, v in enumerate(new)])
                 registered += new
+            if "bound" not in out:  # before any server runs: the machine is as quiet as it will be
+                out["bound"] = request_cpu_cost(bench, bench.home / "adapters" / f"{registered[0]}-100",
+                                                [sentence_20(80_000 + i) for i in range(params["bound_requests"])])
+                b = out["bound"]
+                print(f"one request at batch 1, one thread: {b['cpu_seconds_per_request']:.3f} CPU s "
+                      f"({b['audio_seconds_per_request']:.1f} s of audio) -> bound {b['bound_requests_per_s']:.2f} "
+                      f"req/s on {b['cores']} cores", flush=True)
             voices = registered[:n]
             vdir = bench.home / f"voices-n{n}"
             vdir.mkdir()
@@ -104,40 +223,9 @@ def main() -> None:
             servers[0].wait_voices(voices, 300)
             for s in servers[1:]:
                 wait_until(f"{s.name} with {n} voices", lambda s=s, n=n: len(s.status_plain()["voices"]) == n, 600, 0.5, s.proc)
-            for s in servers:
-                body = lambda i, n=n, vs=voices: {"text": sentence_20(90_000 + i), "voice_id": vs[i % n], "user_id": f"w{i}"}
-                res = run_load(s.url, s.auth, body, 4, max(12, n), 300)
-                if any(r.status != 200 for r in res):
-                    bad = next(r for r in res if r.status != 200)
-                    raise RuntimeError(f"{s.name} warm-up failed: {bad.status} {bad.error}")
-            parts: dict[str, list] = {s.name: [] for s in servers}
-            for rnd in range(params["rounds"]):
-                order = servers[rnd % len(servers):] + servers[: rnd % len(servers)]
-                for s in order:
-                    body = lambda i, o=offset, n=n, vs=voices: {"text": sentence_20(o + i), "voice_id": vs[i % n],
-                                                                 "user_id": f"u{o + i}"}
-                    parts[s.name].append(run_load(s.url, s.auth, body, params["concurrency"], params["requests_per_round"],
-                                                  params["max_seconds_per_load"]))
-                offset += params["requests_per_round"]
-            run: dict[str, Any] = {}
-            for s in servers:
-                summary = merge_summaries(parts[s.name])
-                summary["rss_bytes"] = s.rss()
-                summary["peak_rss_bytes"] = peak_rss_bytes(s.proc.pid)
-                if s.name == "voiceops":
-                    st = s.status()
-                    summary["adapters_loaded"] = st["adapters_loaded"]
-                    summary["mean_batch_size"] = st["batcher"]["items"] / max(1, st["batcher"]["batches"])
-                else:
-                    summary["load_seconds"] = s.status_plain()["load_seconds"]
-                run[s.name] = summary
-                print(f"  N={n} {s.name:8s}: RSS {summary['rss_bytes'] / MB:7.1f} MB, p95 {fmt(summary['p95_ms'])} ms, "
-                      f"{summary['ok']}/{summary['requests']} ok", flush=True)
-            for b in baselines:
-                run[f"voiceops/{b}"] = {"rss": ratio(run["voiceops"]["rss_bytes"], run[b]["rss_bytes"]),
-                                        "p95": ratio(run["voiceops"]["p95_ms"], run[b]["p95_ms"]),
-                                        "p50": ratio(run["voiceops"]["p50_ms"], run[b]["p50_ms"]),
-                                        "requests_per_s": ratio(run["voiceops"]["requests_per_s"], run[b]["requests_per_s"])}
+            run = measure_servers(servers, voices, params, offset)
+            offset += params["rounds"] * params["requests_per_round"]
+            ratios(run, baselines, out["bound"]["bound_requests_per_s"])
             out["runs"][str(n)] = run
             for s in servers:
                 bench.stop(s.proc)
@@ -149,24 +237,33 @@ def main() -> None:
         path = write_results("scaling", out, quick, args.out)
     finally:
         bench.close()
+    report(out, facts, params, counts, baselines, path)
 
+
+def report(out: dict[str, Any], facts: dict[str, Any], params: dict[str, Any], counts: list[int], baselines: list[str],
+           path: Path) -> None:
     print()
-    print(f"Scaling benchmark ({'quick' if quick else 'full'} run) - {load_note(facts)}")
+    print(f"Scaling benchmark, {params['backend']} voices ({'quick' if params['quick'] else 'full'} run) - {load_note(facts)}")
+    b = out["bound"]
     print(f"concurrency {params['concurrency']}, {params['rounds']} x {params['requests_per_round']} requests per server "
-          f"and voice count, 20-word sentences spread over all voices")
+          f"and voice count, 20-word sentences spread over all voices; bound = {b['cores']} cores / "
+          f"{b['cpu_seconds_per_request']:.3f} CPU s per request = {b['bound_requests_per_s']:.2f} req/s")
     rows = []
     for n in counts:
         run = out["runs"][str(n)]
         for name in ["voiceops", *baselines]:
             s = run[name]
             rows.append([n, name, f"{s['ok']}/{s['requests']}", fmt(s["rss_bytes"] / MB, 1), fmt(s["p50_ms"]),
-                         fmt(s["p95_ms"]), fmt(s["requests_per_s"], 2)])
-        for b in baselines:
-            r = run[f"voiceops/{b}"]
-            rows.append([n, f"voiceops/{b}", "", fmt(r["rss"], 2), fmt(r["p50"], 2), fmt(r["p95"], 2),
-                         fmt(r["requests_per_s"], 2)])
-    print(table(["voices", "server", "ok", "RSS MB", "p50 ms", "p95 ms", "req/s"], rows))
+                         fmt(s["p95_ms"]), fmt(s["requests_per_s"], 2), fmt(s["fraction_of_bound"], 2),
+                         fmt(s["cpu_seconds_per_request"], 3), fmt(s["cores_busy"], 2)])
+        for bl in baselines:
+            r = run[f"voiceops/{bl}"]
+            rows.append([n, f"voiceops/{bl}", "", fmt(r["rss"], 2), fmt(r["p50"], 2), fmt(r["p95"], 2),
+                         fmt(r["requests_per_s"], 2), "", "", ""])
+    print(table(["voices", "server", "ok", "RSS MB", "p50 ms", "p95 ms", "req/s", "of bound", "CPU s/req", "cores busy"],
+                rows))
     if out["per_additional_voice_bytes"]:
+        lo, hi = min(counts), max(counts)
         print(f"\nresident memory per additional voice ({lo} -> {hi} voices): " + ", ".join(
             f"{k} {v / MB:.2f} MB" for k, v in out["per_additional_voice_bytes"].items()))
     print(f"\nwrote {path}")

@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def cpu_seconds() -> float:
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+from common import cpu_seconds
 
 
 def measure(sentences: list[str], synthesis: str) -> dict:

@@ -129,13 +129,9 @@ def finetune_two_stage_voice(voice_id: str, manifest_key: str, settings: Setting
                "code_version": __version__, "lora_rank": str(rank), "training_key": key, "backend": "two_stage"}
     work = settings.cache_dir / "work" / voice_id / f"model-{key}"
     shutil.rmtree(work, ignore_errors=True)
-    result, facts = _adapt(voice_id, manifest, settings, base_dir, base_config, speaker, train, val, cfg, rank, lineage, work,
-                           log_to_mlflow, choose_rendering)
-    np.save(work / "speaker_embedding.npy", speaker)
-    (work / "voice.json").write_text(json.dumps({"voice_id": voice_id, **facts, "held_out": [c.clip_id for c in held_out]}, indent=2))
-    write_model_card(work, f"voice-{voice_id}", facts, description=(
-        "A VoiceOps two-stage voice: the reference voice named below renders the text, the converter "
-        "(voice-base, two-stage) with this LoRA turns it into this speaker. Every number was measured by the recipe."))
+    result, facts, voice = _adapt(voice_id, manifest, settings, base_dir, base_config, speaker, train, val, cfg, rank,
+                                  lineage, work, log_to_mlflow, choose_rendering)
+    write_version_folder(work, voice_id, voice, speaker, facts, [c.clip_id for c in held_out])
     for path in sorted(work.iterdir()):
         if path.name != "voice.json":
             store.upload_file(path, f"{prefix}/{path.name}")
@@ -147,6 +143,18 @@ def finetune_two_stage_voice(voice_id: str, manifest_key: str, settings: Setting
                            extra={k: v for k, v in facts.items() if k not in named})
     store.write_bytes(f"{prefix}/voice.json", json.dumps(trained.to_json(), indent=2).encode())  # commit marker, last
     return trained
+
+
+def write_version_folder(folder: Path, voice_id: str, voice: TwoStageVoice, speaker: np.ndarray, facts: dict,
+                         held_out: list[str]) -> None:
+    """What a two-stage version's folder holds beside its adapter (peft ``save_pretrained``): ``two_stage.json``,
+    the speaker embedding, ``voice.json`` (the voice's facts) and the model card. The benchmarks' voices use it too."""
+    voice.save(folder)
+    np.save(folder / "speaker_embedding.npy", speaker)
+    (folder / "voice.json").write_text(json.dumps({"voice_id": voice_id, **facts, "held_out": held_out}, indent=2))
+    write_model_card(folder, f"voice-{voice_id}", facts, description=(
+        "A VoiceOps two-stage voice: the reference voice named below renders the text, the converter "
+        "(voice-base, two-stage) with this LoRA turns it into this speaker. Every number was measured by the recipe."))
 
 
 class _Clip(str):
@@ -168,7 +176,7 @@ def adaptation_config(settings: Settings, steps: int):
 def _adapt(voice_id: str, manifest: dict, settings: Settings, base_dir: Path, base_config: dict, speaker: np.ndarray,
            train: list, val: list, cfg, rank: int, lineage: dict, work: Path, log_to_mlflow: bool,
            choose_rendering: RenderingChooser | None) -> tuple:
-    """Pairs, source choice, LoRA training; the adapter and two_stage.json saved into ``work``."""
+    """Pairs, source choice, LoRA training; the adapter saved into ``work``; returns the voice's two_stage.json too."""
     from peft import LoraConfig, get_peft_model
 
     from voice_lib.data.corpus import get_voice
@@ -219,13 +227,12 @@ def _adapt(voice_id: str, manifest: dict, settings: Settings, base_dir: Path, ba
     if len(candidates) > 1 and choose_rendering is not None:
         by_id = {c["clip_id"]: c for c in manifest["clips"]}  # validation clips first; never the held-out ones
         voice, synthesis_measured = choose_rendering(candidates, base_dir, work, speaker, [by_id[c] for c in val + train], settings)
-    voice.save(work)
     facts = {**lineage, "source_voice": source_voice, "source_candidates": json.dumps(measured),
              "synthesis": voice.synthesis, "synthesis_candidates": json.dumps(synthesis_measured),
              "steps_trained": result.step, "best_val_loss": round(result.best_val_loss, 4),
              "stopped_early": result.stopped_early, "resumed_from_step": result.resumed_from,
              "train_seconds": round(result.seconds, 1), "adapter_parameters": trainable_parameters(model), "run_id": run_id}
-    return result, facts
+    return result, facts, voice
 
 
 # The source filter's post-filter is the variance scale to this power: measured on flite-rms, 1.5 gave P.808
