@@ -334,7 +334,10 @@ class Bench:
             return list(pool.map(one, zip(items, folders)))
 
     # servers -----------------------------------------------------------------------------------
-    def start_server(self, name: str, serving: dict[str, Any], threads: int | None = None) -> Server:
+    def start_server(self, name: str, serving: dict[str, Any], threads: int | None = None,
+                     extra_env: dict[str, str] | None = None) -> Server:
+        """`voiceops serve` with ``serving`` as VOICEOPS_SERVING__* overrides; ``extra_env`` last (e.g. PYTHONPATH
+        of another checkout, to measure the code before a change beside it)."""
         port = free_port()
         home = self.home / f"server-{name}"
         home.mkdir(parents=True, exist_ok=True)
@@ -343,6 +346,7 @@ class Bench:
         env.update({f"VOICEOPS_SERVING__{k.upper()}": str(v) for k, v in serving.items()})
         if threads:
             env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+        env.update(extra_env or {})
         proc = Proc(name, [sys.executable, "-m", "voiceops.cli", "serve", "--port", str(port), "--host", "127.0.0.1"],
                     child_env(env), home, home / "server.log")
         self.procs.append(proc)

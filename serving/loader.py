@@ -40,11 +40,14 @@ class VersionLoader:
         self.cache_dir = settings.cache_dir / "serving"
         self.bases: dict[str, AcousticBackend] = {}  # resident backends by base sha256; pruned at each swap
         self._failed: dict[Key, tuple[float, int, str]] = {}  # key -> (retry after, attempts, error)
+        # Seconds the last load_missing spent per step, summed over its versions (the pool reports them).
+        self.last_timings: dict[str, float] = {}
 
     def load_missing(self, keys: Sequence[Key], errors: list[str]) -> dict[Key, LoadedVersion]:
         """Load ``keys``; a failure goes to ``errors`` and is not retried before its backoff ends."""
         fresh: dict[Key, LoadedVersion] = {}
         now = time.monotonic()
+        self.last_timings = {"fetch_s": 0.0, "base_s": 0.0, "adapter_s": 0.0}
         for key in keys:
             failed = self._failed.get(key)
             if failed is not None and failed[0] > now:  # versions are immutable: don't re-download every poll
@@ -64,24 +67,32 @@ class VersionLoader:
 
     def load_version(self, voice_id: str, version: str) -> LoadedVersion:
         name = f"voice-{voice_id}"
+        started = time.perf_counter()
         info = self.registry.version(name, version)
         folder = self.cache_dir / name / version
         if not (folder / "adapter_model.safetensors").exists():  # versions are immutable: a complete copy is reusable
             self.registry.download(name, version, folder)
         meta = json.loads((folder / "voice.json").read_text()) if (folder / "voice.json").exists() else {}
         lineage = {**meta, **info.tags}
+        downloaded = time.perf_counter()
         base = self.backend_for(lineage, name, version)
+        based = time.perf_counter()
         weights = AdapterWeights.load(folder)
         speaker = torch.from_numpy(np.load(folder / "speaker_embedding.npy").astype(np.float32)).reshape(-1)
         LoraBank([((voice_id, version), weights)], base.shapes)  # fails now if shapes do not fit the base
         if info.tags.get("breaker_tripped") == "true" and self.breaker is not None:
             self.breaker.restore(voice_id, version, info.tags.get("breaker_reason", "tripped earlier"))
+        self._add_timings(fetch_s=downloaded - started, base_s=based - downloaded, adapter_s=time.perf_counter() - based)
         fault = info.tags.get("fault_injection") if self.settings.serving.fault_injection else None
         if fault:
             log.warning("fault injection %r is active for %s version %s (serving.fault_injection is on)", fault, name, version)
         return LoadedVersion(voice_id, version, base.sha256, speaker, weights, dict(info.tags), time.time(),
                              fault=parse_fault(fault) if fault else None, backend=base.name,
                              frontend=read_frontend(folder))
+
+    def _add_timings(self, **seconds: float) -> None:
+        for step, value in seconds.items():
+            self.last_timings[step] = round(self.last_timings.get(step, 0.0) + value, 3)
 
     def backend_for(self, lineage: Mapping[str, Any], name: str, version: str) -> AcousticBackend:
         """The exact base a version was trained on (by sha256), loaded once: never an adapter on another base."""

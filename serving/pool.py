@@ -62,6 +62,8 @@ class VoicePool:
         self.last_error: str | None = None
         self.last_attempt_at: float | None = None
         self.last_success_at: float | None = None
+        # Where the last reload that loaded anything spent its time (seconds per phase; /v1/admin/status).
+        self.last_load_timings: dict[str, Any] = {}
 
     @property
     def registry(self) -> Registry:
@@ -158,6 +160,7 @@ class VoicePool:
         with self._reload_lock:
             self.last_attempt_at = time.time()
             old = self._snapshot
+            started = time.perf_counter()
             try:
                 wanted = self.reader.read(old.voices)
             except Exception as exc:  # noqa: BLE001 - registry down: keep serving the last good set
@@ -171,12 +174,18 @@ class VoicePool:
             held = {v.key: v for v in old.versions}
             errors: list[str] = []
             missing = sorted({k for w in wanted.values() for k in w.keys} - held.keys())
+            read_at = time.perf_counter()
             fresh = self.loader.load_missing(missing, errors)
+            loaded_at = time.perf_counter()
             if fresh:
                 canaries = {(w.voice_id, w.canary) for w in wanted.values() if w.canary}
                 ids = self._phonemize(self.settings.serving.warmup_text)
                 fresh = self.loader.warm_up(fresh, canaries, ids, self.run_batch, errors,
                                             text=self.settings.serving.warmup_text)
+            if missing:
+                self.last_load_timings = {"versions": len(missing), "registry_read_s": round(read_at - started, 3),
+                                          "load_s": round(loaded_at - read_at, 3), **self.loader.last_timings,
+                                          "warm_up_s": round(time.perf_counter() - loaded_at, 3)}
             available = {**held, **fresh}
             routes = {voice_id: route for voice_id, w in wanted.items()
                       if (route := route_voice(w, available, old.voices.get(voice_id), errors)) is not None}

@@ -116,6 +116,7 @@ def status_report(svc: Services) -> dict[str, Any]:
     return {"generation": snap.generation, "snapshot_at": snap.created_at, "ready": pool.ready,
             "degraded": pool.degraded, "last_error": pool.last_error, "last_attempt_at": pool.last_attempt_at,
             "last_success_at": pool.last_success_at, "adapters_loaded": len(snap.versions),
+            "last_load_timings": dict(pool.last_load_timings),
             "bases": [{"sha256": b.sha256, "source": getattr(b, "source", ""), "backend": b.name}
                       for b in snap.bases.values()],
             "batcher": {"batches": svc.batcher.batches, "items": svc.batcher.items, "max_batch": svc.batcher.max_seen,
