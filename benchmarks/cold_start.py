@@ -1,9 +1,8 @@
 """Cold start (issue "Serving at the machine's limit"): process start to /readyz = ready, with 1, 10 and 50 voices.
 
 Voices are production two-stage voices, as onboarding makes them: a rank-8 LoRA of the shipped converter
-(peft, the training targets), its two_stage.json written the way voice_lib/train/finetune_two_stage.py writes
-it (reference voice and pitch statistics, the variance post-filter, the rendering chosen by
-``synthesis_candidates``), a GE2E-sized speaker embedding and voice.json, registered in a private MLflow with
+(peft, the training targets), its folder written by voice_lib/train/finetune_two_stage.write_version_folder
+(reference voice and pitch statistics, the variance post-filter, the rendering chosen by ``synthesis_candidates``), a GE2E-sized speaker embedding and voice.json, registered in a private MLflow with
 the two-stage lineage tags and aliased ``production``. Each measurement starts a fresh `voiceops serve` with an
 empty cache, so a start includes every download, the base load, every adapter load and the warm-up synthesis.
 
@@ -16,19 +15,16 @@ side by side, interleaved per voice count.
     .venv/bin/python benchmarks/cold_start.py [--voices 1,10,50] [--repeats 1] [--variants default]
 Prints a table and writes benchmarks/results/cold_start.json.
 
-The voice maker here is local to this script for now (another branch adds a two-stage maker to common.py;
-the two are to be merged into one).
+The voices are benchmarks/bench_voices.make_two_stage_adapter's (``Bench(backend="two_stage").make_and_register``),
+the same the scaling benchmark serves.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     LORA_B_SCALE,
-    LORA_RANK,
     ROOT,
-    BaseInfo,
     Bench,
     Server,
     fmt,
@@ -57,68 +51,6 @@ MB = 1024 * 1024
 TARGET_READY_SECONDS = 30.0  # with 50 voices
 # Server settings measured side by side (--variants): name -> VOICEOPS_SERVING__* overrides.
 VARIANTS: dict[str, dict[str, Any]] = {"default": {}}
-
-
-def two_stage_base() -> BaseInfo:
-    """The shipped converter with the lineage tags two-stage training registers (backend two_stage)."""
-    from voice_lib.core.hashing import sha256_file
-    from voice_lib.model.checkpoints import CONVERTER_WEIGHTS, SHIPPED_CONVERTER
-
-    sha = sha256_file(SHIPPED_CONVERTER / CONVERTER_WEIGHTS)
-    lineage = {"base_model": "voice-base", "base_version": "shipped", "base_sha256": sha, "data_sha256": "b" * 64,
-               "code_version": "benchmark", "lora_rank": str(LORA_RANK), "backend": "two_stage"}
-    return BaseInfo(SHIPPED_CONVERTER, sha, lineage)
-
-
-def make_two_stage_voice(base: BaseInfo, out: Path, seed: int, synthesis: str = "source_filter") -> Path:
-    """A production-shaped two-stage voice folder: a random rank-8 LoRA of the converter (lora_B ~ N(0, 0.02)) and
-    the files adaptation writes beside it. Deterministic in ``seed``; alternates the converter's two sources."""
-    import numpy as np
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from voice_lib.data.reference import PitchStats, TwoStageVoice
-    from voice_lib.model.checkpoints import load_converter
-    from voice_lib.model.converter import CONVERTER_LORA_TARGETS, N_ENVELOPE
-    from voice_lib.train.finetune_two_stage import synthesis_candidates
-
-    model, config = load_converter(base.path)
-    torch.manual_seed(seed)  # peft initialises lora_A from the global generator
-    lora = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=CONVERTER_LORA_TARGETS,
-                                            lora_dropout=0.0, bias="none"))
-    g = torch.Generator().manual_seed(seed)
-    for name, p in lora.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=g) * LORA_B_SCALE
-    lora.save_pretrained(str(out))
-    rng = np.random.default_rng(seed)
-    source_voice = config["sources"][seed % len(config["sources"])]
-    source = PitchStats(**config["source_pitch"][source_voice])
-    target = PitchStats(round(float(source.mean + rng.uniform(-0.2, 0.5)), 4), round(float(source.std * rng.uniform(0.8, 1.3)), 4))
-    scale = tuple(round(float(v), 4) for v in np.clip(rng.normal(1.2, 0.1, N_ENVELOPE), 1.0, 2.0))
-    voice = synthesis_candidates(TwoStageVoice(source_voice, source, target, (1.0, *scale[1:])), synthesis)[-1]
-    voice.save(out)
-    np.save(out / "speaker_embedding.npy", rng.standard_normal(256).astype(np.float32))
-    (out / "voice.json").write_text(json.dumps({"seed": seed, "backend": "two_stage", "base_sha256": base.sha256,
-                                                "base_version": "shipped", "source_voice": source_voice,
-                                                "synthesis": voice.synthesis}))
-    return out
-
-
-def register_voices(bench: Bench, voice_ids: list[str], workers: int = 4) -> None:
-    """Make, register and promote two-stage voices (registrations in parallel, one registry client per thread)."""
-    folders = [make_two_stage_voice(bench.base, bench.home / "voices" / v, seed) for seed, v in
-               ((int(v.rsplit("-", 1)[1]), v) for v in voice_ids)]
-    local = threading.local()
-
-    def one(item: tuple[str, Path]) -> None:
-        if not hasattr(local, "registry"):
-            local.registry = bench.registry
-        version = bench.register(item[0], item[1], local.registry)
-        local.registry.promote(f"voice-{item[0]}", version)
-
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(one, zip(voice_ids, folders)))
 
 
 def ready_with(server: Server, n: int) -> bool:
@@ -191,8 +123,7 @@ def main() -> None:
     variants = args.variants.split(",")
     facts = machine_facts()
     print(load_note(facts))
-    bench = Bench("cold-start")
-    bench.base = two_stage_base()
+    bench = Bench("cold-start", backend="two_stage")  # voices: bench_voices.make_two_stage_adapter
     rows: list[dict[str, Any]] = []
     code: dict[str, Path | None] = {v: None for v in variants}
     serving = {v: VARIANTS[v] for v in variants}
@@ -205,7 +136,7 @@ def main() -> None:
         for n in counts:
             new = [f"cold-{i:03d}" for i in range(len(registered), n)]
             made = time.perf_counter()
-            register_voices(bench, new)
+            bench.make_and_register([(v, i, LORA_B_SCALE) for i, v in enumerate(new, len(registered))])
             print(f"registered {len(new)} two-stage voices in {time.perf_counter() - made:.1f} s ({n} in all)")
             registered += new
             for repeat in range(args.repeats):
