@@ -51,19 +51,25 @@ def api_token(settings: Settings, url: str | None = None) -> str:
     return resp.json()["access_token"]
 
 
-def dag_run(settings: Settings, dag_id: str, run_id: str) -> dict[str, Any] | None:
-    """One DAG run's state, start, end and URL; None when Airflow does not know the run."""
-    base = settings.airflow_url.rstrip("/")
-    headers = {"Authorization": f"Bearer {api_token(settings)}"}
+def _get_json(settings: Settings, url: str, what: str) -> dict[str, Any] | None:
+    """GET ``url`` as the stack's user: its JSON, None on 404; AirflowError (naming ``what``) otherwise."""
     try:
-        resp = httpx.get(f"{base}/api/v2/dags/{dag_id}/dagRuns/{run_id}", headers=headers, timeout=TIMEOUT_SECONDS)
+        resp = httpx.get(url, headers={"Authorization": f"Bearer {api_token(settings)}"}, timeout=TIMEOUT_SECONDS)
     except httpx.HTTPError as exc:
-        raise AirflowError(f"Cannot reach Airflow at {base}: {exc}") from exc
+        raise AirflowError(f"Cannot reach Airflow at {settings.airflow_url.rstrip('/')}: {exc}") from exc
     if resp.status_code == 404:
         return None
     if resp.status_code != 200:
-        raise AirflowError(f"Airflow answered HTTP {resp.status_code} for {dag_id} run {run_id}: {resp.text[:200]}")
-    run = resp.json()
+        raise AirflowError(f"Airflow answered HTTP {resp.status_code} for {what}: {resp.text[:200]}")
+    return resp.json()
+
+
+def dag_run(settings: Settings, dag_id: str, run_id: str) -> dict[str, Any] | None:
+    """One DAG run's state, start, end and URL; None when Airflow does not know the run."""
+    base = settings.airflow_url.rstrip("/")
+    run = _get_json(settings, f"{base}/api/v2/dags/{dag_id}/dagRuns/{run_id}", f"{dag_id} run {run_id}")
+    if run is None:
+        return None
     return {"dag_id": dag_id, "run_id": run_id, "state": run.get("state"), "start_date": run.get("start_date"),
             "end_date": run.get("end_date"), "url": f"{base}/dags/{dag_id}/runs/{run_id}"}
 
@@ -77,21 +83,12 @@ def hitl_endpoints(airflow_url: str, dag_id: str, run_id: str, task_id: str, map
             "api": f"{base}/api/v2/dags/{dag_id}/dagRuns/{run}/taskInstances/{task_id}/{map_index}/hitlDetails"}
 
 
-
 def hitl_answer(settings: Settings, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict[str, Any] | None:
     """The answer recorded for a Human-in-the-loop task instance (chosen_options, params_input, responded_at,
     responded_by_user), or None while it has no form or no answer yet."""
     where = hitl_endpoints(settings.airflow_url, dag_id, run_id, task_id, map_index)["api"]
-    try:
-        resp = httpx.get(where, headers={"Authorization": f"Bearer {api_token(settings)}"}, timeout=TIMEOUT_SECONDS)
-    except httpx.HTTPError as exc:
-        raise AirflowError(f"Cannot reach Airflow at {settings.airflow_url}: {exc}") from exc
-    if resp.status_code == 404:
-        return None
-    if resp.status_code != 200:
-        raise AirflowError(f"Airflow answered HTTP {resp.status_code} for {where}: {resp.text[:200]}")
-    detail = resp.json()
-    if not (detail.get("response_received") and detail.get("chosen_options")):
+    detail = _get_json(settings, where, where)
+    if detail is None or not (detail.get("response_received") and detail.get("chosen_options")):
         return None
     return {key: detail.get(key) for key in ("chosen_options", "params_input", "responded_at", "responded_by_user")}
 
