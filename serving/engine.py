@@ -1,7 +1,10 @@
 """Batched synthesis on the shared bases: one model pass per (base, adapter bank) group, then the vocoder.
 
-``run_batch`` is what the micro-batcher (serving/batcher.py) calls. The prediction, its guards and the
-vocoder are voice_lib/infer/core.py's, the same the single-utterance Synthesizer (evaluation, the CLI)
+A batch runs in two stages: ``predict_batch`` (the model pass, under the pool's infer lock) gives each job a
+``PendingOutput``, and calling that renders the row (the vocoder step, on the vocoder threads). The
+micro-batcher (serving/batcher.py) hands the renderings to the vocoder pool and goes on to the next batch's
+model pass; ``run_batch`` does both stages in one call (warm-up, tests, benchmarks). The prediction, its
+guards and the vocoder are voice_lib/infer/core.py's, the same the single-utterance Synthesizer (evaluation, the CLI)
 runs; this module only groups the jobs of a batch and adds the server's cheap bad-audio check. Rows of a
 batch may use different LoRA adapters (voice_lib/infer/multilora.py) and have different lengths; a row
 whose model output is unusable fails alone, as a ``SynthesisError``; the other rows are unaffected.
@@ -19,10 +22,11 @@ import numpy as np
 import torch
 
 from voice_lib.data.audio import audio_defects
-from voice_lib.infer.core import AcousticBackend, AcousticRow, RowAudio, SynthesisError, synthesize_rows
+from voice_lib.infer.core import AcousticBackend, AcousticRow, RowRender, SynthesisError, predict_rows, render_rows
 from voice_lib.infer.multilora import LoraBank
 
-__all__ = ["SynthesisError", "SynthesisJob", "SynthesisOutput", "bad_audio_kind", "run_batch"]
+__all__ = ["PendingOutput", "SynthesisError", "SynthesisJob", "SynthesisOutput", "bad_audio_kind", "predict_batch",
+           "run_batch"]
 log = logging.getLogger(__name__)
 
 
@@ -52,25 +56,52 @@ def bad_audio_kind(audio: np.ndarray, silence_dbfs: float, clipping_fraction: fl
     return next(iter(audio_defects(audio, silence_dbfs, clipping_fraction)), None)
 
 
-def run_batch(jobs: Sequence[SynthesisJob], silence_dbfs: float = -50.0, clipping_fraction: float = 0.001,
-              vocoder: Executor | None = None) -> Iterator[tuple[int, SynthesisOutput | Exception]]:
-    """Synthesise ``jobs``: one model pass per (base, bank) group, then vocode and yield each item as it is done.
+@dataclass(frozen=True, eq=False)
+class PendingOutput:
+    """A job whose model pass is done: calling it renders the row into its ``SynthesisOutput`` (vocoder threads)."""
 
-    Items are yielded as ``(index in jobs, output or exception)``, in the order they finish; one bad item
-    never fails the others. With ``vocoder`` (a thread pool) the rows of a group are vocoded concurrently.
+    render: RowRender
+    sample_rate: int
+    silence_dbfs: float
+    clipping_fraction: float
+    batch_size: int
+
+    def __call__(self) -> SynthesisOutput:
+        out = self.render()
+        return SynthesisOutput(out.audio, self.sample_rate, out.compute_seconds,
+                               bad_audio_kind(out.audio, self.silence_dbfs, self.clipping_fraction), self.batch_size)
+
+
+def predict_batch(jobs: Sequence[SynthesisJob], silence_dbfs: float = -50.0,
+                  clipping_fraction: float = 0.001) -> list[PendingOutput | Exception]:
+    """The model stage of a batch: one pass per (base, bank) group; per job its pending rendering or its error.
+
+    What the micro-batcher runs under the pool's infer lock; the renderings run afterwards, outside it.
     """
     groups: dict[tuple[int, int], list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault((id(job.base), id(job.bank)), []).append(i)
+    pending: list[PendingOutput | Exception] = [RuntimeError("not predicted")] * len(jobs)
     for indices in groups.values():
         group = [jobs[i] for i in indices]
         backend = group[0].base
         rows = [AcousticRow(j.phoneme_ids, j.speaker, j.slot, j.speed) for j in group]
-        for row, out in synthesize_rows(backend, group[0].bank, rows, vocoder):
-            if not isinstance(out, RowAudio):
-                if not isinstance(out, SynthesisError):
-                    log.warning("batch row of %d failed: %s", len(group), out)
-                yield indices[row], out
-                continue
-            yield indices[row], SynthesisOutput(out.audio, backend.feature_config.sample_rate, out.compute_seconds,
-                                                bad_audio_kind(out.audio, silence_dbfs, clipping_fraction), len(jobs))
+        for i, found in zip(indices, predict_rows(backend, group[0].bank, rows)):
+            if isinstance(found, Exception):
+                if not isinstance(found, SynthesisError):
+                    log.warning("batch row of %d failed: %s", len(group), found)
+                pending[i] = found
+            else:
+                pending[i] = PendingOutput(found, backend.feature_config.sample_rate, silence_dbfs,
+                                           clipping_fraction, len(jobs))
+    return pending
+
+
+def run_batch(jobs: Sequence[SynthesisJob], silence_dbfs: float = -50.0, clipping_fraction: float = 0.001,
+              vocoder: Executor | None = None) -> Iterator[tuple[int, SynthesisOutput | Exception]]:
+    """Synthesise ``jobs``: ``predict_batch``, then render and yield each item as it is done.
+
+    Items are yielded as ``(index in jobs, output or exception)``, in the order they finish; one bad item
+    never fails the others. With ``vocoder`` (a thread pool) the rows are rendered concurrently.
+    """
+    yield from render_rows(predict_batch(jobs, silence_dbfs, clipping_fraction), vocoder)

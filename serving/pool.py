@@ -22,18 +22,18 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from serving.engine import SynthesisJob, SynthesisOutput, run_batch
+from serving.engine import PendingOutput, SynthesisJob, SynthesisOutput, predict_batch
 from serving.loader import VersionLoader
 from serving.memory import trim_heap
 from serving.registry_reader import RegistryReader
 from serving.snapshot import EMPTY, Key, LoadedVersion, Snapshot, VoiceRoute, build_snapshot, route_voice, signature
 from voice_lib.core.config import Settings
-from voice_lib.infer.core import AcousticRow
+from voice_lib.infer.core import AcousticRow, render_rows
 from voice_lib.infer.end_to_end import phoneme_inputs
 from voice_lib.release.registry import Registry
 
@@ -50,8 +50,9 @@ class VoicePool:
         self.reader = RegistryReader(self.loader.registry)
         self._phonemize = phonemize or (lambda text: phoneme_inputs(text, "auto"))
         self._snapshot: Snapshot = EMPTY
-        self._infer_lock = threading.Lock()  # one batch at a time: the CPU is the bottleneck anyway
-        # The rows of a batch are vocoded in parallel (voice_lib/infer/core.py: WORLD releases the GIL).
+        self._infer_lock = threading.Lock()  # one model pass at a time: the CPU is the bottleneck anyway
+        # The rows of a batch are vocoded in parallel (voice_lib/infer/core.py: WORLD releases the GIL), and
+        # alongside the next batch's model pass (serving/batcher.py).
         threads = settings.serving.vocoder_threads or len(os.sched_getaffinity(0))
         self._vocoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vocoder")
         self._reload_lock = threading.Lock()
@@ -95,10 +96,20 @@ class VoicePool:
     def degraded(self) -> bool:
         return self.last_error is not None
 
-    def run_batch(self, jobs: Sequence[SynthesisJob]) -> Iterator[tuple[int, SynthesisOutput | Exception]]:
+    @property
+    def vocoder(self) -> Executor:
+        """The thread pool rows are rendered on (the batcher submits to it; ``close`` shuts it down)."""
+        return self._vocoder
+
+    def predict_batch(self, jobs: Sequence[SynthesisJob]) -> list[PendingOutput | Exception]:
+        """The model stage of a batch, one at a time; the renderings it returns need no lock (serving/engine.py)."""
         ev = self.settings.eval
         with self._infer_lock:
-            yield from run_batch(jobs, ev.silence_dbfs, ev.clipping_fraction, self._vocoder)
+            return predict_batch(jobs, ev.silence_dbfs, ev.clipping_fraction)
+
+    def run_batch(self, jobs: Sequence[SynthesisJob]) -> Iterator[tuple[int, SynthesisOutput | Exception]]:
+        """Both stages at once (the warm-up): the model pass under the lock, then the rows on the vocoder threads."""
+        yield from render_rows(self.predict_batch(jobs), self._vocoder)
 
     def durations(self, snap: Snapshot, version: Any, chunks: Sequence[Sequence[int]],
                   speed: float) -> tuple[list[np.ndarray], float] | None:

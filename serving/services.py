@@ -84,7 +84,7 @@ class Services:
         if self.pool.breaker is None:
             self.pool.breaker = self.breaker
         self.pool.listeners.append(self._on_swap)
-        self.batcher = MicroBatcher(self.pool.run_batch, s.batch_max_size, s.batch_max_wait_ms,
+        self.batcher = MicroBatcher(self.pool.predict_batch, self.pool.vocoder, s.batch_max_size, s.batch_max_wait_ms,
                                     on_batch=self.metrics.batch_size.observe)
         self.audit = AuditLog.from_settings(settings)  # with serving.audit_retention_days
         self.metrics.attach_audit(self.audit)

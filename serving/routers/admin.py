@@ -120,6 +120,7 @@ def status_report(svc: Services) -> dict[str, Any]:
             "bases": [{"sha256": b.sha256, "source": getattr(b, "source", ""), "backend": b.name}
                       for b in snap.bases.values()],
             "batcher": {"batches": svc.batcher.batches, "items": svc.batcher.items, "max_batch": svc.batcher.max_seen,
-                        "pending": svc.batcher.pending},
+                        "pending": svc.batcher.pending, "in_flight_batches": svc.batcher.in_flight,
+                        "rendering": svc.batcher.rendering},
             "audit": {"written": svc.audit.written, "dropped": svc.audit.dropped, "pending": svc.audit.pending},
             "voices": voices}

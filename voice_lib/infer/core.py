@@ -18,19 +18,21 @@ version names its backend in the lineage tag ``backend`` (``end_to_end`` when ab
 
 The WORLD vocoder takes most of the time (about 80 ms of a 20-word sentence's 95 ms) and pyworld releases
 the GIL, so the rows of a batch are vocoded in parallel on a thread pool when one is given (measured: 8
-vocodes 636 ms in one thread, 415 ms in two, on 2 cores).
+vocodes 636 ms in one thread, 415 ms in two, on 2 cores). ``synthesize_rows`` is the two stages in one call:
+``predict_rows`` (the model pass, which gives each row a ``RowRender``) and ``render_rows``; the server runs
+them apart, so its next batch's model pass overlaps this batch's rendering (serving/batcher.py).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, as_completed
 from dataclasses import dataclass
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +42,7 @@ from voice_lib.data.features import FeatureConfig, world_synthesis
 from voice_lib.infer.multilora import LoraBank
 
 END_TO_END = "end_to_end"  # the registry lineage tag ``backend`` of versions that predate the tag
+T = TypeVar("T")
 MAX_STEPS_PER_PHONE = 50  # 1 s at 20 ms steps: a duration predictor gone wild must not allocate gigabytes
 
 
@@ -120,41 +123,66 @@ class RowAudio:
     compute_seconds: float  # the row's share of the model pass plus its own vocoding
 
 
+@dataclass(frozen=True, eq=False)
+class RowRender:
+    """One row after the model pass: calling it renders the row's audio (the vocoder step, no model involved).
+
+    The split lets the server run the next batch's model pass while this batch's rows still render."""
+
+    backend: AcousticBackend
+    row: AcousticRow
+    features: np.ndarray
+    shared_seconds: float  # the row's share of the model pass
+
+    def __call__(self) -> RowAudio:
+        started = time.perf_counter()
+        audio = self.backend.render(self.row, self.features)
+        return RowAudio(audio, self.shared_seconds + time.perf_counter() - started)
+
+
+def predict_rows(backend: AcousticBackend, bank: LoraBank,
+                 rows: Sequence[AcousticRow]) -> list[RowRender | Exception]:
+    """The model pass over ``rows``: per row its pending rendering, or the row's error (a failed pass: every row's)."""
+    started = time.perf_counter()
+    try:
+        predicted = backend.predict(rows, bank)
+    except Exception as exc:  # noqa: BLE001 - the whole pass failed: every row gets the error
+        return [exc] * len(rows)
+    shared = (time.perf_counter() - started) / max(1, len(rows))
+    return [found if isinstance(found, Exception) else RowRender(backend, row, found, shared)
+            for row, found in zip(rows, predicted)]
+
+
+def render_rows(pending: Sequence[Callable[[], T] | Exception],
+                vocoder: Executor | None = None) -> Iterator[tuple[int, T | Exception]]:
+    """Run each pending rendering; yields ``(index, result or error)`` as they finish, errors first.
+
+    One failing rendering never fails the others. With ``vocoder`` (a thread pool) they run concurrently.
+    """
+    good = [i for i, item in enumerate(pending) if not isinstance(item, Exception)]
+    for i, item in enumerate(pending):
+        if isinstance(item, Exception):
+            yield i, item
+    if vocoder is None or len(good) < 2:
+        for i in good:
+            try:
+                yield i, pending[i]()  # type: ignore[operator]
+            except Exception as exc:  # noqa: BLE001 - this row's failure is its own
+                yield i, exc
+        return
+    futures = {vocoder.submit(pending[i]): i for i in good}  # type: ignore[arg-type]
+    for future in as_completed(futures):
+        exc = future.exception()
+        yield futures[future], exc if exc is not None else future.result()
+
+
 def synthesize_rows(backend: AcousticBackend, bank: LoraBank, rows: Sequence[AcousticRow],
                     vocoder: Executor | None = None) -> Iterator[tuple[int, RowAudio | Exception]]:
     """Predict ``rows`` in one pass, then vocode each; yields ``(row index, audio or error)`` as rows finish.
 
     One bad row never fails the others. With ``vocoder`` (a thread pool) the rows are vocoded concurrently.
     """
-    started = time.perf_counter()
-    try:
-        predicted = backend.predict(rows, bank)
-    except Exception as exc:  # noqa: BLE001 - the whole pass failed: every row gets the error
-        for row in range(len(rows)):
-            yield row, exc
-        return
-    shared = (time.perf_counter() - started) / max(1, len(rows))
-
-    def finish(row: int) -> RowAudio:
-        t0 = time.perf_counter()
-        audio = backend.render(rows[row], predicted[row])
-        return RowAudio(audio, shared + time.perf_counter() - t0)
-
-    good = [row for row, found in enumerate(predicted) if not isinstance(found, Exception)]
-    for row, found in enumerate(predicted):
-        if isinstance(found, Exception):
-            yield row, found
-    if vocoder is None or len(good) < 2:
-        for row in good:
-            try:
-                yield row, finish(row)
-            except Exception as exc:  # noqa: BLE001 - this row's failure is its own
-                yield row, exc
-        return
-    pending = {vocoder.submit(finish, row): row for row in good}
-    for future in as_completed(pending):
-        exc = future.exception()
-        yield pending[future], exc if exc is not None else future.result()
+    yield from render_rows(predict_rows(backend, bank, rows), vocoder)
 
 
 def guarded_durations(log_dur: torch.Tensor, phone_mask: torch.Tensor, speed: torch.Tensor,
