@@ -4,8 +4,8 @@ A batch runs in two stages: ``predict_batch`` (the model pass, under the pool's 
 ``PendingOutput``, and calling that renders the row (the vocoder step, on the vocoder threads). The
 micro-batcher (serving/batcher.py) hands the renderings to the vocoder pool and goes on to the next batch's
 model pass; ``run_batch`` does both stages in one call (warm-up, tests, benchmarks). The prediction, its
-guards and the vocoder are voice_lib/infer/core.py's, the same the single-utterance Synthesizer (evaluation, the CLI)
-runs; this module only groups the jobs of a batch and adds the server's cheap bad-audio check. Rows of a
+guards and the vocoder are voice_lib/infer/core.py's, the same the single-utterance Synthesizer (evaluation,
+the CLI) runs; this module only groups the jobs of a batch and adds the server's cheap bad-audio check. Rows of a
 batch may use different LoRA adapters (voice_lib/infer/multilora.py) and have different lengths; a row
 whose model output is unusable fails alone, as a ``SynthesisError``; the other rows are unaffected.
 """
