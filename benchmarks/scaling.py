@@ -18,8 +18,9 @@ encoding; they read the same version folders. Each server is warmed over all its
 at concurrency 4. Resident memory is the server pid's VmRSS after the load; the CPU a server used is its own plus
 its children's (the reference synthesizer) over the load. Ratios are VoiceOps / baseline from the same run.
 
-The bound: before any server starts, the CPU seconds one request costs at batch 1 in one thread (this process and
-its children; the server's frontend, one model pass, rendering, WAV encoding; median of 10 sentences);
+The bound: for each voice count, before its servers start, the CPU seconds one request costs at batch 1 in one
+thread (this process and its children; the server's frontend, one model pass, rendering, WAV encoding; median of 10
+sentences spread over the same voices the load uses: voices differ in reference voice and pitch shift, so in cost);
 bound = cores / cost requests per second, and every server's throughput is reported as a fraction of it.
 
 Writes benchmarks/results/scaling.json (scaling.quick.json with --quick).
@@ -73,10 +74,12 @@ def start_baseline(bench: Bench, mode: str, voices_dir: Path, n: int) -> Server:
     return Server(mode, f"http://127.0.0.1:{port}", proc, "unused", {"mode": mode})
 
 
-def request_cpu_cost(bench: Bench, folder: Path, texts: list[str]) -> dict[str, Any]:
+def request_cpu_cost(bench: Bench, folders: list[Path], texts: list[str]) -> dict[str, Any]:
     """CPU seconds (this process + its children: the reference synthesizer) one request costs at batch 1 in one
     thread: the server's frontend (plan_chunks, then the backend's model inputs), one model pass, the rendering
-    and WAV encoding, per text; medians. ``cores / cost`` is the machine's bound on requests per second."""
+    and WAV encoding, per text, the i-th text in the voice ``folders[i % len(folders)]`` (the servers' voice mix:
+    voices differ in reference voice and pitch shift, hence in cost); medians. ``cores / cost`` is the machine's
+    bound on requests per second."""
     import torch
 
     from serving.engine import SynthesisJob, run_batch
@@ -89,11 +92,11 @@ def request_cpu_cost(bench: Bench, folder: Path, texts: list[str]) -> dict[str, 
     torch.set_num_threads(1)
     try:
         backend = load_backend(bench.backend, bench.base.path, bench.base.sha256)
-        bank = LoraBank([("v", AdapterWeights.load(folder))], backend.shapes)
-        speaker = torch.from_numpy(np.load(folder / "speaker_embedding.npy").astype(np.float32)).reshape(-1)
-        frontend = read_frontend(folder)
+        voices = [(LoraBank([("v", AdapterWeights.load(f))], backend.shapes), read_frontend(f),
+                   torch.from_numpy(np.load(f / "speaker_embedding.npy").astype(np.float32)).reshape(-1)) for f in folders]
         costs, walls, audio = [], [], []
-        for text in [texts[0], *texts]:  # the first one again, unmeasured: lazy imports and caches
+        for i, text in enumerate([texts[0], *texts]):  # the first one again, unmeasured: lazy imports and caches
+            bank, frontend, speaker = voices[max(0, i - 1) % len(voices)]
             c0, w0 = cpu_seconds(), time.perf_counter()
             planned = plan_chunks(text, "auto")
             inputs = [c.ids if backend.name == END_TO_END else backend.model_inputs(c.spoken_text, "en", frontend)
@@ -204,14 +207,14 @@ def main() -> None:
             if new:
                 bench.make_and_register([(v, 100 + len(registered) + i, LORA_B_SCALE) for i, v in enumerate(new)])
                 registered += new
-            if "bound" not in out:  # before any server runs: the machine is as quiet as it will be
-                out["bound"] = request_cpu_cost(bench, bench.home / "adapters" / f"{registered[0]}-100",
-                                                [sentence_20(80_000 + i) for i in range(params["bound_requests"])])
-                b = out["bound"]
-                print(f"one request at batch 1, one thread: {b['cpu_seconds_per_request']:.3f} CPU s "
-                      f"({b['audio_seconds_per_request']:.1f} s of audio) -> bound {b['bound_requests_per_s']:.2f} "
-                      f"req/s on {b['cores']} cores", flush=True)
             voices = registered[:n]
+            # The bound for this voice mix, while no server runs (the machine is as quiet as it will be).
+            step = max(1, n // params["bound_requests"])
+            bound = request_cpu_cost(bench, [bench.home / "adapters" / f"{v}-{100 + i}" for i, v in enumerate(voices)][::step],
+                                     [sentence_20(80_000 + i) for i in range(params["bound_requests"])])
+            print(f"N={n}: one request at batch 1, one thread: {bound['cpu_seconds_per_request']:.3f} CPU s "
+                  f"({bound['audio_seconds_per_request']:.1f} s of audio) -> bound {bound['bound_requests_per_s']:.2f} "
+                  f"req/s on {bound['cores']} cores", flush=True)
             vdir = bench.home / f"voices-n{n}"
             vdir.mkdir()
             for v, seed in zip(voices, range(100, 100 + n)):
@@ -225,8 +228,8 @@ def main() -> None:
                 wait_until(f"{s.name} with {n} voices", lambda s=s, n=n: len(s.status_plain()["voices"]) == n, 600, 0.5, s.proc)
             run = measure_servers(servers, voices, params, offset)
             offset += params["rounds"] * params["requests_per_round"]
-            ratios(run, baselines, out["bound"]["bound_requests_per_s"])
-            out["runs"][str(n)] = run
+            ratios(run, baselines, bound["bound_requests_per_s"])
+            out["runs"][str(n)] = {**run, "bound": bound}
             for s in servers:
                 bench.stop(s.proc)
         # memory slope per additional voice between the smallest and largest N
@@ -244,10 +247,10 @@ def report(out: dict[str, Any], facts: dict[str, Any], params: dict[str, Any], c
            path: Path) -> None:
     print()
     print(f"Scaling benchmark, {params['backend']} voices ({'quick' if params['quick'] else 'full'} run) - {load_note(facts)}")
-    b = out["bound"]
     print(f"concurrency {params['concurrency']}, {params['rounds']} x {params['requests_per_round']} requests per server "
-          f"and voice count, 20-word sentences spread over all voices; bound = {b['cores']} cores / "
-          f"{b['cpu_seconds_per_request']:.3f} CPU s per request = {b['bound_requests_per_s']:.2f} req/s")
+          f"and voice count, 20-word sentences spread over all voices; bound = cores / CPU s of one request at batch 1 "
+          "in one thread, over the same voices: " + ", ".join(
+              f"N={n} {out['runs'][str(n)]['bound']['bound_requests_per_s']:.2f} req/s" for n in counts))
     rows = []
     for n in counts:
         run = out["runs"][str(n)]

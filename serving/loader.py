@@ -3,15 +3,19 @@
 Each version is downloaded once into ``cache_dir/serving`` (versions are immutable), its base is resolved
 by the weights hash in its lineage (voice_lib.release.models.trained_base_dir) and kept resident, shared by
 every version trained on it, and only its LoRA factors are held per version. A version that fails to load
-is retried with exponential backoff, not on every poll.
+is retried with exponential backoff, not on every poll. The versions of one reload are fetched and prepared on
+``serving.load_workers`` threads (MLflow downloads wait on the network, the reference synthesizer on a subprocess):
+with 50 voices a serial start spent most of its time there (benchmarks/cold_start.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -32,7 +36,8 @@ RunBatch = Callable[[Sequence[SynthesisJob]], Iterator[tuple[int, SynthesisOutpu
 
 
 class VersionLoader:
-    """Loads versions and keeps the resident backends (by base sha256); not thread-safe (the pool serialises)."""
+    """Loads versions and keeps the resident backends (by base sha256). One reload at a time (the pool serialises
+    them); within one, versions load on ``serving.load_workers`` threads."""
 
     def __init__(self, settings: Settings, registry: Registry, breaker: Any | None = None) -> None:
         self.settings, self.registry = settings, registry
@@ -42,19 +47,32 @@ class VersionLoader:
         self._failed: dict[Key, tuple[float, int, str]] = {}  # key -> (retry after, attempts, error)
         # Seconds the last load_missing spent per step, summed over its versions (the pool reports them).
         self.last_timings: dict[str, float] = {}
+        self._lock = threading.Lock()  # the resident bases and the timings, shared by the loading threads
+
+    def _workers(self, jobs: int) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=max(1, min(self.settings.serving.load_workers, jobs)),
+                                  thread_name_prefix="version-loader")
 
     def load_missing(self, keys: Sequence[Key], errors: list[str]) -> dict[Key, LoadedVersion]:
-        """Load ``keys``; a failure goes to ``errors`` and is not retried before its backoff ends."""
+        """Load ``keys`` in parallel; a failure goes to ``errors`` and is not retried before its backoff ends."""
         fresh: dict[Key, LoadedVersion] = {}
         now = time.monotonic()
         self.last_timings = {"fetch_s": 0.0, "base_s": 0.0, "adapter_s": 0.0}
+        due = []
         for key in keys:
             failed = self._failed.get(key)
             if failed is not None and failed[0] > now:  # versions are immutable: don't re-download every poll
                 errors.append(failed[2])
-                continue
+            else:
+                due.append(key)
+        if not due:
+            return fresh
+        with self._workers(len(due)) as pool:
+            futures = [(key, pool.submit(self.load_version, *key)) for key in due]
+        for key, future in futures:
+            failed = self._failed.get(key)
             try:
-                fresh[key] = self.load_version(*key)
+                fresh[key] = future.result()
                 self._failed.pop(key, None)
             except Exception as exc:  # noqa: BLE001 - one bad version must not block the others
                 message = f"voice-{key[0]} version {key[1]}: {exc}"
@@ -91,8 +109,9 @@ class VersionLoader:
                              frontend=read_frontend(folder))
 
     def _add_timings(self, **seconds: float) -> None:
-        for step, value in seconds.items():
-            self.last_timings[step] = round(self.last_timings.get(step, 0.0) + value, 3)
+        with self._lock:
+            for step, value in seconds.items():
+                self.last_timings[step] = self.last_timings.get(step, 0.0) + value
 
     def backend_for(self, lineage: Mapping[str, Any], name: str, version: str) -> AcousticBackend:
         """The exact base a version was trained on (by sha256), loaded once: never an adapter on another base."""
@@ -100,6 +119,10 @@ class VersionLoader:
         if not sha:
             raise RegistryError(f"{name} version {version} has no base_sha256 lineage tag; cannot pick its base.")
         backend = str(lineage.get("backend") or END_TO_END)
+        with self._lock:  # loading threads that need the same base wait for the first to load it
+            return self._resident_backend(sha, backend, lineage, name, version)
+
+    def _resident_backend(self, sha: str, backend: str, lineage: Mapping[str, Any], name: str, version: str) -> AcousticBackend:
         resident = self.bases.get(sha)
         if resident is not None and resident.name == backend:
             return resident
@@ -128,9 +151,13 @@ class VersionLoader:
         for sha, versions in by_base.items():
             base = self.bases[sha]
             bank = LoraBank([(v.key, v.weights) for v in versions], base.shapes)
-            # The warm-up sentence through each version's own frontend (two-stage: its reference voice).
-            jobs = [SynthesisJob(ids if v.backend == END_TO_END else base.model_inputs(text, "en", v.frontend), 1.0, base,
-                                 bank, bank.slot(v.key), v.speaker) for v in versions]
+            # The warm-up sentence through each version's own frontend (two-stage: its reference voice renders it).
+            def job(v: LoadedVersion, base: AcousticBackend = base, bank: LoraBank = bank) -> SynthesisJob:
+                inputs = ids if v.backend == END_TO_END else base.model_inputs(text, "en", v.frontend)
+                return SynthesisJob(inputs, 1.0, base, bank, bank.slot(v.key), v.speaker)
+
+            with self._workers(len(versions)) as pool:
+                jobs = list(pool.map(job, versions))
             started = time.perf_counter()
             for i, out in run_batch(jobs):
                 v = versions[i]

@@ -195,7 +195,8 @@ class VoicePool:
                                             text=self.settings.serving.warmup_text)
             if missing:
                 self.last_load_timings = {"versions": len(missing), "registry_read_s": round(read_at - started, 3),
-                                          "load_s": round(loaded_at - read_at, 3), **self.loader.last_timings,
+                                          "load_s": round(loaded_at - read_at, 3),
+                                          **{k: round(v, 3) for k, v in self.loader.last_timings.items()},
                                           "warm_up_s": round(time.perf_counter() - loaded_at, 3)}
             available = {**held, **fresh}
             routes = {voice_id: route for voice_id, w in wanted.items()

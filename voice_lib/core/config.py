@@ -136,6 +136,8 @@ class ServingSettings(BaseModel):
     batch_max_wait_ms: float = 10.0
     # Threads vocoding the rows of a batch in parallel (WORLD releases the GIL); 0 = one per usable CPU core.
     vocoder_threads: int = Field(0, ge=0)
+    # Versions of one reload fetched from MLflow and prepared (adapter, warm-up inputs) in parallel.
+    load_workers: int = Field(4, ge=1)
     frontend_cache_size: int = 4096
     rate_limit_per_minute: int = 600  # per API key unless the tenant sets its own
     # A key's bucket holds this many seconds of its rate (at least 10 requests, never more than its rate per
