@@ -151,7 +151,8 @@ def main() -> None:
     model = backend.model
     int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
     with tempfile.TemporaryDirectory() as tmp:
-        example = (torch.zeros(1, 50, model.inp.in_features), speaker[None], torch.tensor([50]))
+        width = backend.model_inputs(texts[0], "en", voice.to_dict()).frames.shape[1]  # raw frames, as the server feeds
+        example = (torch.zeros(1, 50, width), speaker[None], torch.tensor([50]))
         variants = {"float32": model, "int8": int8}
         try:
             variants["onnx"] = onnx_runner(model, example, Path(tmp))
