@@ -2,7 +2,9 @@
 
 Starts a private MLflow and two `voiceops serve` processes on loopback that differ only in batching:
 ``batch8`` (batch_max_size 8, batch_max_wait_ms 10: the defaults) and ``batch1`` (batch_max_size 1). Voices
-are rank-8 LoRA adapters of the shipped base (voice_lib/assets/base, the real model) registered in MLflow.
+are rank-8 LoRA adapters registered in MLflow, of the default backend's shipped network: two-stage (the shipped
+converter, each voice with a real two_stage.json; benchmarks/bench_voices.py) unless ``--backend end_to_end``
+(the shipped end-to-end base, voice_lib/assets/base).
 
 1. Memory per additional voice: 1 voice registered -> two warm-up passes at concurrency 16 -> resident memory
    rss1 (VmRSS of the server pid, and /metrics voiceops_resident_memory_bytes); 10 more voices registered ->
@@ -95,11 +97,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="OMP threads of the servers (default: torch's own)")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/serving[.quick].json)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary home (logs) for inspection")
+    parser.add_argument("--backend", choices=("two_stage", "end_to_end"), default="two_stage",
+                        help="the voices' backend (default two_stage, the platform's default)")
     args = parser.parse_args()
     facts = machine_facts()
     quick = args.quick
     params: dict[str, Any] = {
-        "quick": quick, "concurrency": [1, 4, 16],
+        "quick": quick, "backend": args.backend, "concurrency": [1, 4, 16],
         "requests_per_round": {1: 8, 4: 16, 16: 32} if quick else {1: 30, 4: 60, 16: 128},
         "rounds": args.rounds or (1 if quick else 2), "stream_pairs": 4 if quick else 15,
         "max_seconds_per_load": 120, "extra_voices": 10, "warmup_requests": 24 if quick else 48, "warmup_passes": 2,
@@ -111,7 +115,7 @@ def main() -> None:
         "stream_text": "distinct 3-sentence texts, format wav", "client": "closed loop, httpx, one thread per concurrent client, same machine",
     }
     print(load_note(facts), flush=True)
-    bench = Bench("serving", keep=args.keep)
+    bench = Bench("serving", keep=args.keep, backend=args.backend)
     out: dict[str, Any] = {"benchmark": "serving", "machine": facts, "params": params, "goals": GOALS}
     try:
         t0 = time.monotonic()

@@ -506,7 +506,8 @@ def evaluate(
 
 
 BENCHMARKS = {"vocoder": "vocoder_ceiling.py", "voice-quality": "voice_quality.py", "serving": "serving.py",
-              "scaling": "scaling.py", "rollback": "rollback_time.py", "soak": "soak.py", "faults": "faults.py"}
+              "scaling": "scaling.py", "cold-start": "cold_start.py", "synthesis-cost": "synthesis_cost.py",
+              "quantization": "quantization.py", "rollback": "rollback_time.py", "soak": "soak.py", "faults": "faults.py"}
 
 
 @app.command()
