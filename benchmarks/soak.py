@@ -21,10 +21,10 @@ one of 400 distinct 20-word sentences.
 4. Soak for ``--seconds`` (default 1800); resident memory (VmRSS of the server pid) sampled every 5 s. The
    comparison windows are the first and the last 5 minutes of the soak, scaled by ``seconds / 1800`` for
    shorter runs (the output says so): 10 s each in a 60 s ``--quick`` run.
-5. Updates: ``--updates`` (default 5; each round makes three two-stage adapters in this process, about a minute
-   on this machine) times, a new version of each voice is registered and promoted while the same open-loop load
-   goes on (the server hot-swaps it in and drops the old one); then one more minute of that load, whose median
-   resident memory is compared with the soak's last window (the "memory up 20% after an update" failure); and
+5. Updates: ``--updates`` (default 10) times, a new version of each voice is made (three two-stage adapters,
+   3-5 s in this process), registered and promoted while the same open-loop load goes on; the server hot-swaps
+   it in and drops the old one (a round took 31-36 s in a loaded --quick run, mostly the server's poll and
+   warm-up: 10 rounds add about 6 minutes). Then one more minute of that load, whose median resident memory is compared with the soak's last window (the "memory up 20% after an update" failure); and
    at rest: 90 s without requests before and after the updates (spanning one of the server's periodic heap
    trims), so what is compared is what the server holds, not what the allocator keeps between trims.
 6. SIGTERM (graceful: the audit queue is flushed), then the audit database is read back.
@@ -240,7 +240,7 @@ def main() -> int:
     parser.add_argument("--load", type=float, default=0.8, help="open-loop rate as a share of the highest sustained")
     parser.add_argument("--client-threads", type=int, default=32, help="most requests in flight at once")
     parser.add_argument("--seed", type=int, default=14, help="seed of the Poisson arrival schedule")
-    parser.add_argument("--updates", type=int, default=5, help="hot-swapped production updates after the soak")
+    parser.add_argument("--updates", type=int, default=10, help="hot-swapped production updates after the soak")
     parser.add_argument("--quick", action="store_true", help="60 s soak, short ramp and warm-up (a smoke run)")
     parser.add_argument("--glibc-defaults", action="store_true",
                         help="glibc's malloc defaults (no arena cap, no heap trim) for a before/after comparison")
