@@ -26,7 +26,8 @@ one of 400 distinct 20-word sentences.
    it in and drops the old one (a round took 31-36 s in a loaded --quick run, mostly the server's poll and
    warm-up: 10 rounds add about 6 minutes). Then one more minute of that load, whose median resident memory
    is compared with the soak's last window (the "memory up 20% after an update" failure); and at rest: 90 s
-   without requests before and after the updates (spanning one of the server's periodic heap trims), so what is compared is what the server holds, not what the allocator keeps between trims.
+   without requests before and after the updates (spanning one of the server's periodic heap trims), so
+   what is compared is what the server holds, not what the allocator keeps between trims.
 6. SIGTERM (graceful: the audit queue is flushed), then the audit database is read back.
 
 Also reported: the first request after the server turned ready vs the soak's median (a cold start without
