@@ -1,39 +1,54 @@
-"""Soak: 10 minutes at the highest load the server sustains on this machine, three voices, 20% canary.
+"""Soak: 30 minutes of open-loop load at 80% of the highest rate the server sustains, three voices, 20% canary.
 
-A private MLflow and one `voiceops serve` (default settings) on loopback. Three voices, each a rank-8 LoRA of
-the shipped base with production v1 and a canary v2 at weight 20. Every request carries its own user id
-(so about 20% go to the canaries) and its own ``X-Request-Id``, and is one of 400 distinct 20-word sentences.
+A private MLflow and one `voiceops serve` (default settings) on loopback. Three voices of the default backend,
+two-stage (``Bench(backend="two_stage")``: each a rank-8 LoRA of the shipped converter with a real
+two_stage.json, bench_voices.make_two_stage_adapter), each with production v1 and a canary v2 at weight 20.
+Every request carries its own user id (so about 20% go to the canaries) and its own ``X-Request-Id``, and is
+one of 400 distinct 20-word sentences.
 
-1. Ramp: closed loop at concurrency 1, 2, 4 and 8 for ``--ramp-seconds`` each. The soak concurrency is the
-   highest whose throughput is within 5% of the best seen and whose p95 stays under 2 s (the breaker's
-   default p95 limit): the most load the server carries before it only queues.
-2. Warm-up for ``--warmup-seconds`` at that concurrency (fills the text frontend cache, allocator pools).
-3. Soak for ``--seconds`` (default 600) at that concurrency; resident memory (VmRSS of the server pid)
-   sampled every 5 s; latency per minute.
-4. Updates: ``--updates`` times, a new version of each voice is registered and promoted while the load goes
-   on (the server hot-swaps it in and drops the old one); then one more minute of the same load, whose median
-   resident memory is compared with the last soak minute's (the "memory up 20% after an update" failure);
-   and at rest: 90 s without requests before and after the updates (spanning one of the server's periodic
-   heap trims), so what is compared is what the server holds, not what the allocator keeps between trims.
-5. SIGTERM (graceful: the audit queue is flushed), then the audit database is read back.
+1. Ramp: closed loop at concurrency 1, 2, 4 and 8 for ``--ramp-seconds`` each. The highest sustained rate is
+   the best throughput among the steps within 5% of the best seen whose p95 stays under 2 s (the breaker's
+   default p95 limit): the most the server carries before it only queues.
+2. From here on the load is OPEN loop: requests arrive as a Poisson process (seeded, ``--seed``) at
+   ``--load`` (0.8) x that rate, whatever the server does, and are sent by a bounded pool of
+   ``--client-threads`` client threads. A request's latency counts from its scheduled send time, so a slow
+   server cannot slow the clients down and hide its own slowness (no coordinated omission). A request whose
+   time comes while every client thread is busy is not sent and counts as *late* (reported; it has no id).
+   A closed loop at full concurrency measures a server always at its limit, where any slowdown of the machine
+   (other jobs on these 2 cores) moves the latency one to one; at 80% there is headroom and a creep is the
+   server's.
+3. Warm-up for ``--warmup-seconds`` (default 120: fills the text frontend cache and the allocator's pools).
+4. Soak for ``--seconds`` (default 1800); resident memory (VmRSS of the server pid) sampled every 5 s. The
+   comparison windows are the first and the last 5 minutes of the soak, scaled by ``seconds / 1800`` for
+   shorter runs (the output says so): 10 s each in a 60 s ``--quick`` run.
+5. Updates: ``--updates`` (default 10) times, a new version of each voice is made (three two-stage adapters,
+   3-5 s in this process), registered and promoted while the same open-loop load goes on; the server hot-swaps
+   it in and drops the old one (a round took 31-36 s in a loaded --quick run, mostly the server's poll and
+   warm-up: 10 rounds add about 6 minutes). Then one more minute of that load, whose median resident memory
+   is compared with the soak's last window (the "memory up 20% after an update" failure); and at rest: 90 s
+   without requests before and after the updates (spanning one of the server's periodic heap trims), so
+   what is compared is what the server holds, not what the allocator keeps between trims.
+6. SIGTERM (graceful: the audit queue is flushed), then the audit database is read back.
 
 Also reported: the first request after the server turned ready vs the soak's median (a cold start without
-warm-up would show here), and ``voiceops_bad_audio_total`` (silent or clipped outputs) from /metrics.
+warm-up would show here), late requests, and ``voiceops_bad_audio_total`` (silent or clipped outputs).
 
 Pass lines (printed, and in benchmarks/results/soak.json):
 - zero lost (no answer) or 5xx production requests;
-- no latency creep: the last soak minute's p95 within 15% of the first minute's;
-- resident memory flat: last-minute median RSS less than 5% above the first soak minute's (after warm-up);
+- no latency creep: p95 of the last 5 minutes within 15% of the first 5 minutes';
+- resident memory flat: median RSS of the last 5 minutes less than 5% above the first 5 minutes' (after warm-up);
 - memory after the updates less than 5% above before them, under the same load and at rest;
 - no silent or clipped output from the healthy voices;
 - audit rows: the set of request ids in the audit log equals the set the client sent, exactly.
 
-    .venv/bin/python benchmarks/soak.py [--seconds 600] [--quick]
+    .venv/bin/python benchmarks/soak.py [--seconds 1800] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import queue
+import random
 import sqlite3
 import statistics
 import sys
@@ -65,54 +80,94 @@ from common import (
 MB = 1024 * 1024
 CANARY_WEIGHT = 20
 TEXTS = 400
+FULL_SOAK_S = 1800.0
+FULL_WINDOW_S = 300.0  # the first and last 5 minutes of a full soak
 
 
 class Load:
-    """Closed-loop clients for a fixed time; every request has a unique id and user."""
+    """Clients of one server, closed or open loop; every request has a unique id and user."""
 
-    def __init__(self, url: str, headers: dict[str, str], voices: list[str], prefix: str) -> None:
+    def __init__(self, url: str, headers: dict[str, str], voices: list[str], prefix: str, seed: int = 0) -> None:
         self.url, self.headers, self.voices, self.prefix = url, headers, voices, prefix
         self.sent: list[str] = []
         self.results: list[tuple[str, Result]] = []
+        self.late: list[float] = []  # scheduled send times that found every client thread busy
         self._lock = threading.Lock()
         self._n = 0
+        self._rng = random.Random(seed)
 
-    def _next(self) -> int:
+    def _send(self, client: httpx.Client, scheduled: float) -> None:
+        """One request; its latency counts from ``scheduled`` (its send time in the schedule)."""
         with self._lock:
             self._n += 1
-            return self._n
+            i = self._n
+            rid = f"{self.prefix}-{i}"
+            self.sent.append(rid)
+        body = {"text": sentence_20(i % TEXTS), "voice_id": self.voices[i % len(self.voices)], "user_id": f"user-{i}"}
+        try:
+            r = client.post(f"{self.url}/v1/tts", json=body, headers={**self.headers, "X-Request-Id": rid}, timeout=120)
+            res = Result(scheduled, time.perf_counter(), r.status_code,
+                         wav_seconds(r.content) if r.status_code == 200 else 0.0, None,
+                         r.headers.get("X-Voice-Variant"), r.headers.get("X-Voice-Version"),
+                         "X-Voice-Fallback" in r.headers, None if r.status_code == 200 else r.text[:200])
+        except httpx.HTTPError as exc:
+            res = Result(scheduled, time.perf_counter(), 0, error=f"{type(exc).__name__}: {exc}")
+        with self._lock:
+            self.results.append((rid, res))
 
     def run(self, concurrency: int, seconds: float) -> list[tuple[str, Result]]:
+        """Closed loop: ``concurrency`` clients, each sending its next request when the last is answered."""
         deadline = time.perf_counter() + seconds
         start = len(self.results)
 
         def worker() -> None:
             with httpx.Client() as client:
                 while time.perf_counter() < deadline:
-                    i = self._next()
-                    rid = f"{self.prefix}-{i}"
-                    body = {"text": sentence_20(i % TEXTS), "voice_id": self.voices[i % len(self.voices)],
-                            "user_id": f"user-{i}"}
-                    with self._lock:
-                        self.sent.append(rid)
-                    t0 = time.perf_counter()
-                    try:
-                        r = client.post(f"{self.url}/v1/tts", json=body, headers={**self.headers, "X-Request-Id": rid},
-                                        timeout=120)
-                        res = Result(t0, time.perf_counter(), r.status_code,
-                                     wav_seconds(r.content) if r.status_code == 200 else 0.0, None,
-                                     r.headers.get("X-Voice-Variant"), r.headers.get("X-Voice-Version"),
-                                     "X-Voice-Fallback" in r.headers, None if r.status_code == 200 else r.text[:200])
-                    except httpx.HTTPError as exc:
-                        res = Result(t0, time.perf_counter(), 0, error=f"{type(exc).__name__}: {exc}")
-                    with self._lock:
-                        self.results.append((rid, res))
+                    self._send(client, time.perf_counter())
 
         threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(seconds + 180)
+        return self.results[start:]
+
+    def open(self, rate: float, seconds: float, threads: int) -> list[tuple[str, Result]]:
+        """Open loop: Poisson arrivals at ``rate``/s for ``seconds``, sent by at most ``threads`` clients at once.
+
+        An arrival that finds every client busy is not sent and is appended to ``late``."""
+        start = len(self.results)
+        work: queue.SimpleQueue = queue.SimpleQueue()
+        idle = threading.Semaphore(threads)
+        ready = threading.Barrier(threads + 1)  # the schedule starts once every client exists
+
+        def worker() -> None:
+            with httpx.Client() as client:
+                ready.wait()
+                while (scheduled := work.get()) is not None:
+                    self._send(client, scheduled)
+                    idle.release()
+
+        pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        ready.wait()
+        t0, at = time.perf_counter(), 0.0
+        while True:
+            at += self._rng.expovariate(rate)
+            if at >= seconds:
+                break
+            delay = t0 + at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            if idle.acquire(blocking=False):
+                work.put(t0 + at)
+            else:
+                self.late.append(t0 + at)
+        for _ in pool:
+            work.put(None)
+        for t in pool:
+            t.join(180)
         return self.results[start:]
 
 
@@ -123,11 +178,69 @@ def throughput(results: list[tuple[str, Result]]) -> float:
     return len(ok) / (max(r.ended for r in ok) - min(r.started for r in ok))
 
 
+def ramp_up(load: Load, seconds: float) -> tuple[dict[int, float], dict[int, float], int, float]:
+    """Closed-loop steps; returns throughput and p95 per concurrency, the chosen step and its rate."""
+    ramp, ramp_p95 = {}, {}
+    for c in (1, 2, 4, 8):
+        part = load.run(c, seconds)
+        ramp[c] = throughput(part)
+        ramp_p95[c] = percentile([r.latency * 1000 for _, r in part if r.status == 200], 95) or float("inf")
+        print(f"ramp: concurrency {c}: {ramp[c]:.2f} requests/s, p95 {ramp_p95[c]:.0f} ms")
+    best = max(ramp.values())
+    fit = [c for c in ramp if ramp[c] >= 0.95 * best and ramp_p95[c] <= 2000]
+    concurrency = max(fit, key=lambda c: ramp[c]) if fit else min(ramp)
+    return ramp, ramp_p95, concurrency, ramp[concurrency]
+
+
+class RssSampler:
+    """VmRSS of the server every ``interval`` seconds, in a thread, as (perf_counter time, bytes)."""
+
+    def __init__(self, server, interval: float) -> None:
+        self.server, self.interval = server, interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), self.server.rss()))
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def median(self, since: float, until: float = float("inf")) -> float:
+        return statistics.median([b for t, b in self.samples if since <= t < until])
+
+
+def start_server(bench: Bench, glibc_defaults: bool):
+    """MLflow, three two-stage voices with a canary at CANARY_WEIGHT each, and the server serving them all."""
+    bench.start_mlflow()
+    voices = ["soak-a", "soak-b", "soak-c"]
+    bench.make_and_register([(v, i + 1, LORA_B_SCALE) for i, v in enumerate(voices)])
+    canaries = bench.make_and_register([(v, i + 11, LORA_B_SCALE) for i, v in enumerate(voices)], promote=False)
+    registry = bench.registry
+    for voice, version in zip(voices, canaries):
+        registry.set_canary(f"voice-{voice}", version, CANARY_WEIGHT)
+    memory = {"malloc_arena_max": 0, "heap_trim_seconds": 0} if glibc_defaults else {}
+    server = bench.start_server("soak", {"poll_seconds": 10, **memory})
+    server.wait_voices(voices, 300)
+    bench_wait_canaries(server, voices)
+    return server, voices
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=600.0, help="soak duration (default 600)")
+    parser.add_argument("--seconds", type=float, default=FULL_SOAK_S, help="soak duration (default 1800)")
     parser.add_argument("--ramp-seconds", type=float, default=20.0)
-    parser.add_argument("--warmup-seconds", type=float, default=60.0)
+    parser.add_argument("--warmup-seconds", type=float, default=120.0)
+    parser.add_argument("--load", type=float, default=0.8, help="open-loop rate as a share of the highest sustained")
+    parser.add_argument("--client-threads", type=int, default=32, help="most requests in flight at once")
+    parser.add_argument("--seed", type=int, default=14, help="seed of the Poisson arrival schedule")
     parser.add_argument("--updates", type=int, default=10, help="hot-swapped production updates after the soak")
     parser.add_argument("--quick", action="store_true", help="60 s soak, short ramp and warm-up (a smoke run)")
     parser.add_argument("--glibc-defaults", action="store_true",
@@ -137,152 +250,170 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.ramp_seconds, args.warmup_seconds, args.updates = 60.0, 8.0, 15.0, 2
+    window = FULL_WINDOW_S * min(1.0, args.seconds / FULL_SOAK_S)
     facts = machine_facts()
     print(load_note(facts))
-    bench = Bench("soak", keep=args.keep)
+    bench = Bench("soak", keep=args.keep, backend="two_stage")  # the default backend: bench_voices.make_two_stage_adapter
     try:
-        bench.start_mlflow()
-        voices = ["soak-a", "soak-b", "soak-c"]
-        bench.make_and_register([(v, i + 1, LORA_B_SCALE) for i, v in enumerate(voices)])
-        canaries = bench.make_and_register([(v, i + 11, LORA_B_SCALE) for i, v in enumerate(voices)], promote=False)
-        registry = bench.registry
-        for voice, version in zip(voices, canaries):
-            registry.set_canary(f"voice-{voice}", version, CANARY_WEIGHT)
-        memory = {"malloc_arena_max": 0, "heap_trim_seconds": 0} if args.glibc_defaults else {}
-        server = bench.start_server("soak", {"poll_seconds": 10, **memory})
-        server.wait_voices(voices, 300)
-        bench_wait_canaries(server, voices)
-        load = Load(server.url, server.auth, voices, "soak")
+        server, voices = start_server(bench, args.glibc_defaults)
+        load = Load(server.url, server.auth, voices, "soak", args.seed)
         cold = [r.latency * 1000 for _, r in load.run(1, 3.0)]  # the first requests after readiness
-
-        ramp, ramp_p95 = {}, {}
-        for c in (1, 2, 4, 8):
-            part = load.run(c, args.ramp_seconds)
-            ramp[c] = throughput(part)
-            ramp_p95[c] = percentile([r.latency * 1000 for _, r in part if r.status == 200], 95) or float("inf")
-            print(f"ramp: concurrency {c}: {ramp[c]:.2f} requests/s, p95 {ramp_p95[c]:.0f} ms")
-        best = max(ramp.values())
-        fit = [c for c in ramp if ramp[c] >= 0.95 * best and ramp_p95[c] <= 2000]
-        concurrency = max(fit) if fit else min(ramp)
-        print(f"soak concurrency {concurrency} (best throughput {best:.2f}/s)")
-        load.run(concurrency, args.warmup_seconds)
-
-        rss: list[tuple[float, int]] = []
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                rss.append((time.perf_counter(), server.rss()))
-                stop.wait(5)
-
-        sampler = threading.Thread(target=sample, daemon=True)
+        ramp, ramp_p95, concurrency, sustained = ramp_up(load, args.ramp_seconds)
+        rate = args.load * sustained
+        print(f"highest sustained rate {sustained:.2f}/s (closed loop, concurrency {concurrency}); open loop at "
+              f"{args.load:.0%}: {rate:.2f} requests/s, Poisson (seed {args.seed}), {args.client_threads} client threads")
+        if window < FULL_WINDOW_S:
+            print(f"comparison windows: the first and last {window:.0f} s of the soak (5 min scaled by "
+                  f"{args.seconds:.0f}/{FULL_SOAK_S:.0f} s)")
+        load.open(rate, args.warmup_seconds, args.client_threads)
+        late_before = len(load.late)
+        rss = RssSampler(server, min(5.0, window / 10))
         soak_started = time.perf_counter()
-        sampler.start()
-        soaked = load.run(concurrency, args.seconds)
+        rss.start()
+        soaked = load.open(rate, args.seconds, args.client_threads)
         soak_ended = time.perf_counter()
+        late = len(load.late) - late_before
         idle_before_updates = idle_rss(rss)
-        updates = run_updates(bench, server, load, voices, concurrency, args.updates)
+        updates = run_updates(bench, server, load, voices, rate, args.client_threads, args.updates)
         # The same load for one more minute once the last swap is served: memory after an update is compared
-        # in steady state with the soak's last minute (same window, same load), not during a version load.
+        # in steady state with the soak's last window (same load), not during a version load.
         settled_at = time.perf_counter()
-        load.run(concurrency, 60.0)
-        rss_after_updates = statistics.median([b for t, b in rss if t >= settled_at])
+        load.open(rate, 60.0, args.client_threads)
+        rss_after_updates = rss.median(settled_at)
         idle_after_updates = idle_rss(rss)
-        stop.set()
-        sampler.join(10)
+        rss.stop()
         status = server.status()
         breakers = {v: (status["voices"][v].get("canary") or {}).get("breaker", {}) for v in voices}
         bad_audio = metric_sum(server.metrics(), "voiceops_bad_audio_total")
         bench.stop(server.proc)  # SIGTERM: graceful, flushes the audit queue
         audit_ids, audit_rows = read_audit(bench.home / "server-soak" / "audit.db")
-
-        res = [r for _, r in soaked]
-        by_variant = Counter(r.variant for r in res if r.status == 200)
-        production = [r for r in res if r.variant != "canary"]  # lost answers have no variant: counted here
-        prod_failed = [r for r in production if r.status == 0 or r.status >= 500]
-        minutes = []
-        for m in range(int(args.seconds // 60) or 1):
-            lat = [r.latency * 1000 for r in res if r.status == 200 and m * 60 <= r.started - soak_started < (m + 1) * 60]
-            minutes.append({"minute": m + 1, "requests": len(lat), "p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95)})
-        first = [b for t, b in rss if t - soak_started < 60]
-        last = [b for t, b in rss if soak_ended - 60 <= t < soak_ended]
-        rss_first, rss_last = statistics.median(first), statistics.median(last)
-        growth = (rss_last - rss_first) / rss_first
-        slope = _slope([(t - soak_started) / 60, b / MB] for t, b in rss if t < soak_ended)
-        p95s = [m["p95_ms"] for m in minutes if m["p95_ms"] is not None]
-        creep = (p95s[-1] - p95s[0]) / p95s[0] if p95s else None
+        out = summarize_soak(args, window, soaked, rss, soak_started, soak_ended)
         sent = set(load.sent)
         missing, extra = sent - audit_ids, audit_ids - sent
-        checks = {
-            "zero lost or 5xx production requests": not prod_failed,
-            "resident memory growth under 5% after warm-up": growth < 0.05,
-            # the "0.8 s becomes 1.2 s" story is +50%; minute-to-minute p95 noise here is about ±7%
-            "no latency creep: last minute's p95 within 15% of the first's": creep is not None and creep < 0.15,
-            # growth is the failure ("memory up 20% after an update"); memory given back is not
-            f"resident memory after {args.updates} hot-swapped updates grew under 5%, under load":
-                (rss_after_updates - rss_last) / rss_last < 0.05,
-            f"resident memory after {args.updates} hot-swapped updates grew under 5%, at rest":
-                (idle_after_updates - idle_before_updates) / idle_before_updates < 0.05,
-            "no silent or clipped output": bad_audio == 0,
-            "no healthy canary rolled back (breaker closed)": not any(b.get("open") for b in breakers.values()),
-            "audit request ids == requests sent": not missing and not extra,
-        }
-        out: dict[str, Any] = {
-            "machine": facts, "quick": args.quick, "glibc_malloc_defaults": args.glibc_defaults,
-            "soak_seconds": args.seconds, "ramp_requests_per_s": ramp,
-            "ramp_p95_ms": ramp_p95, "concurrency": concurrency, "voices": len(voices), "canary_weight": CANARY_WEIGHT,
-            "requests": len(res), "ok": sum(r.status == 200 for r in res), "by_variant": dict(by_variant),
-            "canary_share": by_variant.get("canary", 0) / max(1, sum(by_variant.values())),
-            "production_lost_or_5xx": len(prod_failed), "all_non_200": dict(Counter(r.status for r in res if r.status != 200)),
-            "fallbacks": sum(r.fallback for r in res), "requests_per_s": throughput(soaked),
-            "p50_ms": percentile([r.latency * 1000 for r in res if r.status == 200], 50),
-            "p95_ms": percentile([r.latency * 1000 for r in res if r.status == 200], 95),
-            "latency_by_minute": minutes, "p95_creep": creep,
-            "rss_first_minute_mb": rss_first / MB, "rss_last_minute_mb": rss_last / MB, "rss_growth": growth,
-            "rss_slope_mb_per_min": slope, "rss_samples_s_mb": [(round(t - soak_started, 1), round(b / MB, 1)) for t, b in rss],
+        out.update({
+            "machine": facts, "quick": args.quick, "glibc_malloc_defaults": args.glibc_defaults, "backend": "two_stage",
+            "soak_seconds": args.seconds, "window_seconds": window, "ramp_requests_per_s": ramp, "ramp_p95_ms": ramp_p95,
+            "ramp_concurrency": concurrency, "sustained_requests_per_s": sustained, "load_share": args.load,
+            "offered_requests_per_s": rate, "client_threads": args.client_threads, "seed": args.seed,
+            "late_requests": late, "voices": len(voices), "canary_weight": CANARY_WEIGHT,
             "requests_sent_total": len(sent), "audit_rows": audit_rows, "audit_request_ids": len(audit_ids),
-            "audit_missing": sorted(missing)[:10], "audit_extra": sorted(extra)[:10],
-            "cold_start_ms": cold, "cold_first_over_soak_p50": (cold[0] / percentile([r.latency * 1000 for r in res if r.status == 200], 50)) if cold else None,
-            "updates": updates, "rss_before_updates_mb": rss_last / MB, "rss_after_updates_mb": rss_after_updates / MB,
+            "audit_missing": sorted(missing)[:10], "audit_extra": sorted(extra)[:10], "cold_start_ms": cold,
+            "cold_first_over_soak_p50": (cold[0] / out["p50_ms"]) if cold and out["p50_ms"] else None,
+            "updates": updates, "rss_after_updates_mb": rss_after_updates / MB,
             "idle_rss_before_updates_mb": idle_before_updates / MB, "idle_rss_after_updates_mb": idle_after_updates / MB,
-            "bad_audio_total": bad_audio,
-            "breakers": breakers,
-            "checks": checks,
-        }
-        print(table(["minute", "requests", "p50 ms", "p95 ms"],
-                    [[m["minute"], m["requests"], fmt(m["p50_ms"]), fmt(m["p95_ms"])] for m in minutes]))
-        print(table(["measure", "value"], [
-            ["concurrency (ramp)", f"{concurrency}  ({', '.join(f'c{c}: {t:.2f}/s' for c, t in ramp.items())})"],
-            ["requests in soak", f"{len(res)} ({out['requests_per_s']:.2f}/s), canary share {out['canary_share']:.1%}"],
-            ["p50 / p95", f"{fmt(out['p50_ms'])} / {fmt(out['p95_ms'])} ms"],
-            ["production lost or 5xx", len(prod_failed)],
-            ["p95 first / last minute", f"{fmt(p95s[0] if p95s else None)} / {fmt(p95s[-1] if p95s else None)} ms"
-                                        + (f" ({creep:+.1%})" if creep is not None else "")],
-            ["RSS first / last minute", f"{rss_first / MB:.1f} / {rss_last / MB:.1f} MB ({growth:+.2%}, {slope:+.2f} MB/min)"],
-            ["first request after ready", f"{fmt(cold[0] if cold else None)} ms (soak p50 {fmt(out['p50_ms'])} ms)"],
-            [f"RSS before / after {args.updates} updates, under load", f"{rss_last / MB:.1f} / {rss_after_updates / MB:.1f} MB"],
-            [f"RSS before / after {args.updates} updates, at rest", f"{idle_before_updates / MB:.1f} / {idle_after_updates / MB:.1f} MB"],
-            ["silent or clipped outputs", bad_audio],
-            ["canary breakers tripped", "; ".join(f"{v}: {b.get('reason')}" for v, b in breakers.items() if b.get("open"))
-                                        or "none"],
-            ["audit ids vs sent", f"{len(audit_ids)} vs {len(sent)} (missing {len(missing)}, extra {len(extra)})"],
-        ]))
-        for name, ok in checks.items():
-            print(f"{verdict(ok)}  {name}")
+            "bad_audio_total": bad_audio, "breakers": breakers,
+        })
+        out["checks"] = pass_lines(out, window, args.updates, not missing and not extra)
+        print_report(out, args.updates, len(audit_ids), len(sent), len(missing), len(extra))
         path = write_results("soak-glibc-defaults" if args.glibc_defaults else "soak", out, args.quick, args.out)
         print(f"wrote {path}")
-        return 0 if all(checks.values()) else 1
+        return 0 if all(out["checks"].values()) else 1
     finally:
         bench.close()
 
 
-def run_updates(bench: Bench, server, load: Load, voices: list[str], concurrency: int, rounds: int) -> list[dict]:
-    """Promote a new version of every voice ``rounds`` times under load; each round waits until it is served."""
+def summarize_soak(args: argparse.Namespace, window: float, soaked: list[tuple[str, Result]], rss: RssSampler,
+                   soak_started: float, soak_ended: float) -> dict[str, Any]:
+    """Latency per bin and in the first and last windows, RSS in the same windows, request outcomes."""
+    res = [r for _, r in soaked]
+    ok = [r for r in res if r.status == 200]
+    by_variant = Counter(r.variant for r in ok)
+    production = [r for r in res if r.variant != "canary"]  # lost answers have no variant: counted here
+    prod_failed = [r for r in production if r.status == 0 or r.status >= 500]
+
+    def latencies(since: float, until: float) -> list[float]:  # by scheduled send time, seconds into the soak
+        return [r.latency * 1000 for r in ok if since <= r.started - soak_started < until]
+
+    step = min(60.0, window)
+    bins = []
+    for m in range(max(1, int(args.seconds // step))):
+        lat = latencies(m * step, (m + 1) * step)
+        bins.append({"from_s": m * step, "requests": len(lat), "p50_ms": percentile(lat, 50),
+                     "p95_ms": percentile(lat, 95)})
+    p95_first = percentile(latencies(0, window), 95)
+    p95_last = percentile(latencies(args.seconds - window, args.seconds), 95)
+    creep = (p95_last - p95_first) / p95_first if p95_first and p95_last else None
+    rss_first = rss.median(soak_started, soak_started + window)
+    rss_last = rss.median(soak_ended - window, soak_ended)
+    slope = _slope([(t - soak_started) / 60, b / MB] for t, b in rss.samples if t < soak_ended)
+    all_lat = [r.latency * 1000 for r in ok]
+    return {
+        "requests": len(res), "ok": len(ok), "by_variant": dict(by_variant),
+        "canary_share": by_variant.get("canary", 0) / max(1, sum(by_variant.values())),
+        "production_lost_or_5xx": len(prod_failed), "all_non_200": dict(Counter(r.status for r in res if r.status != 200)),
+        "fallbacks": sum(r.fallback for r in res), "requests_per_s": len(ok) / args.seconds,
+        "p50_ms": percentile(all_lat, 50), "p95_ms": percentile(all_lat, 95), "latency_by_bin": bins,
+        "p95_first_window_ms": p95_first, "p95_last_window_ms": p95_last, "p95_creep": creep,
+        "rss_first_window_mb": rss_first / MB, "rss_last_window_mb": rss_last / MB,
+        "rss_growth": (rss_last - rss_first) / rss_first, "rss_slope_mb_per_min": slope,
+        "rss_samples_s_mb": [(round(t - soak_started, 1), round(b / MB, 1)) for t, b in rss.samples],
+    }
+
+
+def pass_lines(out: dict[str, Any], window: float, updates: int, audit_equal: bool) -> dict[str, bool]:
+    """The soak's pass lines (module docstring) from its figures."""
+    rss_last, idle_before = out["rss_last_window_mb"], out["idle_rss_before_updates_mb"]
+    return {
+        "zero lost or 5xx production requests": out["production_lost_or_5xx"] == 0,
+        f"resident memory growth under 5% after warm-up (median RSS, last vs first {window:.0f} s)":
+            out["rss_growth"] < 0.05,
+        # the "0.8 s becomes 1.2 s" story is +50%
+        f"no latency creep: p95 of the last {window:.0f} s within 15% of the first {window:.0f} s":
+            out["p95_creep"] is not None and out["p95_creep"] < 0.15,
+        # growth is the failure ("memory up 20% after an update"); memory given back is not
+        f"resident memory after {updates} hot-swapped updates grew under 5%, under load":
+            (out["rss_after_updates_mb"] - rss_last) / rss_last < 0.05,
+        f"resident memory after {updates} hot-swapped updates grew under 5%, at rest":
+            (out["idle_rss_after_updates_mb"] - idle_before) / idle_before < 0.05,
+        "no silent or clipped output": out["bad_audio_total"] == 0,
+        "no healthy canary rolled back (breaker closed)": not any(b.get("open") for b in out["breakers"].values()),
+        "audit request ids == requests sent": audit_equal,
+    }
+
+
+def print_report(out: dict[str, Any], updates: int, audit_ids: int, sent: int, missing: int, extra: int) -> None:
+    w, creep, breakers = out["window_seconds"], out["p95_creep"], out["breakers"]
+    print(table(["from s", "requests", "p50 ms", "p95 ms"],
+                [[f"{b['from_s']:.0f}", b["requests"], fmt(b["p50_ms"]), fmt(b["p95_ms"])] for b in out["latency_by_bin"]]))
+    ramp = ", ".join(f"c{c}: {t:.2f}/s" for c, t in out["ramp_requests_per_s"].items())
+    print(table(["measure", "value"], [
+        ["highest sustained rate (closed-loop ramp)", f"{out['sustained_requests_per_s']:.2f}/s at c{out['ramp_concurrency']}  ({ramp})"],
+        ["offered (open loop, Poisson)", f"{out['offered_requests_per_s']:.2f}/s = {out['load_share']:.0%}, "
+                                         f"{out['client_threads']} client threads"],
+        ["requests in soak", f"{out['requests']} ({out['requests_per_s']:.2f}/s answered), canary share "
+                             f"{out['canary_share']:.1%}"],
+        ["late (every client thread busy: not sent)", out["late_requests"]],
+        ["p50 / p95 (from scheduled send)", f"{fmt(out['p50_ms'])} / {fmt(out['p95_ms'])} ms"],
+        ["production lost or 5xx", out["production_lost_or_5xx"]],
+        [f"p95 first / last {w:.0f} s", f"{fmt(out['p95_first_window_ms'])} / {fmt(out['p95_last_window_ms'])} ms"
+                                         + (f" ({creep:+.1%})" if creep is not None else "")],
+        [f"RSS median first / last {w:.0f} s", f"{out['rss_first_window_mb']:.1f} / {out['rss_last_window_mb']:.1f} MB "
+                                                f"({out['rss_growth']:+.2%}, {out['rss_slope_mb_per_min']:+.2f} MB/min)"],
+        ["first request after ready", f"{fmt(out['cold_start_ms'][0] if out['cold_start_ms'] else None)} ms "
+                                      f"(soak p50 {fmt(out['p50_ms'])} ms)"],
+        [f"RSS before / after {updates} updates, under load", f"{out['rss_last_window_mb']:.1f} / "
+                                                              f"{out['rss_after_updates_mb']:.1f} MB"],
+        [f"RSS before / after {updates} updates, at rest", f"{out['idle_rss_before_updates_mb']:.1f} / "
+                                                           f"{out['idle_rss_after_updates_mb']:.1f} MB"],
+        ["silent or clipped outputs", out["bad_audio_total"]],
+        ["canary breakers tripped", "; ".join(f"{v}: {b.get('reason')}" for v, b in breakers.items() if b.get("open"))
+                                    or "none"],
+        ["audit ids vs sent", f"{audit_ids} vs {sent} (missing {missing}, extra {extra})"],
+    ]))
+    for name, ok in out["checks"].items():
+        print(f"{verdict(ok)}  {name}")
+
+
+def run_updates(bench: Bench, server, load: Load, voices: list[str], rate: float, threads: int,
+                rounds: int) -> list[dict]:
+    """Promote a new version of every voice ``rounds`` times under the soak's open-loop load; each round waits
+    until it is served. The adapters are made (in this process) before the load of their round starts."""
     done = []
     registry = bench.registry
     for i in range(rounds):
         started = time.perf_counter()
         versions = bench.make_and_register([(v, 100 + 10 * i + j, LORA_B_SCALE) for j, v in enumerate(voices)], promote=False)
+        made = time.perf_counter() - started
         for voice, version in zip(voices, versions):
             registry.promote(f"voice-{voice}", version)
         deadline = time.monotonic() + 120
@@ -292,20 +423,21 @@ def run_updates(bench: Bench, server, load: Load, voices: list[str], concurrency
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"update {i + 1} not served within 120 s")
-            load.run(concurrency, 2.0)
-        load.run(concurrency, 10.0)
+            load.open(rate, 2.0, threads)
+        load.open(rate, 10.0, threads)
         done.append({"round": i + 1, "versions": versions, "seconds": round(time.perf_counter() - started, 1),
-                     "rss_mb": round(server.rss() / MB, 1)})
-        print(f"update {i + 1}/{rounds}: versions {versions} served; RSS {server.rss() / MB:.1f} MB")
+                     "adapters_made_s": round(made, 1), "rss_mb": round(server.rss() / MB, 1)})
+        print(f"update {i + 1}/{rounds}: versions {versions} served in {done[-1]['seconds']:.0f} s "
+              f"({made:.0f} s making the adapters); RSS {server.rss() / MB:.1f} MB")
     return done
 
 
-def idle_rss(samples: list[tuple[float, int]], seconds: float = 90.0) -> float:
+def idle_rss(rss: RssSampler, seconds: float = 90.0) -> float:
     """Resident memory at rest: no requests for ``seconds``, long enough for one of the server's periodic heap
     trims (at most 60 s + one poll apart, serving/memory.py) before the last 15 s, whose median is returned."""
     started = time.perf_counter()
     time.sleep(seconds)
-    return statistics.median([b for t, b in samples if t >= started + seconds - 15])
+    return rss.median(started + seconds - 15)
 
 
 def metric_sum(text: str, name: str) -> float:
