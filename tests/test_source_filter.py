@@ -62,6 +62,19 @@ def test_envelope_filter_applies_the_change_and_only_the_change(rendering):
     assert change.shape == env.shape and np.all(change[:, 30:] == 0.0) and np.allclose(change[:, 1:30], 1.0)
 
 
+def test_a_change_past_full_scale_is_scaled_down_not_clipped(rendering):
+    from voice_lib.infer.source_filter import PEAK, envelope_filter
+
+    audio, frames = rendering
+    env = frames[:, 2:62]
+    much_louder = env.copy()
+    much_louder[:, 0] += np.log(10.0 / np.max(np.abs(audio))) * 2  # an amplitude that would peak at 10x full scale
+    out = envelope_filter(audio, 16000, env, much_louder, 10.0)
+    assert np.max(np.abs(out)) <= PEAK + 1e-6
+    assert np.mean(np.abs(out) > 0.99) == 0.0  # nothing pinned at full scale
+    assert np.corrcoef(out, audio)[0, 1] > 0.99  # the same waveform, quieter: a gain, not a distortion
+
+
 def test_voice_files_say_how_they_are_rendered(tmp_path):
     from voice_lib.data.reference import PitchStats, TwoStageVoice
 

@@ -27,6 +27,7 @@ from scipy.signal import butter, sosfiltfilt
 
 UNVOICED_HOP_S = 0.005  # grain spacing in unvoiced stretches: noise has no period to follow
 MIN_F0 = 40.0
+PEAK = 0.98  # the filtered rendering's largest sample, at most
 
 
 @lru_cache(maxsize=512)
@@ -115,7 +116,12 @@ def envelope_filter(audio: np.ndarray, sample_rate: int, source_envelope: np.nda
     if gain.shape[1] < frames:  # the STFT's centred frames may run one or two past the WORLD analysis
         gain = np.concatenate([gain, np.repeat(gain[:, -1:], frames - gain.shape[1], axis=1)], axis=1)
     filtered = librosa.istft(spectrum * gain[:, :frames], hop_length=hop, win_length=n_fft, length=len(audio))
-    return np.clip(filtered, -1.0, 1.0).astype(np.float32)
+    # A converted voice louder than its source can overshoot full scale: scale the utterance down rather than clip
+    # it (hard clipping is audible, and the server counts clipped output as bad audio).
+    peak = float(np.max(np.abs(filtered))) if len(filtered) else 0.0
+    if peak > PEAK:
+        filtered = filtered * (PEAK / peak)
+    return filtered.astype(np.float32)
 
 
 def envelope_change(source_envelope: np.ndarray, converted_envelope: np.ndarray, order: int, smoothing: int) -> np.ndarray:
