@@ -208,17 +208,17 @@ def main() -> None:
                 bench.make_and_register([(v, 100 + len(registered) + i, LORA_B_SCALE) for i, v in enumerate(new)])
                 registered += new
             voices = registered[:n]
-            # The bound for this voice mix, while no server runs (the machine is as quiet as it will be).
-            step = max(1, n // params["bound_requests"])
-            bound = request_cpu_cost(bench, [bench.home / "adapters" / f"{v}-{100 + i}" for i, v in enumerate(voices)][::step],
-                                     [sentence_20(80_000 + i) for i in range(params["bound_requests"])])
-            print(f"N={n}: one request at batch 1, one thread: {bound['cpu_seconds_per_request']:.3f} CPU s "
-                  f"({bound['audio_seconds_per_request']:.1f} s of audio) -> bound {bound['bound_requests_per_s']:.2f} "
-                  f"req/s on {bound['cores']} cores", flush=True)
             vdir = bench.home / f"voices-n{n}"
             vdir.mkdir()
             for v, seed in zip(voices, range(100, 100 + n)):
                 (vdir / v).symlink_to(bench.home / "adapters" / f"{v}-{seed}")
+            # The bound for this voice mix, while no server runs (the machine is as quiet as it will be).
+            step = max(1, n // params["bound_requests"])
+            bound = request_cpu_cost(bench, [vdir / v for v in voices][::step],
+                                     [sentence_20(80_000 + i) for i in range(params["bound_requests"])])
+            print(f"N={n}: one request at batch 1, one thread: {bound['cpu_seconds_per_request']:.3f} CPU s "
+                  f"({bound['audio_seconds_per_request']:.1f} s of audio) -> bound {bound['bound_requests_per_s']:.2f} "
+                  f"req/s on {bound['cores']} cores", flush=True)
             print(f"N={n}: {len(registered)} voices registered ({time.monotonic() - t0:.0f} s); starting servers", flush=True)
             servers = [bench.start_server(f"voiceops-n{n}", params["voiceops_serving"])]
             servers[0].name = "voiceops"

@@ -58,19 +58,18 @@ class VersionLoader:
         fresh: dict[Key, LoadedVersion] = {}
         now = time.monotonic()
         self.last_timings = {"fetch_s": 0.0, "base_s": 0.0, "adapter_s": 0.0}
-        due = []
+        due = []  # (key, its earlier failure or None)
         for key in keys:
             failed = self._failed.get(key)
             if failed is not None and failed[0] > now:  # versions are immutable: don't re-download every poll
                 errors.append(failed[2])
             else:
-                due.append(key)
+                due.append((key, failed))
         if not due:
             return fresh
         with self._workers(len(due)) as pool:
-            futures = [(key, pool.submit(self.load_version, *key)) for key in due]
-        for key, future in futures:
-            failed = self._failed.get(key)
+            futures = [(key, failed, pool.submit(self.load_version, *key)) for key, failed in due]
+        for key, failed, future in futures:
             try:
                 fresh[key] = future.result()
                 self._failed.pop(key, None)
