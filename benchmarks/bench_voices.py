@@ -48,7 +48,6 @@ def shipped_converter() -> BaseInfo:
 
 _BASE_MODEL_CACHE: dict[str, Any] = {}
 _CONVERTER_CACHE: dict[str, Any] = {}
-TWO_STAGE_SOURCES = ("flite-awb", "flite-kal16")  # the shipped converter's pretraining sources, alternated by seed
 WARMUP_TEXT = "Hello, this is a short warm up sentence."
 
 
@@ -59,9 +58,10 @@ def two_stage_voice(seed: int, source_pitch: dict[str, dict[str, float]]):
 
     from voice_lib.data.reference import PitchStats, TwoStageVoice
     from voice_lib.train.finetune_two_stage import synthesis_candidates
+    from voice_lib.train.pretrain import CONVERTER_SOURCES
 
     rng = np.random.default_rng(seed)
-    source_voice = TWO_STAGE_SOURCES[seed % len(TWO_STAGE_SOURCES)]
+    source_voice = CONVERTER_SOURCES[seed % len(CONVERTER_SOURCES)]  # the shipped converter's sources, in turn
     source = PitchStats(**source_pitch[source_voice])
     target = PitchStats(source.mean + float(rng.uniform(-0.2, 0.4)), source.std * float(rng.uniform(0.8, 1.2)))
     scale = tuple(round(float(v), 4) for v in rng.uniform(1.0, 1.5, 60))

@@ -56,6 +56,15 @@ def test_every_voice_speaks(name: str) -> None:
     assert _voiced_fraction(audio) > 0.4
 
 
+def test_pico_speaks_text_that_looks_like_options(tmp_path: Path) -> None:
+    """pico2wave takes its text on the command line: a sentence starting with "-" is spoken, never parsed."""
+    if "pico-en-us" not in corpus.available_voices():
+        pytest.skip("SVOX Pico (libttspico-utils) not installed")
+    stray = tmp_path / "x.wav"
+    audio = corpus.synthesize(f"-w {stray} minus sign first, then words.", "pico-en-us", SR)
+    assert len(audio) / SR > 1.5 and not stray.exists()
+
+
 def test_resampling_keeps_duration() -> None:
     a16 = corpus.synthesize(EN_TEXT, "festival-slt-hts", 16000)  # engine renders at 32 kHz
     a24 = corpus.synthesize(EN_TEXT, "festival-slt-hts", 24000)
@@ -133,7 +142,8 @@ def test_concat_long_recording(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("voice", "package"),
-    [("flite-slt", "flite"), ("festival-kal", "festvox-kallpc16k"), ("espeak-cmn-f2", "espeak-ng")],
+    [("flite-slt", "flite"), ("festival-kal", "festvox-kallpc16k"), ("espeak-cmn-f2", "espeak-ng"),
+     ("pico-en-us", "libttspico-utils")],
 )
 def test_missing_engine_names_package(monkeypatch: pytest.MonkeyPatch, voice: str, package: str) -> None:
     monkeypatch.setenv("PATH", "")

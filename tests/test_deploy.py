@@ -392,7 +392,7 @@ def test_dockerfile_matches_the_makefile_install():
     # The runtime Debian packages of scripts/install-system-deps.sh (TTS engines, G2P, audio tools) are in the image.
     sysdeps = re.search(r"^PACKAGES=\((.*)\)", (ROOT / "scripts" / "install-system-deps.sh").read_text(), re.M)[1].split()
     for package in ("espeak-ng", "flite", "festival", "festvox-kallpc16k", "festvox-kdlpc16k", "festvox-us-slt-hts",
-                    "sox", "libsndfile1", "ffmpeg"):
+                    "libttspico-utils", "sox", "libsndfile1", "ffmpeg"):
         assert package in sysdeps, package
         assert re.search(rf"\s{re.escape(package)}(\s|\\)", dockerfile), package
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()

@@ -405,6 +405,8 @@ def pretrain(
     register: bool = typer.Option(True, "--register/--no-register", help="Log to MLflow and register voice-base@production."),
     backend: str = typer.Option("end-to-end", help="end-to-end: the shared base; two-stage: the converter (a "
                                                    "--parallel corpus; use it with VOICEOPS_MODEL__CONVERTER_DIR)."),
+    sources: Optional[str] = typer.Option(None, help="two-stage: comma-separated reference voices to convert from "
+                                          "(default flite-awb,flite-kal16,pico-en-us); each must be in the corpus."),
 ) -> None:
     """Pretrain the shared base model (or the two-stage converter) on a multi-speaker corpus."""
     from voice_lib.pipelines.training import pretrain_and_register
@@ -416,7 +418,11 @@ def pretrain(
     if backend == "two-stage":
         from voice_lib.train.pretrain import pretrain_converter
 
-        info = pretrain_converter(corpus_dir, settings, out or settings.home / "models" / "converter", steps=steps)
+        from voice_lib.train.pretrain import CONVERTER_SOURCES
+
+        chosen = tuple(v.strip() for v in sources.split(",") if v.strip()) if sources else CONVERTER_SOURCES
+        info = pretrain_converter(corpus_dir, settings, out or settings.home / "models" / "converter", steps=steps,
+                                  sources=chosen)
         console.print(f"converter: {info['base_dir']} (best validation loss {info['best_val_loss']:.4f}, "
                       f"{info['steps_trained']} steps, {info['train_seconds']:.0f} s); serve it with "
                       f"VOICEOPS_MODEL__CONVERTER_DIR={info['base_dir']}")

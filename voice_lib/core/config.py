@@ -65,7 +65,7 @@ class ModelSettings(BaseModel):
     backend: Literal["two_stage", "end_to_end"] = "two_stage"
     # Reference voices the two-stage backend may render with (pretraining voices of the shipped converter);
     # per target the nearest in pitch that does not sound like the target itself is used.
-    source_voices: list[str] = ["flite-awb", "flite-kal16", "espeak-cmn-m1", "espeak-cmn-f2"]
+    source_voices: list[str] = ["flite-awb", "flite-kal16", "pico-en-us", "espeak-cmn-m1", "espeak-cmn-f2"]
     source_exclude_similarity: float = 0.85
     adapt_learning_rate: float = 2e-3
     # How a two-stage voice's converted frames become audio (docs/model.md): "source_filter" re-pitches the

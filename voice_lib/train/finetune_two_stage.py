@@ -179,7 +179,7 @@ def _adapt(voice_id: str, manifest: dict, settings: Settings, base_dir: Path, ba
     """Pairs, source choice, LoRA training; the adapter saved into ``work``; returns the voice's two_stage.json too."""
     from peft import LoraConfig, get_peft_model
 
-    from voice_lib.data.corpus import get_voice
+    from voice_lib.data.corpus import available_voices, get_voice
     from voice_lib.data.reference import (
         PitchStats,
         analyze_frames,
@@ -192,7 +192,8 @@ def _adapt(voice_id: str, manifest: dict, settings: Settings, base_dir: Path, ba
     store = artifact_store(settings)
     frames = clip_frames(manifest, settings)
     language = manifest["clips"][0].get("language", "en")
-    spoken = [s for s in settings.model.source_voices if get_voice(s).language == language]
+    installed = set(available_voices(language))  # e.g. SVOX Pico is in Debian non-free and may be absent
+    spoken = [s for s in settings.model.source_voices if get_voice(s).language == language and s in installed]
     # Voices the converter was pretrained from first; another voice of the language only if there is none.
     candidates = [s for s in spoken if s in base_config.get("sources", [])] or spoken
     texts = [frames[c][0] for c in train]

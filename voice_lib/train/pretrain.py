@@ -21,6 +21,9 @@ from voice_lib.core.tracking import MlflowMetrics, start_run
 from voice_lib.model.checkpoints import write_model_card
 
 log = logging.getLogger(__name__)
+# The reference voices the shipped converter learns to convert from: two men (flite) and a woman (SVOX Pico), so a
+# female target needs no octave-wide re-pitch of a male rendering (docs/model.md).
+CONVERTER_SOURCES: tuple[str, ...] = ("flite-awb", "flite-kal16", "pico-en-us")
 CONVERTER_CARD = ("VoiceOps two-stage backend, timbre stage (see voice_lib/model/converter.py): a reference synthesizer's "
                   "WORLD frames + a GE2E speaker embedding → the target speaker's envelope and aperiodicity; F0 mapped by "
                   "log-F0 statistics. CPU-trained; every number below was measured by the recipe.")
@@ -110,7 +113,7 @@ def parallel_pairs(examples: list, sources: list[str]) -> dict[int, list]:
 
 
 def pretrain_converter(corpus_dir: Path, settings: Settings, out_dir: Path, steps: int = 1200,
-                       sources: tuple[str, ...] = ("flite-awb", "flite-kal16"), refine_at: int | None = None,
+                       sources: tuple[str, ...] = CONVERTER_SOURCES, refine_at: int | None = None,
                        log_to_mlflow: bool = True) -> dict:
     """A parallel multi-speaker corpus (``voiceops corpus --pretrain --parallel``) → the two-stage backend's
     converter (safetensors + config + model card), MLflow-tracked and resumable."""
