@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml $(LOCKS)
 	rm -f $(VENV)/.installed-* && touch $@
 
 test: setup lint
-	$(BIN)/python -m pytest -q -ra --durations=15
+	$(BIN)/python -m pytest -q -ra --durations=40
 
 # Layer contracts (pyproject's [tool.importlinter]) and the errors ruff finds without opinions on style.
 lint: venv

@@ -138,9 +138,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=75.0)
     parser.add_argument("--test-sentences", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "voice_quality.json")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the working folder (the clones, their reports and audio) instead of deleting it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    bench = Bench("voice-quality")  # a private MLflow: onboarding registers each clone, as it would for a user
+    bench = Bench("voice-quality", keep=args.keep)  # a private MLflow: onboarding registers each clone, as it would for a user
     work = bench.home
     settings = Settings(home=work / "home", mlflow_tracking_uri=bench.start_mlflow())
     # Fixed everyday sentences from the end of the bundled list; make_voice_dataset draws the 75 s from
@@ -157,7 +159,7 @@ def main() -> None:
             args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "results": results},
                                            indent=2, default=str))
     print_table(results)
-    print(f"written {args.out}")
+    print(f"written {args.out}" + (f"; reports and clones kept in {work}" if args.keep else ""))
 
 
 if __name__ == "__main__":

@@ -245,7 +245,7 @@ def test_release_page_in_airflow_rolls_back_a_canary(tmp_path, mlflow_server, br
         # --- the plugin is loaded, without import errors (Airflow imports every .py under plugins/) --------
         token = stack.airflow_api_token(settings)
         auth = {"Authorization": f"Bearer {token}"}
-        assert httpx.get(f"{base}/api/v2/plugins/importErrors", headers=auth).json()["total_entries"] == 0
+        assert httpx.get(f"{base}/api/v2/plugins/importErrors", headers=auth, timeout=60).json()["total_entries"] == 0
         plugins = {p["name"]: p for p in httpx.get(f"{base}/api/v2/plugins", headers=auth).json()["plugins"]}
         assert [v["name"] for v in plugins["voiceops_release"]["external_views"]] == ["Releases"]
 
@@ -272,17 +272,17 @@ def test_release_page_in_airflow_rolls_back_a_canary(tmp_path, mlflow_server, br
         assert missing.status_code == 404 and "nobody-here" in missing.json()["detail"]
         # Regression: the page's list and its 404s showed the tracking URI with its password.
         assert password not in listed.text and password not in missing.text and "voiceops:***@" in listed.text
-        conflict = httpx.post(f"{base}/voiceops/api/voices/{voice}/resume", headers=auth, json={})
+        conflict = httpx.post(f"{base}/voiceops/api/voices/{voice}/resume", headers=auth, json={}, timeout=60)
         assert conflict.status_code == 409 and "not a paused canary" in conflict.json()["detail"]
-        no_json = httpx.post(f"{base}/voiceops/api/voices/{voice}/pause", headers=auth)
+        no_json = httpx.post(f"{base}/voiceops/api/voices/{voice}/pause", headers=auth, timeout=60)
         assert no_json.status_code == 415
-        no_reason = httpx.post(f"{base}/voiceops/api/voices/{voice}/rollback", headers=auth, json={"reason": " "})
+        no_reason = httpx.post(f"{base}/voiceops/api/voices/{voice}/rollback", headers=auth, json={"reason": " "}, timeout=60)
         assert no_reason.status_code == 422 and "reason" in no_reason.json()["detail"]
 
         viewer = {"Authorization": f"Bearer {_viewer_token(token, settings)}"}
         seen = httpx.get(f"{base}/voiceops/api/voices", headers=viewer, timeout=60)
         assert seen.status_code == 200 and seen.json()["can_write"] is False
-        refused = httpx.post(f"{base}/voiceops/api/voices/{voice}/rollback", headers=viewer, json={"reason": "no"})
+        refused = httpx.post(f"{base}/voiceops/api/voices/{voice}/rollback", headers=viewer, json={"reason": "no"}, timeout=60)
         assert refused.status_code == 403 and "release-viewer" in refused.json()["detail"]
         assert registry.aliases(name).get("canary") == "2"  # nothing was changed by the refused calls
 

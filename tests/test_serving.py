@@ -428,23 +428,27 @@ def test_webhook_triggers_a_reload_and_probes_answer(stack: Stack) -> None:
     headers = {"X-MLflow-Signature": sig, "X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": ts,
                "Content-Type": "application/json"}
     before = stack.status()["last_attempt_at"]
-    r = httpx.post(f"{stack.url}/v1/webhooks/mlflow", content=body, headers=headers)
+    r = httpx.post(f"{stack.url}/v1/webhooks/mlflow", content=body, headers=headers, timeout=60)
     assert r.status_code == 202 and r.json()["status"] == "reload scheduled"
-    assert httpx.post(f"{stack.url}/v1/webhooks/mlflow", content=body, headers=headers).json()["status"] == "duplicate"
+    assert httpx.post(f"{stack.url}/v1/webhooks/mlflow", content=body, headers=headers, timeout=60).json()["status"] == "duplicate"
     stack.wait("webhook reload", lambda: stack.status()["last_attempt_at"] > before, 10)
-    tampered = httpx.post(f"{stack.url}/v1/webhooks/mlflow", content=body + b" ", headers={**headers, "X-MLflow-Delivery-Id": "x"})
+    tampered = httpx.post(f"{stack.url}/v1/webhooks/mlflow", content=body + b" ", headers={**headers, "X-MLflow-Delivery-Id": "x"}, timeout=60)
     assert tampered.status_code == 401 and tampered.json()["error"]["code"] == "bad_signature"
-    ready = httpx.get(f"{stack.url}/readyz")
+    ready = httpx.get(f"{stack.url}/readyz", timeout=60)
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     assert httpx.get(f"{stack.url}/livez").json() == {"status": "ok"}
     assert httpx.get(f"{stack.url}/version").json()["version"]
     assert stack.status()["generation"] < 10  # polls that find nothing new do not swap
     assert "/v1/audio/speech" in httpx.get(f"{stack.url}/openapi.json").json()["paths"]
-    reload = httpx.post(f"{stack.url}/v1/admin/reload", headers={"Authorization": f"Bearer {stack.keys['ops']}"})
+    reload = httpx.post(f"{stack.url}/v1/admin/reload", headers={"Authorization": f"Bearer {stack.keys['ops']}"},
+                        timeout=120)  # a full registry poll: every voice of the session's MLflow
     assert reload.status_code == 200 and reload.json()["swapped"] is False
     # The session's MLflow also holds other tests' voices with fake adapters: those fail, ours do not.
     assert not [e for e in reload.json()["errors"] if stack.a in e or stack.b in e]
-    metrics = httpx.get(f"{stack.url}/metrics").text
+    # Requests of its own (one streamed), so every latency series has samples when the test runs alone.
+    assert stack.tts().status_code == 200 and stack.tts(stream=True, format="pcm16").status_code == 200
+    assert stack.tts(voice_id="nobody-here").status_code == 404
+    metrics = httpx.get(f"{stack.url}/metrics", timeout=60).text
     for series in ("voiceops_requests_total", "voiceops_request_latency_seconds_bucket", "voiceops_rtf_bucket",
                    "voiceops_first_chunk_seconds_bucket", "voiceops_batch_size_bucket", "voiceops_adapters_loaded",
                    "voiceops_frontend_cache_hit_ratio", "voiceops_resident_memory_bytes", "voiceops_canary_weight"):

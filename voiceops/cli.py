@@ -416,13 +416,12 @@ def pretrain(
         raise _usage_error(f"{corpus_dir}: no corpus.list; create it with `voiceops corpus {corpus_dir} --pretrain`.")
     settings = get_settings()
     if backend == "two-stage":
-        from voice_lib.train.pretrain import pretrain_converter
-
-        from voice_lib.train.pretrain import CONVERTER_SOURCES
+        from voice_lib.train.pretrain import CONVERTER_SOURCES, pretrain_converter
 
         chosen = tuple(v.strip() for v in sources.split(",") if v.strip()) if sources else CONVERTER_SOURCES
+        # --no-register: no MLflow at all (the converter is a folder, served by VOICEOPS_MODEL__CONVERTER_DIR).
         info = pretrain_converter(corpus_dir, settings, out or settings.home / "models" / "converter", steps=steps,
-                                  sources=chosen)
+                                  sources=chosen, log_to_mlflow=register)
         console.print(f"converter: {info['base_dir']} (best validation loss {info['best_val_loss']:.4f}, "
                       f"{info['steps_trained']} steps, {info['train_seconds']:.0f} s); serve it with "
                       f"VOICEOPS_MODEL__CONVERTER_DIR={info['base_dir']}")

@@ -7,12 +7,14 @@ Configuration comes only from ``Settings``; child environments are built from it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -195,6 +197,8 @@ def airflow_env(settings: Settings) -> dict[str, str]:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "voiceops.airflow_sqlite.SYNC_CONNECT_ARGS",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "voiceops.airflow_sqlite.ASYNC_CONNECT_ARGS",
             "AIRFLOW__CORE__AUTH_MANAGER": (
                 "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
             ),
@@ -253,6 +257,8 @@ def airflow_celery_env(
     """
     sync_url, async_url = postgres_sqlalchemy_urls(database_url)
     env = airflow_env(settings)
+    for sqlite_only in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC"):
+        env.pop(sqlite_only)  # psycopg takes no `timeout`
     env.update(
         {
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
@@ -321,6 +327,19 @@ def _prepare_airflow(settings: Settings) -> None:
     _write_private(_passwords_file(settings), json.dumps({settings.airflow_username: password}) + "\n")
     for folder in (settings.dags_folder, settings.plugins_folder):
         folder.mkdir(parents=True, exist_ok=True)
+    _sqlite_write_ahead_log(_airflow_home(settings) / "airflow.db")
+
+
+def _sqlite_write_ahead_log(path: Path) -> None:
+    """Put Airflow's SQLite database in WAL mode (it stays in the file): readers such as the API server's
+    GETs then no longer wait behind the scheduler's writes. `airflow db migrate` creates its tables in the
+    file made here."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as exc:  # another process holds it: Airflow runs as before, only slower under load
+        console.print(f"[yellow]airflow.db stays in its journal mode ({exc})[/]")
 
 
 def service_url(settings: Settings, name: str) -> str:
