@@ -26,7 +26,7 @@ def _median_f0(audio: np.ndarray) -> float:
 
 @pytest.mark.parametrize("ratio", [0.8, 1.7])
 def test_psola_moves_the_pitch_and_keeps_the_length(rendering, ratio):
-    from voice_lib.infer.source_filter import psola
+    from voice_lib.data.psola import psola
 
     audio, frames = rendering
     f0 = np.where(frames[:, 1] > 0.5, np.exp(frames[:, 0]), 0.0)
@@ -38,7 +38,7 @@ def test_psola_moves_the_pitch_and_keeps_the_length(rendering, ratio):
 
 
 def test_psola_speed_changes_the_timing_not_the_pitch(rendering):
-    from voice_lib.infer.source_filter import psola
+    from voice_lib.data.psola import psola
 
     audio, frames = rendering
     f0 = np.where(frames[:, 1] > 0.5, np.exp(frames[:, 0]), 0.0)

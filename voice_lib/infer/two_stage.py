@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from voice_lib.data.features import FeatureConfig
+from voice_lib.data.psola import psola
 from voice_lib.data.reference import (
     TWO_STAGE_FEATURES,
     TwoStageVoice,
@@ -33,7 +34,7 @@ from voice_lib.data.reference import (
 )
 from voice_lib.infer.core import AcousticRow, SynthesisError, guarded_features, vocode
 from voice_lib.infer.multilora import LoraBank, activate, install
-from voice_lib.infer.source_filter import envelope_change, envelope_filter, psola
+from voice_lib.infer.source_filter import envelope_change, envelope_filter
 from voice_lib.model.converter import ENVELOPE, Converter
 
 TWO_STAGE = "two_stage"

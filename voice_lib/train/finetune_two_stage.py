@@ -30,7 +30,7 @@ from voice_lib.core.handoffs import TrainedVoice
 from voice_lib.core.hashing import sha256_file
 from voice_lib.core.storage import artifact_store
 from voice_lib.core.tracking import MlflowMetrics, start_run
-from voice_lib.data.reference import TwoStageVoice
+from voice_lib.data.reference import PitchStats, TwoStageVoice
 from voice_lib.model.checkpoints import (
     CONVERTER_WEIGHTS,
     load_converter,
@@ -59,39 +59,58 @@ def clip_frames(manifest: dict, settings: Settings) -> dict[str, tuple[str, np.n
     return out
 
 
+SOURCE_CHOICE_CLIPS = 6  # of the target's own transcripts; three short ones made a single misheard word decide
+
+
+def repitched(audio: np.ndarray, source: PitchStats, target: PitchStats) -> np.ndarray:
+    """``audio`` moved by TD-PSOLA from its speaker's pitch statistics to the target's, as the source filter
+    would move it (reference.map_f0 on its own F0 contour)."""
+    from voice_lib.data.psola import psola
+    from voice_lib.data.reference import LF0, TWO_STAGE_FEATURES, VUV, analyze_frames, map_f0
+
+    frames = analyze_frames(audio)
+    voiced = frames[:, VUV] > 0.5
+    f0 = np.where(voiced, np.exp(frames[:, LF0]), 0.0)
+    target_f0 = np.where(voiced, np.exp(map_f0(frames, source, target)[:, LF0]), 0.0)
+    return psola(audio, TWO_STAGE_FEATURES.sample_rate, f0, target_f0, TWO_STAGE_FEATURES.frame_period_ms)
+
+
 def choose_source(texts: list[str], target_frames: list[np.ndarray], speaker: np.ndarray, candidates: list[str],
                   exclude_similarity: float, language: str = "en", settings: Settings | None = None
                   ) -> tuple[str, dict[str, dict]]:
     """The reference voice for a target, and what was measured of every candidate (``candidates`` speak the
     target's language; the caller filters).
 
-    A candidate that sounds like the target itself is excluded. Of the rest, the most intelligible wins, by
-    Whisper's WER on its renderings of the target's own transcripts (a cascade is never more intelligible than
-    its source), nearer in pitch breaking ties within 0.05 (the F0 mapping then moves it least). Measured: the
-    pitch rule alone chose flite-kal16 for flite-rms, and its clone read at WER 0.33 against 0.17 from flite-awb.
-    Without an English recogniser for the language (Mandarin), pitch alone decides."""
+    A candidate that sounds like the target itself is excluded. Of the rest, the most intelligible *once moved
+    to the target's pitch* wins: Whisper's WER on its renderings of the target's own transcripts, re-pitched by
+    TD-PSOLA as the source filter will re-pitch them (a cascade is never more intelligible than its source, and
+    an octave-wide move costs words: festival-slt-hts cloned from flite-awb read at 0.16 unadapted against the
+    recordings' 0.02); nearer in pitch breaks ties within 0.05. Measured: the pitch rule alone chose flite-kal16
+    for flite-rms, and its clone read at WER 0.33 against 0.17 from flite-awb. Without an English recogniser
+    for the language (Mandarin), pitch alone decides."""
     from voice_lib.data.asr import transcribe_english, word_error_rate
     from voice_lib.data.reference import analyze_frames, pitch_stats, render_source
     from voice_lib.data.speech import cosine, speaker_embedding
 
     target_pitch = pitch_stats(target_frames)
+    english = language.startswith("en")
     measured: dict[str, dict] = {}
     for name in candidates:
-        clips = [(t, render_source(t, name)) for t in texts[:3]]
+        clips = [(t, render_source(t, name)) for t in texts[:SOURCE_CHOICE_CLIPS]]
         audio = np.concatenate([a for _, a in clips])
         similarity = cosine(speaker_embedding(audio, 16000), speaker)
-        wer = float(np.mean([word_error_rate(t, transcribe_english(a, 16000, settings)) for t, a in clips])) \
-            if language.startswith("en") else 0.0
-        pitch = pitch_stats([analyze_frames(audio)])
-        measured[name] = {"similarity_to_target": round(similarity, 3), "wer": round(wer, 3),
+        pitch = pitch_stats([analyze_frames(a) for _, a in clips])
+        wer = float(np.mean([word_error_rate(t, transcribe_english(repitched(a, pitch, target_pitch), 16000, settings))
+                             for t, a in clips])) if english else 0.0
+        measured[name] = {"similarity_to_target": round(similarity, 3), "wer_at_target_pitch": round(wer, 3),
                           "pitch_distance": round(abs(pitch.mean - target_pitch.mean), 3),
                           "excluded": similarity >= exclude_similarity}
     usable = [n for n, m in measured.items() if not m["excluded"]]
     if not usable:
         raise ValueError(f"no usable reference voice for language {language!r} among {candidates} "
                          f"(measured: {measured}); set VOICEOPS_MODEL__SOURCE_VOICES to voices of that language")
-    best_wer = min(measured[n]["wer"] for n in usable)
-    clear = [n for n in usable if measured[n]["wer"] <= best_wer + 0.05]
+    best_wer = min(measured[n]["wer_at_target_pitch"] for n in usable)
+    clear = [n for n in usable if measured[n]["wer_at_target_pitch"] <= best_wer + 0.05]
     return min(clear, key=lambda n: measured[n]["pitch_distance"]), measured
 
 
