@@ -70,7 +70,7 @@ def test_clips(voice: str, sentences: list[str], settings: Settings) -> list:
 
 
 def onboard(voice: str, backend: str, manifest: dict, t_prepare: float, sentences: list[str], settings: Settings,
-            work: Path) -> dict:
+            work: Path, steps: int | None = None, rank: int = 8) -> dict:
     from voice_lib.eval.evaluation import evaluate
     from voice_lib.eval.metrics import json_safe
     from voice_lib.infer.synthesizer import Synthesizer
@@ -80,7 +80,7 @@ def onboard(voice: str, backend: str, manifest: dict, t_prepare: float, sentence
     from voice_lib.train.finetune import fetch_voice_model
 
     started = time.perf_counter()
-    trained = finetune_voice(voice, manifest["manifest_key"], settings, backend=backend)
+    trained = finetune_voice(voice, manifest["manifest_key"], settings, rank=rank, steps=steps, backend=backend)
     t_trained = time.perf_counter() - started + t_prepare
     platform = evaluate_voice(settings, trained)  # what onboarding decides, with the default gates
     try:
@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=75.0)
     parser.add_argument("--test-sentences", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "voice_quality.json")
+    parser.add_argument("--train-steps", type=int, default=None, help="LoRA steps (default: the backend's, as onboarding)")
+    parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--keep", action="store_true",
                         help="keep the working folder (the clones, their reports and audio) instead of deleting it")
     args = parser.parse_args()
@@ -154,7 +156,8 @@ def main() -> None:
         # Mandarin voices (e.g. espeak-cmn-m3) get Mandarin sentences; tiny.en cannot score their WER (n/a).
         sentences = [s for s in load_sentences(get_voice(voice).language)[::-1] if s not in read][: args.test_sentences]
         for backend in args.backends.split(","):
-            results.append(onboard(voice, backend, manifest, t_prepare, sentences, settings, work))
+            results.append(onboard(voice, backend, manifest, t_prepare, sentences, settings, work,
+                                   steps=args.train_steps, rank=args.lora_rank))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "results": results},
                                            indent=2, default=str))

@@ -8,11 +8,6 @@ from rich.console import Console
 
 from voice_lib.core.config import Settings
 
-# One gate is relaxed for the demo, and only that one, by 0.1: flite-rms's clone (the demo voice) is 0.27-0.30
-# DNSMOS P.808 below its recordings on 13 clips where the gate allows 0.3 (docs/model.md), so on the 3 held-out
-# clips the demo's evaluation sees, the default gate passes or fails on noise (measured: one demo passed at 0.26,
-# the next failed at 0.30). Every other gate is the default; real releases keep all defaults.
-DEMO_GATES = {"max_p808_gap_below_real": 0.4}
 
 
 def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, train_steps: int | None, release: bool,
@@ -27,9 +22,6 @@ def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, tr
     from voiceops import airflow_client, stack
 
     total = 5 if release else 4
-    console.print(f"[yellow]demo gate profile: the defaults except {DEMO_GATES} (the clone's DNSMOS is 0.27-0.30 below "
-                  "the recordings' where the default allows 0.3: on 3 clips a coin toss; see docs/model.md)[/yellow]")
-    settings = settings.model_copy(update={"eval": settings.eval.model_copy(update=DEMO_GATES)})
     data = settings.resolved_upload_dir / voice_id  # where onboarding may read (VOICEOPS_INGEST__UPLOAD_DIR)
     console.rule(f"1/{total} recordings")
     make_voice_dataset(data, speaker, seconds, layout="metadata")
