@@ -26,6 +26,8 @@ def _traffic(url: str, key: str, voice_id: str, stop: threading.Event, counts: d
                                                 "user_id": f"demo-user-{uuid.uuid4().hex[:8]}"})
             variant = resp.headers.get("X-Voice-Variant", "none")
             counts[f"{variant}:{resp.status_code}"] = counts.get(f"{variant}:{resp.status_code}", 0) + 1
+            if resp.status_code in (429, 503):  # the server's admission control: wait as it says, as clients should
+                stop.wait(float(resp.headers.get("Retry-After", "1")))
 
 
 def short_canary_release(settings: Settings, voice_id: str, version: str, console: Console) -> int:

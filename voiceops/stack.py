@@ -327,7 +327,6 @@ def _prepare_airflow(settings: Settings) -> None:
     _write_private(_passwords_file(settings), json.dumps({settings.airflow_username: password}) + "\n")
     for folder in (settings.dags_folder, settings.plugins_folder):
         folder.mkdir(parents=True, exist_ok=True)
-    _sqlite_write_ahead_log(_airflow_home(settings) / "airflow.db")
 
 
 def _sqlite_write_ahead_log(path: Path) -> None:
@@ -381,6 +380,7 @@ def _launch_spec(settings: Settings, name: str) -> tuple[list[str], dict[str, st
         cmd = [_executable("voiceops"), "serve", "--port", str(settings.serving.port), "--host", settings.serving.host]
         return cmd, _base_env(settings), settings.serving.host, settings.serving.port
     _prepare_airflow(settings)
+    _sqlite_write_ahead_log(_airflow_home(settings) / "airflow.db")  # standalone's metadata is SQLite (airflow_env)
     cmd = [_executable("airflow"), "standalone"]
     return cmd, airflow_env(settings), settings.airflow_host, settings.airflow_port
 
