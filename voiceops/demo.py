@@ -9,7 +9,6 @@ from rich.console import Console
 from voice_lib.core.config import Settings
 
 
-
 def run_demo(settings: Settings, voice_id: str, speaker: str, seconds: float, train_steps: int | None, release: bool,
              console: Console) -> int:
     from voice_lib.core.handoffs import EvaluationSummary

@@ -7,14 +7,12 @@ Configuration comes only from ``Settings``; child environments are built from it
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -330,15 +328,21 @@ def _prepare_airflow(settings: Settings) -> None:
 
 
 def _sqlite_write_ahead_log(path: Path) -> None:
-    """Put Airflow's SQLite database in WAL mode (it stays in the file): readers such as the API server's
-    GETs then no longer wait behind the scheduler's writes. `airflow db migrate` creates its tables in the
-    file made here."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Put Airflow's SQLite database in WAL mode, which stays in the file (our own SQLite engines' pragmas,
+    voice_lib.core.db): readers such as the API server's GETs then no longer wait behind the scheduler's
+    writes. `airflow db migrate` creates its tables in the file made here."""
+    from sqlalchemy.exc import OperationalError
+
+    from voice_lib.core.db import make_engine
+
+    engine = make_engine(f"sqlite:///{path}")
     try:
-        with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-    except sqlite3.Error as exc:  # another process holds it: Airflow runs as before, only slower under load
+        with engine.connect():
+            pass
+    except OperationalError as exc:  # another process holds it: Airflow runs as before, only slower under load
         console.print(f"[yellow]airflow.db stays in its journal mode ({exc})[/]")
+    finally:
+        engine.dispose()
 
 
 def service_url(settings: Settings, name: str) -> str:

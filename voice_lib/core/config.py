@@ -64,7 +64,8 @@ class ModelSettings(BaseModel):
     # "end_to_end": the text-to-WORLD transformer with LoRA. The default is the one that measures better.
     backend: Literal["two_stage", "end_to_end"] = "two_stage"
     # Reference voices the two-stage backend may render with (pretraining voices of the shipped converter);
-    # per target the nearest in pitch that does not sound like the target itself is used.
+    # per target, of those that do not sound like the target itself, the most intelligible once re-pitched to the
+    # target's pitch (train.finetune_two_stage.choose_source; docs/model.md).
     source_voices: list[str] = ["flite-awb", "flite-kal16", "pico-en-us", "espeak-cmn-m1", "espeak-cmn-f2"]
     source_exclude_similarity: float = 0.85
     adapt_learning_rate: float = 2e-3
