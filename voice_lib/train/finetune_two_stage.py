@@ -62,13 +62,12 @@ def clip_frames(manifest: dict, settings: Settings) -> dict[str, tuple[str, np.n
 SOURCE_CHOICE_CLIPS = 6  # of the target's own transcripts; three short ones made a single misheard word decide
 
 
-def repitched(audio: np.ndarray, source: PitchStats, target: PitchStats) -> np.ndarray:
-    """``audio`` moved by TD-PSOLA from its speaker's pitch statistics to the target's, as the source filter
-    would move it (reference.map_f0 on its own F0 contour)."""
+def repitched(audio: np.ndarray, frames: np.ndarray, source: PitchStats, target: PitchStats) -> np.ndarray:
+    """``audio`` (``frames``: its analysis) moved by TD-PSOLA from its speaker's pitch statistics to the
+    target's, as the source filter would move it (reference.map_f0 on its own F0 contour)."""
     from voice_lib.data.psola import psola
-    from voice_lib.data.reference import LF0, TWO_STAGE_FEATURES, VUV, analyze_frames, map_f0
+    from voice_lib.data.reference import LF0, TWO_STAGE_FEATURES, VUV, map_f0
 
-    frames = analyze_frames(audio)
     voiced = frames[:, VUV] > 0.5
     f0 = np.where(voiced, np.exp(frames[:, LF0]), 0.0)
     target_f0 = np.where(voiced, np.exp(map_f0(frames, source, target)[:, LF0]), 0.0)
@@ -99,9 +98,10 @@ def choose_source(texts: list[str], target_frames: list[np.ndarray], speaker: np
         clips = [(t, render_source(t, name)) for t in texts[:SOURCE_CHOICE_CLIPS]]
         audio = np.concatenate([a for _, a in clips])
         similarity = cosine(speaker_embedding(audio, 16000), speaker)
-        pitch = pitch_stats([analyze_frames(a) for _, a in clips])
-        wer = float(np.mean([word_error_rate(t, transcribe_english(repitched(a, pitch, target_pitch), 16000, settings))
-                             for t, a in clips])) if english else 0.0
+        analysed = [analyze_frames(a) for _, a in clips]
+        pitch = pitch_stats(analysed)
+        wer = float(np.mean([word_error_rate(t, transcribe_english(repitched(a, f, pitch, target_pitch), 16000, settings))
+                             for (t, a), f in zip(clips, analysed)])) if english else 0.0
         measured[name] = {"similarity_to_target": round(similarity, 3), "wer_at_target_pitch": round(wer, 3),
                           "pitch_distance": round(abs(pitch.mean - target_pitch.mean), 3),
                           "excluded": similarity >= exclude_similarity}
