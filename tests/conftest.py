@@ -38,6 +38,23 @@ def report_fault(request: pytest.FixtureRequest, scenario: str, passed: bool, **
             fh.write(line + "\n")
 
 
+# Gates a 30-step fine-tune passes. Platform tests carry a voice through onboarding to a registered candidate; the
+# default gates are tested in tests/test_gates.py and measured by benchmarks/voice_quality.py.
+RELAXED_GATES = {"min_speaker_similarity": 0.0, "min_similarity_gain_over_base": -1.0, "max_wer_gap_over_real": 1.0,
+                 "min_pesq": 1.0, "min_stoi": 0.0, "max_bad_output_rate": 1.0, "max_rtf": 5.0, "min_p808_mos": 1.0,
+                 "max_p808_gap_below_real": 4.0, "max_p808_drop_below_production": 4.0}
+# The two measured choices of a two-stage adaptation pinned (one reference voice, one rendering): they cost ~35 s
+# of Whisper per onboarding and platform tests do not look at them. tests/test_voice_e2e.py onboards with the
+# defaults, and tests/test_two_stage.py tests the choices.
+PINNED_MODEL = {"source_voices": ["flite-awb"], "synthesis": "source_filter"}
+
+
+def platform_settings(settings: Settings) -> Settings:
+    """``settings`` with RELAXED_GATES and PINNED_MODEL."""
+    return settings.model_copy(update={"eval": settings.eval.model_copy(update=RELAXED_GATES),
+                                       "model": settings.model.model_copy(update=PINNED_MODEL)})
+
+
 def services_required() -> bool:
     """True on a machine that must have PostgreSQL, Redis and Chromium: CI (``CI=true``, set by every CI
     service) or ``VOICEOPS_REQUIRE_SERVICES=1`` (set by .ci/run)."""

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import platform_settings
 
 from voice_lib.core.config import Settings
 from voice_lib.core.storage import artifact_store
@@ -96,13 +97,9 @@ def _dags_test(settings: Settings, conf: dict) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def e2e_settings(s3_settings, mlflow_server) -> Settings:
-    """S3 artifacts, a real MLflow server, and relaxed gates: a 30-step fine-tune is no release candidate
-    in quality, but the pipeline must carry it to one (the gates themselves are tested in test_gates.py)."""
-    relaxed = s3_settings.eval.model_copy(update={
-        "min_speaker_similarity": 0.0, "min_similarity_gain_over_base": -1.0, "max_wer_gap_over_real": 1.0,
-        "min_pesq": 1.0, "min_stoi": 0.0, "max_bad_output_rate": 1.0, "max_rtf": 5.0,
-        "min_p808_mos": 1.0, "max_p808_gap_below_real": 4.0, "max_p808_drop_below_production": 4.0})
-    return s3_settings.model_copy(update={"mlflow_tracking_uri": mlflow_server, "eval": relaxed})
+    """S3 artifacts, a real MLflow server, and conftest.platform_settings: a 30-step fine-tune is no release
+    candidate in quality, but the pipeline must carry it to one (the gates themselves are tested in test_gates.py)."""
+    return platform_settings(s3_settings.model_copy(update={"mlflow_tracking_uri": mlflow_server}))
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import report_fault
+from conftest import platform_settings, report_fault
 from tcp_outage import TcpOutage
 
 from voice_lib.core.config import Settings
@@ -52,18 +52,14 @@ def s3_link(s3_endpoint) -> TcpOutage:
 
 @pytest.fixture(scope="module")
 def flaky(s3_link, s3_endpoint, mlflow_server, tmp_path_factory) -> Settings:
-    """S3 through the cuttable link, a real MLflow, and relaxed gates (a 20-step fine-tune is no real candidate)."""
+    """S3 through the cuttable link, a real MLflow, and conftest.platform_settings (a 20-step fine-tune is no real
+    candidate)."""
     bucket = f"voiceops-faults-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
                  aws_secret_access_key="test").create_bucket(Bucket=bucket)
-    settings = Settings(home=tmp_path_factory.mktemp("worker-1"), storage_uri=f"s3://{bucket}/store",
-                        s3_endpoint_url=s3_link.url, s3_access_key_id="test", s3_secret_access_key="test",
-                        mlflow_tracking_uri=mlflow_server)
-    relaxed = settings.eval.model_copy(update={
-        "min_speaker_similarity": 0.0, "min_similarity_gain_over_base": -1.0, "max_wer_gap_over_real": 1.0,
-        "min_pesq": 1.0, "min_stoi": 0.0, "max_bad_output_rate": 1.0, "max_rtf": 5.0,
-        "min_p808_mos": 1.0, "max_p808_gap_below_real": 4.0, "max_p808_drop_below_production": 4.0})
-    return settings.model_copy(update={"eval": relaxed})
+    return platform_settings(Settings(home=tmp_path_factory.mktemp("worker-1"), storage_uri=f"s3://{bucket}/store",
+                                      s3_endpoint_url=s3_link.url, s3_access_key_id="test", s3_secret_access_key="test",
+                                      mlflow_tracking_uri=mlflow_server))
 
 
 def direct(settings: Settings, s3_endpoint: str, home: Path | None = None) -> Settings:

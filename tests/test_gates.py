@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import PINNED_MODEL
 
 from voice_lib.core.config import EvalSettings, Settings
 from voice_lib.core.storage import artifact_store
@@ -105,7 +106,9 @@ def test_gates_reject_a_broken_adapter(settings, mlflow_server, clean_voice):
     from voice_lib.release.registration import GatesFailed, register_voice
     from voice_lib.release.registry import Registry
 
-    settings = settings.model_copy(update={"mlflow_tracking_uri": mlflow_server})
+    # The default gates; the reference voice and rendering pinned (conftest.PINNED_MODEL): they are not what is tested.
+    settings = settings.model_copy(update={"mlflow_tracking_uri": mlflow_server,
+                                           "model": settings.model.model_copy(update=PINNED_MODEL)})
     dataset = onboarding.ingest("gate-bad", str(clean_voice), settings, shards=1)
     onboarding.qc_shard(dataset, 0, settings)
     qc = onboarding.qc_report(dataset, settings, log_to_mlflow=False)

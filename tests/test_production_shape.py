@@ -22,10 +22,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port, skip_unless_required
+from conftest import free_port, platform_settings, skip_unless_required
 from rich.console import Console
 
-from voice_lib.core.config import EvalSettings, Settings
+from voice_lib.core.config import Settings
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -206,18 +206,14 @@ def production_shape(tmp_path: Path, s3_endpoint: str, s3_bucket: str, budget: f
     queue = f"voiceops-{token}"
     pg_url = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}"
 
-    relaxed = EvalSettings().model_copy(update={  # the gates of tests/test_dag.py: a 30-step tune must pass
-        "min_speaker_similarity": 0.0, "min_similarity_gain_over_base": -1.0, "max_wer_gap_over_real": 1.0,
-        "min_pesq": 1.0, "min_stoi": 0.0, "max_bad_output_rate": 1.0, "max_rtf": 5.0,
-        "min_p808_mos": 1.0, "max_p808_gap_below_real": 4.0, "max_p808_drop_below_production": 4.0})
-    settings = Settings(
+    settings = platform_settings(Settings(  # the gates and choices of tests/test_dag.py: a 30-step tune must pass
         home=tmp_path / "home",
         storage_uri=f"s3://{s3_bucket}/store", s3_endpoint_url=s3_endpoint,
         s3_access_key_id="test", s3_secret_access_key="test",
         mlflow_port=free_port(), mlflow_backend_store_uri=f"{pg_url}/{mlflow_db}",
         mlflow_artifacts_destination=f"s3://{s3_bucket}/mlflow",
-        airflow_port=free_port(), airflow_parallelism=2, eval=relaxed,
-    )
+        airflow_port=free_port(), airflow_parallelism=2,
+    ))
     components = Components(settings.log_dir)
     try:
         for db in (airflow_db, mlflow_db):

@@ -3,7 +3,7 @@
 A voice whose recordings came without transcripts is onboarded with `voiceops onboard --airflow-url`: QC labels
 every clip with Whisper, and the run stops at `review_transcripts`, a Human-in-the-loop task, while the CLI says
 where to answer. The reviewer answers through the REST API with one edit and one drop; the manifest training
-used has the edited text and not the dropped clip. Gates are relaxed as in test_dag's end-to-end test. Left
+used has the edited text and not the dropped clip. Settings are conftest.platform_settings, as in test_dag. Left
 unanswered, the review approves the texts as they are, or fails saying why, as the run's Params say.
 """
 
@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from conftest import free_port, wait_until
+from conftest import free_port, platform_settings, wait_until
 
 from voice_lib.core.config import Settings
 from voice_lib.core.storage import artifact_store
@@ -37,12 +37,8 @@ EDITED = "The words a person corrected by hand."
 def airflow_settings(tmp_path_factory, mlflow_server) -> Settings:
     tmp_path = tmp_path_factory.mktemp("review-airflow")
     port = free_port()
-    relaxed = Settings().eval.model_copy(update={
-        "min_speaker_similarity": 0.0, "min_similarity_gain_over_base": -1.0, "max_wer_gap_over_real": 1.0,
-        "min_pesq": 1.0, "min_stoi": 0.0, "max_bad_output_rate": 1.0, "max_rtf": 5.0,
-        "min_p808_mos": 1.0, "max_p808_gap_below_real": 4.0, "max_p808_drop_below_production": 4.0})
-    settings = Settings(home=tmp_path / "home", airflow_port=port, airflow_url=f"http://127.0.0.1:{port}",
-                        mlflow_tracking_uri=mlflow_server, eval=relaxed)
+    settings = platform_settings(Settings(home=tmp_path / "home", airflow_port=port, airflow_url=f"http://127.0.0.1:{port}",
+                                          mlflow_tracking_uri=mlflow_server))
     try:
         stack.up(settings, services=("airflow",), timeout=300)
         yield settings

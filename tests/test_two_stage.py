@@ -60,6 +60,31 @@ def test_converter_row_is_the_same_alone_or_padded_in_a_batch():
     assert torch.allclose(alone[0], together[0, :50], atol=1e-5)
 
 
+def test_reference_voice_choice_excludes_the_target_itself_and_asks_whisper_only_when_there_is_a_choice():
+    """choose_source: a candidate that sounds like the target is never its reference; of two usable voices Whisper
+    reads both at the target's pitch; one usable voice is taken without Whisper; none is an error naming the fix."""
+    from voice_lib.data.reference import analyze_frames, render_source
+    from voice_lib.data.speech import speaker_embedding
+    from voice_lib.train.finetune_two_stage import choose_source
+
+    texts = ["The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background.",
+             "It is easy to tell the depth of a well."]
+    recordings = [render_source(t, "flite-slt") for t in texts]  # the target speaker
+    target = [analyze_frames(a) for a in recordings]
+    speaker = speaker_embedding(np.concatenate(recordings), 16000)
+
+    chosen, measured = choose_source(texts, target, speaker, ["flite-slt", "flite-awb", "flite-kal16"], 0.85)
+    assert measured["flite-slt"]["excluded"] and chosen in ("flite-awb", "flite-kal16")
+    assert "wer_at_target_pitch" not in measured["flite-slt"]  # excluded voices are not worth Whisper's time
+    assert all(0.0 <= measured[v]["wer_at_target_pitch"] <= 1.0 for v in ("flite-awb", "flite-kal16"))
+
+    chosen, measured = choose_source(texts, target, speaker, ["flite-slt", "flite-awb"], 0.85)
+    assert chosen == "flite-awb" and "wer_at_target_pitch" not in measured["flite-awb"]
+
+    with pytest.raises(ValueError, match="VOICEOPS_MODEL__SOURCE_VOICES"):
+        choose_source(texts, target, speaker, ["flite-slt"], 0.85)
+
+
 def test_pretrain_resume_adapt_and_synthesise(parallel_corpus, tmp_path):
     from peft import LoraConfig, get_peft_model
 

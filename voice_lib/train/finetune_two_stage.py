@@ -86,31 +86,38 @@ def choose_source(texts: list[str], target_frames: list[np.ndarray], speaker: np
     an octave-wide move costs words: festival-slt-hts cloned from flite-awb read at 0.16 unadapted against the
     recordings' 0.02); nearer in pitch breaks ties within 0.05. Measured: the pitch rule alone chose flite-kal16
     for flite-rms, and its clone read at WER 0.33 against 0.17 from flite-awb. Without an English recogniser
-    for the language (Mandarin), pitch alone decides."""
+    for the language (Mandarin), pitch alone decides; a single usable candidate is taken without Whisper."""
     from voice_lib.data.asr import transcribe_english, word_error_rate
     from voice_lib.data.reference import analyze_frames, pitch_stats, render_source
     from voice_lib.data.speech import cosine, speaker_embedding
 
     target_pitch = pitch_stats(target_frames)
-    english = language.startswith("en")
+    rendered: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
     measured: dict[str, dict] = {}
     for name in candidates:
         clips = [(t, render_source(t, name)) for t in texts[:SOURCE_CHOICE_CLIPS]]
-        audio = np.concatenate([a for _, a in clips])
-        similarity = cosine(speaker_embedding(audio, 16000), speaker)
-        analysed = [analyze_frames(a) for _, a in clips]
-        pitch = pitch_stats(analysed)
-        wer = float(np.mean([word_error_rate(t, transcribe_english(repitched(a, f, pitch, target_pitch), 16000, settings))
-                             for (t, a), f in zip(clips, analysed)])) if english else 0.0
-        measured[name] = {"similarity_to_target": round(similarity, 3), "wer_at_target_pitch": round(wer, 3),
+        rendered[name] = [(t, a, analyze_frames(a)) for t, a in clips]
+        similarity = cosine(speaker_embedding(np.concatenate([a for _, a in clips]), 16000), speaker)
+        pitch = pitch_stats([f for _, _, f in rendered[name]])
+        measured[name] = {"similarity_to_target": round(similarity, 3), "pitch": pitch,
                           "pitch_distance": round(abs(pitch.mean - target_pitch.mean), 3),
                           "excluded": similarity >= exclude_similarity}
     usable = [n for n, m in measured.items() if not m["excluded"]]
     if not usable:
         raise ValueError(f"no usable reference voice for language {language!r} among {candidates} "
                          f"(measured: {measured}); set VOICEOPS_MODEL__SOURCE_VOICES to voices of that language")
-    best_wer = min(measured[n]["wer_at_target_pitch"] for n in usable)
-    clear = [n for n in usable if measured[n]["wer_at_target_pitch"] <= best_wer + 0.05]
+    # Whisper decides only between two or more usable English voices: a single one (VOICEOPS_MODEL__SOURCE_VOICES
+    # pinned to one voice) has nothing to be compared with, and tiny.en cannot read another language.
+    compared = usable if len(usable) > 1 and language.startswith("en") else []
+    for name in compared:
+        pitch = measured[name]["pitch"]
+        measured[name]["wer_at_target_pitch"] = round(float(np.mean([
+            word_error_rate(t, transcribe_english(repitched(a, f, pitch, target_pitch), 16000, settings))
+            for t, a, f in rendered[name]])), 3)
+    for m in measured.values():
+        del m["pitch"]
+    best_wer = min(measured[n].get("wer_at_target_pitch", 0.0) for n in usable)
+    clear = [n for n in usable if measured[n].get("wer_at_target_pitch", 0.0) <= best_wer + 0.05]
     return min(clear, key=lambda n: measured[n]["pitch_distance"]), measured
 
 
