@@ -474,6 +474,28 @@ def test_registry_outage_keeps_the_last_good_set(stack: Stack, tmp_path: Path) -
     assert dict(pool.run_batch([job]))[0].bad is None
 
 
+def test_an_idle_keep_alive_connection_outlives_the_clients_own_idle_timeout(stack: Stack) -> None:
+    """A client (httpx, the openai package: 5 s) must be the one to close an idle connection: if the server closed
+    it first, a request sent at that moment would be lost before it reached the server."""
+    import http.client
+
+    assert ServingSettings().keep_alive_seconds > 60  # beyond the usual proxies' idle timeouts too
+    host, port = stack.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", "/livez")
+        first = conn.getresponse()
+        first.read()
+        sock = conn.sock
+        time.sleep(6.5)  # past uvicorn's own 5 s default and httpx's keepalive_expiry
+        conn.request("GET", "/livez")  # http.client never reconnects on its own: this is the same connection
+        again = conn.getresponse()
+        again.read()
+        assert first.status == again.status == 200 and conn.sock is sock
+    finally:
+        conn.close()
+
+
 def test_graceful_shutdown_finishes_in_flight_requests_and_flushes_the_audit_log(stack: Stack) -> None:
     from serving.audit import AuditLog
 

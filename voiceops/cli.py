@@ -641,6 +641,7 @@ def serve(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per registry poll otherwise
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish, then the app drains and flushes.
     uvicorn.run(create_app(settings), host=settings.serving.host, port=settings.serving.port, log_level="info",
+                timeout_keep_alive=settings.serving.keep_alive_seconds,
                 timeout_graceful_shutdown=graceful_shutdown_seconds(settings))
 
 

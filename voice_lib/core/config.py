@@ -133,6 +133,12 @@ class ServingSettings(BaseModel):
     # (a tenant's own entry wins). A name that maps to nothing is looked up as a voice id.
     voice_aliases: dict[str, dict[str, str]] = {}
     request_timeout_seconds: float = 30.0
+    # How long the server keeps an idle HTTP/1.1 connection open. Longer than clients' and proxies' own idle
+    # timeouts (httpx and the openai client 5 s, nginx 75 s, AWS ALB 60 s), so the client side closes an idle
+    # connection first: with uvicorn's 5 s default, a request sent on a connection as the server closes it is
+    # lost without reaching the server ("Server disconnected without sending a response": 2 in 12,538 in the
+    # 2026-12-04 soak, docs/reliability.md).
+    keep_alive_seconds: int = Field(90, ge=1)
     batch_max_size: int = 8
     batch_max_wait_ms: float = 10.0
     # Threads vocoding the rows of a batch in parallel (WORLD releases the GIL); 0 = one per usable CPU core.
