@@ -92,15 +92,16 @@ def choose_source(texts: list[str], target_frames: list[np.ndarray], speaker: np
     from voice_lib.data.speech import cosine, speaker_embedding
 
     target_pitch = pitch_stats(target_frames)
-    rendered: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+    rendered: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}  # per candidate: (text, audio, frames)
+    pitches: dict[str, PitchStats] = {}
     measured: dict[str, dict] = {}
     for name in candidates:
         clips = [(t, render_source(t, name)) for t in texts[:SOURCE_CHOICE_CLIPS]]
         rendered[name] = [(t, a, analyze_frames(a)) for t, a in clips]
         similarity = cosine(speaker_embedding(np.concatenate([a for _, a in clips]), 16000), speaker)
-        pitch = pitch_stats([f for _, _, f in rendered[name]])
-        measured[name] = {"similarity_to_target": round(similarity, 3), "pitch": pitch,
-                          "pitch_distance": round(abs(pitch.mean - target_pitch.mean), 3),
+        pitches[name] = pitch_stats([f for _, _, f in rendered[name]])
+        measured[name] = {"similarity_to_target": round(similarity, 3),
+                          "pitch_distance": round(abs(pitches[name].mean - target_pitch.mean), 3),
                           "excluded": similarity >= exclude_similarity}
     usable = [n for n, m in measured.items() if not m["excluded"]]
     if not usable:
@@ -110,12 +111,9 @@ def choose_source(texts: list[str], target_frames: list[np.ndarray], speaker: np
     # pinned to one voice) has nothing to be compared with, and tiny.en cannot read another language.
     compared = usable if len(usable) > 1 and language.startswith("en") else []
     for name in compared:
-        pitch = measured[name]["pitch"]
         measured[name]["wer_at_target_pitch"] = round(float(np.mean([
-            word_error_rate(t, transcribe_english(repitched(a, f, pitch, target_pitch), 16000, settings))
+            word_error_rate(t, transcribe_english(repitched(a, f, pitches[name], target_pitch), 16000, settings))
             for t, a, f in rendered[name]])), 3)
-    for m in measured.values():
-        del m["pitch"]
     best_wer = min(measured[n].get("wer_at_target_pitch", 0.0) for n in usable)
     clear = [n for n in usable if measured[n].get("wer_at_target_pitch", 0.0) <= best_wer + 0.05]
     return min(clear, key=lambda n: measured[n]["pitch_distance"]), measured
