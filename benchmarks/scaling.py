@@ -10,7 +10,9 @@ and measured side by side:
   serving every voice registered in a private MLflow;
 - ``copies``: benchmarks/baseline_server.py --mode copies - one merged full model per voice;
 - ``swap``: benchmarks/baseline_server.py --mode swap - one global PeftModel, set_adapter per request under a
-  lock (the GPT-SoVITS api.py pattern, adapters resident).
+  lock (the GPT-SoVITS api.py pattern, adapters resident);
+- ``copies-1t``: ``copies`` with torch's intra-op threads at 1 (OMP_NUM_THREADS=1), as VoiceOps runs its model
+  passes by default (serving.torch_threads): the naive design given the same tuning, reported beside it.
 
 Baselines share the VoiceOps frontend (text, reference synthesizer, analysis), model code, rendering and WAV
 encoding; they read the same version folders. Each server is warmed over all its voices, then loaded in turns
@@ -25,7 +27,7 @@ bound = cores / cost requests per second, and every server's throughput is repor
 
 Writes benchmarks/results/scaling.json (scaling.quick.json with --quick).
 
-    .venv/bin/python benchmarks/scaling.py [--quick] [--baselines copies,swap] [--backend two_stage|end_to_end]
+    .venv/bin/python benchmarks/scaling.py [--quick] [--baselines copies,copies-1t,swap] [--backend two_stage|end_to_end]
 """
 
 from __future__ import annotations
@@ -66,12 +68,15 @@ MB = 1024 * 1024
 HERE = Path(__file__).resolve().parent
 
 
-def start_baseline(bench: Bench, mode: str, voices_dir: Path, n: int) -> Server:
+def start_baseline(bench: Bench, name: str, voices_dir: Path, n: int) -> Server:
+    """Baseline ``name``: a --mode of baseline_server.py, ``-1t`` appended for one torch thread."""
     port = free_port()
-    proc = bench.start_process(f"{mode}-n{n}", [sys.executable, str(HERE / "baseline_server.py"), "--mode", mode,
+    mode, one_thread = name.removesuffix("-1t"), name.endswith("-1t")
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if one_thread else {}
+    proc = bench.start_process(f"{name}-n{n}", [sys.executable, str(HERE / "baseline_server.py"), "--mode", mode,
                                                 "--backend", bench.backend, "--voices-dir", str(voices_dir),
-                                                "--port", str(port)])
-    return Server(mode, f"http://127.0.0.1:{port}", proc, "unused", {"mode": mode})
+                                                "--port", str(port)], env)
+    return Server(name, f"http://127.0.0.1:{port}", proc, "unused", {"mode": mode, "one_torch_thread": one_thread})
 
 
 def request_cpu_cost(bench: Bench, folders: list[Path], texts: list[str]) -> dict[str, Any]:
@@ -174,7 +179,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run (< 2 min): 1 and 10 voices, fewer requests")
     parser.add_argument("--voices", default=None, help="comma-separated voice counts (default 1,10,50; quick 1,10)")
-    parser.add_argument("--baselines", default="copies,swap", help="baseline styles to run: copies, swap or both")
+    parser.add_argument("--baselines", default="copies,copies-1t,swap",
+                        help="baselines to run, comma-separated: copies, copies-1t, swap")
     parser.add_argument("--backend", choices=("two_stage", "end_to_end"), default="two_stage",
                         help="the voices' backend (default two_stage, the platform's default)")
     parser.add_argument("--out", type=Path)
@@ -190,7 +196,8 @@ def main() -> None:
         "warmup_requests": "max(12, N) at concurrency 4, one per voice at least",
         "voiceops_serving": {"batch_max_size": 8, "batch_max_wait_ms": 10, "poll_seconds": 10},
         "lora_rank": LORA_RANK, "lora_b_scale": LORA_B_SCALE, "text": "distinct 20-word sentences (common.sentence_20)",
-        "bound_requests": 10, "torch_threads": "torch default in every server",
+        "bound_requests": 10,
+        "torch_threads": "voiceops: serving.torch_threads (default 1); copies, swap: torch default; copies-1t: 1",
         "client": "closed loop, httpx threads, same machine",
     }
     print(load_note(facts), flush=True)

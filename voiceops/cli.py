@@ -636,6 +636,10 @@ def serve(
     updates = {k: v for k, v in (("port", port), ("host", host)) if v is not None}
     if updates:
         settings = settings.model_copy(update={"serving": settings.serving.model_copy(update=updates)})
+    if settings.serving.torch_threads:  # process-wide, so set by the process's entry point (config.py says why)
+        import torch
+
+        torch.set_num_threads(settings.serving.torch_threads)
     _setup_logging(True)
     logging.getLogger("serving").setLevel(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per registry poll otherwise

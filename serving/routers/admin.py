@@ -10,6 +10,7 @@ import hmac
 import time
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Depends, Request
 
 from serving.routing import effective_weight
@@ -121,6 +122,6 @@ def status_report(svc: Services) -> dict[str, Any]:
                       for b in snap.bases.values()],
             "batcher": {"batches": svc.batcher.batches, "items": svc.batcher.items, "max_batch": svc.batcher.max_seen,
                         "pending": svc.batcher.pending, "in_flight_batches": svc.batcher.in_flight,
-                        "rendering": svc.batcher.rendering},
+                        "rendering": svc.batcher.rendering, "torch_threads": torch.get_num_threads()},
             "audit": {"written": svc.audit.written, "dropped": svc.audit.dropped, "pending": svc.audit.pending},
             "voices": voices}

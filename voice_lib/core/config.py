@@ -141,6 +141,11 @@ class ServingSettings(BaseModel):
     keep_alive_seconds: int = Field(90, ge=1)
     batch_max_size: int = 8
     batch_max_wait_ms: float = 10.0
+    # torch's intra-op threads in the server process (0 = torch's default, one per core). The server's parallelism
+    # is across requests and stages (frontend, model pass, vocoder threads all busy at once), so a model pass that
+    # also asks for every core only spins OpenMP workers against them: with 2, a 20-word sentence's model pass cost
+    # 17-21 ms of CPU against 12 ms with 1 (docs/reliability.md, "torch threads").
+    torch_threads: int = Field(1, ge=0)
     # Threads vocoding the rows of a batch in parallel (WORLD releases the GIL); 0 = one per usable CPU core.
     vocoder_threads: int = Field(0, ge=0)
     # Versions of one reload fetched from MLflow and prepared (adapter, warm-up inputs) in parallel.

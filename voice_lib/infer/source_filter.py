@@ -25,15 +25,17 @@ from scipy.ndimage import uniform_filter1d
 PEAK = 0.98  # the filtered rendering's largest sample, at most
 
 
-def envelope_filter(audio: np.ndarray, sample_rate: int, source_envelope: np.ndarray, target_envelope: np.ndarray,
-                    frame_period_ms: float, n_fft: int = 512) -> np.ndarray:
-    """``audio`` filtered, frame by frame, by the ratio of two WORLD coded envelopes (zero phase)."""
+def envelope_filter(audio: np.ndarray, sample_rate: int, change: np.ndarray, frame_period_ms: float,
+                    n_fft: int = 512) -> np.ndarray:
+    """``audio`` filtered, frame by frame, by a change of its WORLD coded envelope (zero phase).
+
+    The coded envelope is a linear transform of the log spectrum, so the power gain of a change is the decoded
+    change itself: decode(target) / decode(source) = decode(target - source), one decode instead of two."""
     import librosa
     import pyworld
 
     hop = int(round(sample_rate * frame_period_ms / 1000.0))
-    decode = lambda env: pyworld.decode_spectral_envelope(np.ascontiguousarray(env, np.float64), sample_rate, n_fft)  # noqa: E731
-    gain = np.sqrt(decode(target_envelope) / np.maximum(decode(source_envelope), 1e-12)).T  # (bins, frames)
+    gain = np.sqrt(pyworld.decode_spectral_envelope(np.ascontiguousarray(change, np.float64), sample_rate, n_fft)).T
     spectrum = librosa.stft(audio, n_fft=n_fft, hop_length=hop, win_length=n_fft)
     frames = spectrum.shape[1]
     if gain.shape[1] < frames:  # the STFT's centred frames may run one or two past the WORLD analysis

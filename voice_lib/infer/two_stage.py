@@ -124,8 +124,7 @@ class TwoStageBackend:
         audio = psola(inputs.audio, cfg.sample_rate, f0, target_f0, cfg.frame_period_ms, row.speed)
         source, converted = change_rate(inputs.frames, row.speed), change_rate(features, row.speed)
         change = envelope_change(source[:, ENVELOPE], converted[:, ENVELOPE], inputs.envelope_order, inputs.envelope_smoothing)
-        # The coded envelope is a linear transform of the log spectrum, so the gain depends on the change alone.
-        return envelope_filter(audio, cfg.sample_rate, np.zeros_like(change), change, cfg.frame_period_ms)
+        return envelope_filter(audio, cfg.sample_rate, change, cfg.frame_period_ms)
 
     def predict_with_timing(self, row: AcousticRow, bank: LoraBank, reference: np.ndarray) -> np.ndarray:
         """The source warped onto a recording's timing by DTW (the alignment training uses), then converted.
