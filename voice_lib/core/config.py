@@ -228,6 +228,8 @@ class TrainSettings(BaseModel):
     # and scheduler too. Unset: Airflow's own default queue ([operators] default_queue), like every other task.
     # LocalExecutor (`voiceops up`) has no queues and ignores it.
     queue: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # Clips of one features shard analysed at once (WORLD releases the GIL); 0 = one per usable CPU core.
+    feature_threads: int = Field(0, ge=0)
 
     def task_options(self) -> dict[str, str]:
         """The @task keyword arguments that put a training task on ``queue`` (none when unset)."""

@@ -13,8 +13,10 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -247,18 +249,27 @@ def features_shard(dataset: dict, qc: dict, shard_index: int, shards: int, setti
     report = load_report(qc, settings)  # the reviewed copy once the transcript review answered
     clips = report.trainable[shard_index::shards]
     feat_key = f"{qc['qc_prefix']}/features-{config.digest}"
-    computed = 0
-    for i, clip in enumerate(clips, 1):
+    todo = []
+    for clip in clips:
         key = cache_key(clip.pcm_sha256, clip.text or "", clip.language, config)
         target = _features_key(feat_key, clip, key)
-        if store.exists(target) and ClipFeatures.from_npz_bytes(store.read_bytes(target)).cache_key == key:
-            continue
+        if not (store.exists(target) and ClipFeatures.from_npz_bytes(store.read_bytes(target)).cache_key == key):
+            todo.append((clip, target))
+
+    def extract(item: tuple) -> bytes:
+        clip = item[0]
         decoded = decode_audio(store.read_bytes(f"{qc['qc_prefix']}/clips/{clip.clip_id}.wav"), settings.sample_rate, clip.clip_id)
-        feats = extract_clip_features(decoded.audio, clip.text or "", clip.language, clip.pcm_sha256, config)
-        store.write_bytes(target, feats.to_npz_bytes())
-        computed += 1
-        if i % 10 == 0 or i == len(clips):
-            log.info("features shard %d: %d/%d clips", shard_index, i, len(clips))
+        return extract_clip_features(decoded.audio, clip.text or "", clip.language, clip.pcm_sha256, config).to_npz_bytes()
+
+    # WORLD analysis releases the GIL: the clips of a shard are analysed on every core (written here, in order).
+    threads = min(len(todo), settings.train.feature_threads or len(os.sched_getaffinity(0))) or 1
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="features") as pool:
+        for i, ((_, target), npz) in enumerate(zip(todo, pool.map(extract, todo)), 1):
+            store.write_bytes(target, npz)
+            if i % 10 == 0 or i == len(todo):
+                log.info("features shard %d: %d/%d clips computed (%d cached)", shard_index, i, len(todo),
+                         len(clips) - len(todo))
+    computed = len(todo)
     return {"shard": shard_index, "clips": len(clips), "computed": computed, "cached": len(clips) - computed}
 
 
