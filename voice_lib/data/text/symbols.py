@@ -4,6 +4,7 @@ Model checkpoints store phone ids, so ``SYMBOLS`` is fixed and versioned (``SYMB
 """
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 Language = Literal["en", "zh", "auto"]
@@ -88,6 +89,9 @@ _HAN_RANGES = ((0x3007, 0x3007), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0x
 HAN_CLASS = "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in _HAN_RANGES)  # same, for regexes
 
 
+_HAN = re.compile(f"[{HAN_CLASS}]")
+
+
 def is_han(ch: str) -> bool:
     cp = ord(ch)
     return any(lo <= cp <= hi for lo, hi in _HAN_RANGES)
@@ -100,6 +104,8 @@ def split_by_script(text: str) -> list[tuple[str, str]]:
     engine that can attempt it).  Digits, spaces and punctuation attach to the
     preceding run, or to the first run when they lead the text.
     """
+    if not _HAN.search(text):  # the common case, one regex scan: every letter is "en", so it is one run
+        return [("en", text)] if text else []
     runs: list[tuple[str, list[str]]] = []
     leading: list[str] = []
     for ch in text:
