@@ -27,12 +27,8 @@ $(STAMP): pyproject.toml $(LOCKS)
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
-# Two workers, a test file each at a time (--dist loadfile: a file's module fixtures, e.g. one Airflow, stay on one
-# worker): the suite waits on Airflow, MLflow and servers about half the time, so two files overlap on 2 cores
-# (2026-12-07: 1644 s in one process, 1137 s on two, every test passing). PYTEST_WORKERS=0 runs it in one.
-PYTEST_WORKERS ?= 2
 test: setup lint
-	$(BIN)/python -m pytest -q -ra --durations=40 -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -ra --durations=40
 
 # Layer contracts (pyproject's [tool.importlinter]) and the errors ruff finds without opinions on style.
 lint: venv
