@@ -256,21 +256,19 @@ def features_shard(dataset: dict, qc: dict, shard_index: int, shards: int, setti
         if not (store.exists(target) and ClipFeatures.from_npz_bytes(store.read_bytes(target)).cache_key == key):
             todo.append((clip, target))
 
-    def extract(item: tuple) -> bytes:
-        clip = item[0]
+    def extract(clip) -> bytes:
         decoded = decode_audio(store.read_bytes(f"{qc['qc_prefix']}/clips/{clip.clip_id}.wav"), settings.sample_rate, clip.clip_id)
         return extract_clip_features(decoded.audio, clip.text or "", clip.language, clip.pcm_sha256, config).to_npz_bytes()
 
     # WORLD analysis releases the GIL: the clips of a shard are analysed on every core (written here, in order).
     threads = min(len(todo), settings.train.feature_threads or len(os.sched_getaffinity(0))) or 1
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="features") as pool:
-        for i, ((_, target), npz) in enumerate(zip(todo, pool.map(extract, todo)), 1):
+        for i, ((_, target), npz) in enumerate(zip(todo, pool.map(extract, [clip for clip, _ in todo])), 1):
             store.write_bytes(target, npz)
             if i % 10 == 0 or i == len(todo):
                 log.info("features shard %d: %d/%d clips computed (%d cached)", shard_index, i, len(todo),
                          len(clips) - len(todo))
-    computed = len(todo)
-    return {"shard": shard_index, "clips": len(clips), "computed": computed, "cached": len(clips) - computed}
+    return {"shard": shard_index, "clips": len(clips), "computed": len(todo), "cached": len(clips) - len(todo)}
 
 
 def _features_key(feat_key: str, clip, cache_key: str) -> str:
